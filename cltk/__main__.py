@@ -1,0 +1,5 @@
+import sys
+
+from cltk.cli import main
+
+sys.exit(main())

@@ -1,0 +1,114 @@
+"""Atomic DeepSpeed checkpoints for full resume: engine, optimizer, scheduler, data position and RNG.
+
+A checkpoint is written under a temporary tag, completed on every rank, then renamed into place by rank 0
+and only then named in ``latest`` (itself replaced atomically): a crash mid-write leaves the previous good
+checkpoint and ``latest`` untouched. The output directory must be on a file system every rank sees (as
+DeepSpeed's own checkpoints assume on multi-node runs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cltk import distributed as dist
+
+STATE_FILE = "cltk_state.json"
+LATEST = "latest"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_tag(root: Path) -> str | None:
+    """The tag of the last complete checkpoint under ``root``, or None."""
+    p = Path(root) / LATEST
+    if not p.is_file():
+        return None
+    tag = p.read_text().strip()
+    if not (Path(root) / tag / STATE_FILE).is_file():
+        raise RuntimeError(f"{p} names checkpoint {tag!r}, which is missing or incomplete under {root}")
+    return tag
+
+
+def read_state(root: Path, tag: str) -> dict[str, Any]:
+    return json.loads((Path(root) / tag / STATE_FILE).read_text())
+
+
+def save(engine, root: Path, tag: str, state: dict[str, Any], keep: int) -> None:
+    """Save a full checkpoint as ``root/tag`` (collective: every rank calls it).
+
+    Args:
+        state: JSON-able cltk state (stage, step, method state...), written last as the completion mark.
+        keep: complete checkpoints kept; older ones are deleted after the new one is in place.
+    """
+    root = Path(root)
+    tmp_tag = f".tmp-{tag}"
+    if dist.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        if (root / tmp_tag).exists():
+            shutil.rmtree(root / tmp_tag)  # leftover of a crash mid-write
+    dist.barrier()
+    # universal_checkpoint_info lets ds_to_universal convert ZeRO 1/2 checkpoints to another world size
+    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"universal_checkpoint_info": {}},
+                           save_latest=False)
+    torch.save(rng_state(), root / tmp_tag / f"rng_rank{dist.rank()}.pt")
+    dist.barrier()
+    if dist.is_main():
+        _write_atomic(root / tmp_tag / STATE_FILE, json.dumps(state, indent=1))
+        final = root / tag
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(root / tmp_tag, final)
+        _write_atomic(root / LATEST, tag)
+        _prune(root, keep)
+    dist.barrier()
+
+
+def _prune(root: Path, keep: int) -> None:
+    tags = sorted(
+        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / STATE_FILE).is_file()),
+        key=lambda p: json.loads((p / STATE_FILE).read_text())["order"],
+    )
+    for p in tags[: max(0, len(tags) - max(1, keep))]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load(engine, root: Path, tag: str) -> dict[str, Any]:
+    """Restore engine, optimizer and scheduler state and this rank's RNG; returns the cltk state."""
+    load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {root}/{tag}")
+    rng_file = Path(root) / tag / f"rng_rank{dist.rank()}.pt"
+    if rng_file.is_file():  # absent when resuming at another world size
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return read_state(root, tag)

@@ -1,0 +1,517 @@
+"""Typed run configuration, loaded from one YAML file and validated before any work starts.
+
+Every error names the offending key (``train.micro_batch_size``) and says how to fix it. The DeepSpeed JSON
+(``deepspeed:``) owns ZeRO and precision; cltk owns the optimizer, LR schedule and batch sizes, which it
+writes into the DeepSpeed config it hands to ``deepspeed.initialize`` (see :func:`deepspeed_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A run config that cannot run; the message names the key and the fix."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
+    kw: dict[str, Any] = {"metadata": {"help": text}}
+    if factory is not dataclasses.MISSING:
+        kw["default_factory"] = factory
+    else:
+        kw["default"] = default
+    return field(**kw)
+
+
+@dataclass
+class ModelConfig:
+    init_from: str | None = _help("local HF model directory to start from (weights only)", None)
+    gguf: str | None = _help("a .gguf file to load into a trainable model (dequantised)", None)
+    config: dict[str, Any] | None = _help(
+        "inline transformers config for a model built from scratch, e.g. {model_type: llama, ...}", None
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = _help(
+        "weights dtype at load; auto follows the DeepSpeed precision", "auto"
+    )
+
+    def source(self) -> str:
+        return "init_from" if self.init_from else "gguf" if self.gguf else "config"
+
+
+@dataclass
+class TokenizerTrainConfig:
+    vocab_size: int = _help("vocabulary size of the tokenizer trained on the corpora", 4096)
+    max_chars_per_domain: int = _help("characters of each domain used to train it", 1_000_000)
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = _help("a transformers tokenizer directory; default: the model's own", None)
+    train: TokenizerTrainConfig | None = _help("train a SentencePiece-style tokenizer on the corpora", None)
+
+
+@dataclass
+class DomainConfig:
+    name: str = _help("domain name (unique; used in file names and the forgetting matrix)", "")
+    source: dict[str, Any] = _help(
+        "one of {builtin: NAME}, {files: GLOB}, {jsonl: PATH, field: text}, {hf_dataset: DIR, field}",
+        factory=dict,
+    )
+    max_chars: int | None = _help("read at most this many characters (seeded sample of documents)", None)
+    eval_only: bool = _help("evaluate on it but never train it", False)
+
+
+@dataclass
+class DataConfig:
+    seq_len: int = _help("tokens per packed training sequence", 256)
+    eval_sequences: int = _help("held-out sequences per domain for perplexity", 64)
+    cache_dir: str | None = _help("tokenised-data cache; default OUTPUT_DIR/../.cltk-cache", None)
+
+
+@dataclass
+class ReplayConfig:
+    share: float = _help("share r of each batch drawn from earlier domains' training data", 0.0)
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = _help("sequences per rank per forward pass", 4)
+    gradient_accumulation_steps: int = _help("micro-batches per optimizer step", 1)
+    train_batch_size: int | None = _help(
+        "global batch; must equal micro_batch_size x gradient_accumulation_steps x world size", None
+    )
+    epochs: float = _help("passes over each stage's data (fractions allowed)", 1.0)
+    max_steps_per_stage: int | None = _help("cap on optimizer steps per stage", None)
+    lr: float = _help("peak learning rate", 3e-4)
+    min_lr_ratio: float = _help("final LR as a share of the peak", 0.1)
+    warmup_steps: int = _help("linear warmup steps, restarted every stage", 10)
+    schedule: Literal["cosine", "linear", "constant"] = _help("decay after warmup", "cosine")
+    weight_decay: float = _help("decoupled weight decay (AdamW)", 0.01)
+    betas: list[float] = _help("AdamW betas", factory=lambda: [0.9, 0.95])
+    grad_clip: float = _help("gradient clipping norm (0 = off)", 1.0)
+    checkpoint_every: int = _help("also checkpoint every N steps inside a stage (0 = stage ends only)", 0)
+    keep_checkpoints: int = _help("mid-stage checkpoints kept (stage-end ones are always kept)", 2)
+    log_every: int = _help("log a line every N steps", 10)
+    log_sequence_ids: bool = _help("write the ids of every trained sequence per rank (audit)", False)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = _help("sequences per rank per eval forward", 8)
+    heatmap: bool = _help("draw forgetting.png", True)
+
+
+@dataclass
+class BlocksConfig:
+    k: int = _help("number of incremental blocks each domain is split into", 1)
+    p: float = _help("mass the correct token holds at least in the soft targets", 0.9)
+    one_hot_below: float | None = _help("one-hot target where the teacher gives y less than this", None)
+    teacher: Literal["online", "offline"] = _help("run the teacher beside the student, or cache top-k", "online")
+    topk: int = _help("log-probs per token kept by the offline teacher cache", 64)
+    across_domains: bool = _help("the first block of a domain learns from the previous domain's model", True)
+
+
+@dataclass
+class DistillConfig:
+    alpha: float = _help("weight of KL(teacher || student)", 1.0)
+    beta: float = _help("weight of the cross-entropy on the labels", 1.0)
+    temperature: float = _help("softmax temperature of the KL term", 1.0)
+
+
+@dataclass
+class ContrastiveConfig:
+    weight: float = _help("weight of the contrastive loss term", 0.0)
+    temperature: float = _help("contrastive temperature", 0.05)
+
+
+@dataclass
+class DasConfig:
+    importance_samples: int = _help("sequences of each domain used to estimate unit importance", 256)
+    proxy_dropout: float = _help("dropout of the two passes of the first domain's proxy KL", 0.1)
+    mask: Literal["update", "grad"] = _help("mask the optimizer update (holds under Adam) or the grad", "update")
+    contrastive: ContrastiveConfig | None = _help("optional DAS contrastive loss", None)
+
+
+@dataclass
+class LoraConfig:
+    r: int = _help("LoRA rank", 8)
+    alpha: float = _help("LoRA alpha", 16.0)
+    dropout: float = _help("LoRA dropout", 0.0)
+    target_modules: list[str] | None = _help("module names to adapt; default: the attention projections", None)
+    per: Literal["domain", "block"] = _help("one adapter per domain or per block", "domain")
+    base: Literal["frozen", "merged"] = _help("adapters on the original base, or merged stage by stage", "frozen")
+
+
+@dataclass
+class RunConfig:
+    name: str = _help("run name", "run")
+    output_dir: str = _help("where checkpoints, exports and metrics go", "runs/run")
+    seed: int = _help("seed of data order, init and dropout", 1234)
+    deepspeed: str = _help("DeepSpeed JSON (ZeRO and precision), e.g. ds_configs/zero2.json", "")
+    model: ModelConfig = _help("the model", factory=ModelConfig)
+    tokenizer: TokenizerConfig = _help("the tokenizer", factory=TokenizerConfig)
+    domains: list[DomainConfig] = _help("domains in training order", factory=list)
+    data: DataConfig = _help("packing and held-out split", factory=DataConfig)
+    replay: ReplayConfig = _help("replay of earlier domains", factory=ReplayConfig)
+    train: TrainConfig = _help("optimisation", factory=TrainConfig)
+    eval: EvalConfig = _help("evaluation", factory=EvalConfig)
+    blocks: BlocksConfig | None = _help("incremental soft-target blocks", None)
+    distill: DistillConfig | None = _help("distillation from the previous stage", None)
+    das: DasConfig | None = _help("DAS unit-importance soft-masking", None)
+    lora: LoraConfig | None = _help("a LoRA adapter per domain or block", None)
+    base_dir: str = field(default=".", metadata={"help": "directory relative paths resolve against"})
+
+    # ----- derived values -------------------------------------------------------------------------
+    def resolve(self, path: str | None) -> Path | None:
+        """A config path, relative to the config file's directory (or absolute)."""
+        if path is None:
+            return None
+        p = Path(os.path.expandvars(os.path.expanduser(path)))
+        return p if p.is_absolute() else (Path(self.base_dir) / p)
+
+    @property
+    def out(self) -> Path:
+        return self.resolve(self.output_dir)  # type: ignore[return-value]
+
+    @property
+    def cache_dir(self) -> Path:
+        if self.data.cache_dir:
+            return self.resolve(self.data.cache_dir)  # type: ignore[return-value]
+        return self.out.parent / ".cltk-cache"
+
+    def train_domains(self) -> list[DomainConfig]:
+        return [d for d in self.domains if not d.eval_only]
+
+    def global_batch(self, world_size: int) -> int:
+        return self.train.micro_batch_size * self.train.gradient_accumulation_steps * world_size
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("base_dir")
+        return d
+
+
+# ----- loading ---------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check and convert ``value`` to the annotated type ``tp``; errors name ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            if type(None) in typing.get_args(tp):
+                return None
+            raise ConfigError(key, "must not be empty")
+        errors = []
+        for a in args:
+            try:
+                return _convert(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(key, errors[0].split(": ", 1)[-1] if errors else "bad value")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"must be a mapping of {_type_name(tp)} fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"must be a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"must be a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):  # YAML reads 3e-4 as a string
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(key, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "base_dir"]
+    kwargs = {}
+    for k, v in raw.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(names)}"
+            raise ConfigError(key, f"unknown key; {hint}")
+        kwargs[k] = _convert(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _set_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to the raw mapping."""
+    if "=" not in assignment:
+        raise ConfigError(assignment, "an override must look like key.sub=value")
+    key, value = assignment.split("=", 1)
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(key, f"'{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    raw: dict[str, Any] | None = None,
+    world_size: int | None = None,
+) -> RunConfig:
+    """Load and validate a run config from a YAML file (or a raw mapping).
+
+    Args:
+        path: the YAML file; relative paths inside it resolve against its directory.
+        overrides: ``key.sub=value`` assignments applied on top (``--set`` on the command line).
+        raw: a mapping used instead of a file (``base_dir`` is then the current directory).
+        world_size: ranks the run will have, for the batch check; default ``$WORLD_SIZE`` or 1.
+    """
+    base = Path.cwd()
+    if raw is None:
+        if path is None:
+            raise ConfigError("", "give a config file (--config RUN.yaml)")
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("", f"config file {p} not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("", f"{p} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError("", f"{p} must hold a mapping of sections, got {type(raw).__name__}")
+        base = p.resolve().parent
+    raw = json.loads(json.dumps(raw))  # deep copy; overrides must not touch the caller's mapping
+    for o in overrides or []:
+        _set_override(raw, o)
+    cfg = _build(RunConfig, raw)
+    cfg.base_dir = str(base)
+    validate(cfg, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+    return cfg
+
+
+# ----- validation ------------------------------------------------------------------------------------
+
+
+def _positive(value: float, key: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: RunConfig, world_size: int = 1) -> None:
+    """Check a config as a whole; raise :class:`ConfigError` naming the key and the fix."""
+    from cltk.data.corpora import BUILTIN_CORPORA, SOURCE_KINDS
+
+    m = cfg.model
+    given = [k for k in ("init_from", "gguf", "config") if getattr(m, k)]
+    if len(given) != 1:
+        raise ConfigError(
+            "model", f"give exactly one of init_from, gguf or config (got {given or 'none'})"
+        )
+    for key in ("init_from", "gguf"):
+        val = getattr(m, key)
+        if val and not cfg.resolve(val).exists():  # type: ignore[union-attr]
+            raise ConfigError(f"model.{key}", f"{cfg.resolve(val)} does not exist")
+    if m.config is not None and "model_type" not in m.config:
+        raise ConfigError("model.config.model_type", "an inline config needs model_type (e.g. llama)")
+    tok = cfg.tokenizer
+    if tok.path and tok.train:
+        raise ConfigError("tokenizer", "give either path or train, not both")
+    if tok.path and not cfg.resolve(tok.path).exists():  # type: ignore[union-attr]
+        raise ConfigError("tokenizer.path", f"{cfg.resolve(tok.path)} does not exist")
+    if m.config is not None and not (tok.path or tok.train):
+        raise ConfigError("tokenizer", "a model built from an inline config needs tokenizer.path or "
+                          "tokenizer.train: {vocab_size: N}")
+    if tok.train:
+        _positive(tok.train.vocab_size, "tokenizer.train.vocab_size")
+
+    if not cfg.domains:
+        raise ConfigError("domains", "list at least one domain: [{name: code, source: {builtin: stdlib}}]")
+    seen = set()
+    for i, d in enumerate(cfg.domains):
+        key = f"domains[{i}]"
+        if not d.name or not d.name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"{key}.name", f"needs a name of letters, digits, - and _, got {d.name!r}")
+        if d.name in seen:
+            raise ConfigError(f"{key}.name", f"domain name {d.name!r} is used twice")
+        seen.add(d.name)
+        kinds = [k for k in d.source if k in SOURCE_KINDS]
+        if len(kinds) != 1:
+            raise ConfigError(f"{key}.source", f"give exactly one of {', '.join(SOURCE_KINDS)}")
+        if "builtin" in d.source and d.source["builtin"] not in BUILTIN_CORPORA:
+            raise ConfigError(f"{key}.source.builtin", f"unknown corpus {d.source['builtin']!r}; "
+                              f"known: {', '.join(sorted(BUILTIN_CORPORA))}")
+    if not cfg.train_domains():
+        raise ConfigError("domains", "every domain is eval_only: nothing to train")
+
+    _positive(cfg.data.seq_len, "data.seq_len")
+    _positive(cfg.data.eval_sequences, "data.eval_sequences")
+    t = cfg.train
+    _positive(t.micro_batch_size, "train.micro_batch_size")
+    _positive(t.gradient_accumulation_steps, "train.gradient_accumulation_steps")
+    _positive(t.lr, "train.lr")
+    _positive(t.epochs, "train.epochs")
+    _positive(t.warmup_steps, "train.warmup_steps", allow_zero=True)
+    _positive(t.checkpoint_every, "train.checkpoint_every", allow_zero=True)
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError("train.betas", f"must be two numbers in [0, 1), got {t.betas}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError("train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+    expected = cfg.global_batch(world_size)
+    if t.train_batch_size is not None and t.train_batch_size != expected:
+        raise ConfigError(
+            "train.train_batch_size",
+            f"{t.train_batch_size} != micro_batch_size {t.micro_batch_size} x "
+            f"gradient_accumulation_steps {t.gradient_accumulation_steps} x world size {world_size} "
+            f"= {expected}; change one of them or drop train_batch_size",
+        )
+    if not 0 <= cfg.replay.share < 1:
+        raise ConfigError("replay.share", f"must be in [0, 1), got {cfg.replay.share}")
+
+    if not cfg.deepspeed:
+        raise ConfigError("deepspeed", "name a DeepSpeed JSON, e.g. deepspeed: ds_configs/zero2.json")
+    ds_path = cfg.resolve(cfg.deepspeed)
+    if not ds_path.is_file():  # type: ignore[union-attr]
+        raise ConfigError("deepspeed", f"{ds_path} not found (ship one of ds_configs/zero*.json)")
+    ds = load_deepspeed_json(ds_path)  # type: ignore[arg-type]
+    for k, ours in (
+        ("train_micro_batch_size_per_gpu", t.micro_batch_size),
+        ("gradient_accumulation_steps", t.gradient_accumulation_steps),
+        ("train_batch_size", expected),
+    ):
+        if k in ds and ds[k] != "auto" and ds[k] != ours:
+            raise ConfigError(
+                "deepspeed", f"{ds_path} sets {k}={ds[k]} but the run config gives {ours}; "
+                f"batch sizes belong in the run config's train section: remove {k} or set it to \"auto\""
+            )
+    for k in ("optimizer", "scheduler"):
+        if k in ds:
+            raise ConfigError("deepspeed", f"{ds_path} has a '{k}' section; cltk owns the optimizer and "
+                              "LR schedule (train.lr, train.schedule...): remove it")
+
+    b = cfg.blocks
+    if b is not None:
+        _positive(b.k, "blocks.k")
+        if not 0 < b.p <= 1:
+            raise ConfigError("blocks.p", f"must be in (0, 1], got {b.p}")
+        if b.one_hot_below is not None and not 0 <= b.one_hot_below <= 1:
+            raise ConfigError("blocks.one_hot_below", f"must be in [0, 1], got {b.one_hot_below}")
+        _positive(b.topk, "blocks.topk")
+    if cfg.distill is not None:
+        _positive(cfg.distill.temperature, "distill.temperature")
+        _positive(cfg.distill.alpha, "distill.alpha", allow_zero=True)
+        _positive(cfg.distill.beta, "distill.beta", allow_zero=True)
+        if b is not None and b.k > 1:
+            raise ConfigError("distill", "soft-target blocks and distillation both replace the loss "
+                              "with a teacher's; choose one (blocks.k > 1 or distill)")
+    if cfg.das is not None:
+        _positive(cfg.das.importance_samples, "das.importance_samples")
+        if not 0 < cfg.das.proxy_dropout < 1:
+            raise ConfigError("das.proxy_dropout", f"must be in (0, 1), got {cfg.das.proxy_dropout}")
+        if cfg.lora is not None and cfg.lora.base == "frozen":
+            raise ConfigError("das", "DAS masks updates of the base weights, but lora.base: frozen never "
+                              "updates them; drop das or use lora.base: merged")
+
+
+def load_deepspeed_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError("deepspeed", f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError("deepspeed", f"{path} must hold a JSON object")
+    return data
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int, bf16_available: bool) -> dict[str, Any]:
+    """The DeepSpeed config handed to ``deepspeed.initialize``: the JSON plus cltk's batch sizes.
+
+    ``"bf16": {"enabled": "auto"}`` resolves to enabled where bf16 runs natively (a CUDA GPU with bf16
+    support) and disabled elsewhere (CPU trains in fp32).
+    """
+    ds = load_deepspeed_json(cfg.resolve(cfg.deepspeed))  # type: ignore[arg-type]
+    ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
+    ds["gradient_accumulation_steps"] = cfg.train.gradient_accumulation_steps
+    ds["train_batch_size"] = cfg.global_batch(world_size)
+    if cfg.train.grad_clip > 0:
+        ds["gradient_clipping"] = cfg.train.grad_clip
+    for prec in ("bf16", "fp16"):
+        sec = ds.get(prec)
+        if isinstance(sec, dict) and sec.get("enabled") == "auto":
+            sec["enabled"] = bool(bf16_available) if prec == "bf16" else False
+    ds.setdefault("steps_per_print", 10**9)  # cltk logs itself
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) rows of every config key, for docs/config.md."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name == "base_dir":
+            continue
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        if dataclasses.is_dataclass(tp) or inner:
+            sub = tp if dataclasses.is_dataclass(tp) else inner[0]
+            rows.append((key, "section" + (" (optional)" if inner else ""), "", f.metadata.get("help", "")))
+            rows.extend(describe(sub, key + "."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = repr(f.default_factory())  # type: ignore[misc]
+        else:
+            default = ""
+        tname = str(tp).replace("typing.", "").replace("NoneType", "None")
+        rows.append((key, tname, default, f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,237 @@
+"""The loop over stages: build, train, checkpoint, export, evaluate, and the forgetting matrix at the end.
+
+A stage is complete once ``OUT/stages/<i>-<name>/stage.json`` exists (written last, atomically). A resumed
+run skips complete stages, restores the last checkpoint of the first incomplete one (engine, optimizer,
+scheduler, RNG; the data position is the step number), and goes on.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from cltk import checkpoint
+from cltk import distributed as dist
+from cltk.config import RunConfig
+from cltk.data.packing import PackedDomain
+from cltk.data.prepare import prepare
+from cltk.data.sampler import Pool, StageSchedule
+from cltk.engine import build_engine, train_step
+from cltk.evaluate import engine_forward, evaluate_domains
+from cltk.methods import build_methods
+from cltk.methods.base import Method, StageContext
+from cltk.metrics import ForgettingReport, format_table, forgetting_report, save_report
+from cltk.models import build_model, export_pretrained, parameter_counts
+from cltk.plan import Stage, plan_json, plan_stages
+from cltk.tracking import Tracker, log
+
+STAGE_FILE = "stage.json"
+
+
+class RunExistsError(RuntimeError):
+    """Starting afresh would overwrite an existing run's checkpoints."""
+
+
+@dataclass
+class RunResult:
+    report: ForgettingReport
+    output_dir: Path
+    stage_dirs: list[Path]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _stage_done(stage_dir: Path) -> dict | None:
+    f = stage_dir / STAGE_FILE
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+class ContinualRun:
+    """A continual pre-training run over the config's domains (the object behind ``cltk train``).
+
+    Args:
+        cfg: a validated run config.
+        resume: continue the run in ``cfg.output_dir`` from its last checkpoint.
+        methods: methods to use instead of those the config names (for library users).
+    """
+
+    def __init__(self, cfg: RunConfig, resume: bool = False, methods: list[Method] | None = None):
+        self.cfg, self.resume = cfg, resume
+        self.methods = methods if methods is not None else build_methods(cfg)
+        self.out = cfg.out
+        self.ckpt_root = self.out / "checkpoints"
+
+    # ----- setup ------------------------------------------------------------------------------------
+    def _check_output_dir(self) -> None:
+        existing = (self.ckpt_root / checkpoint.LATEST).exists() or any((self.out / "stages").glob("*/" + STAGE_FILE))
+        if existing and not self.resume:
+            raise RunExistsError(
+                f"{self.out} already holds a run (checkpoints or finished stages); pass --resume to continue "
+                "it, or choose another output_dir. Nothing was changed"
+            )
+
+    def _write_run_files(self, stages: list[Stage]) -> None:
+        if dist.is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            (self.out / "plan.json").write_text(plan_json(stages))
+
+    # ----- the run ----------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        dist.init()
+        self._check_output_dir()
+        seed_everything(self.cfg.seed)
+        self.tokenizer, self.domains = prepare(self.cfg)
+        self.domain_names = [d.name for d in self.cfg.domains]
+        self.train_arrays = [self.domains[n].train.with_format("numpy") for n in self.domain_names]
+        self.stages = plan_stages(self.cfg, {n: len(d.train) for n, d in self.domains.items()})
+        self._write_run_files(self.stages)
+        self.tracker = Tracker(self.out, self.cfg.train.log_sequence_ids)
+        resume_state = None
+        if self.resume:
+            tag = checkpoint.latest_tag(self.ckpt_root)
+            resume_state = (tag, checkpoint.read_state(self.ckpt_root, tag)) if tag else None
+        rows: list[list[float]] = []
+        for stage in self.stages:
+            sdir = self.stage_dir(stage)
+            done = _stage_done(sdir)
+            if done is not None:
+                rows.append([done["perplexity"][n] for n in self.domain_names])
+                for m in self.methods:
+                    m.load_state_dict(done.get("methods", {}).get(m.name, {}))
+                log(f"stage {stage.dirname}: already complete, skipped")
+                continue
+            tag = None
+            if resume_state and resume_state[1]["stage"] == stage.index:
+                tag = resume_state[0]
+            rows.append(self.run_stage(stage, tag, resume_state[1] if tag else None))
+        report = forgetting_report(rows, [s.name for s in self.stages], self.domain_names,
+                                   [s.domain for s in self.stages])
+        if dist.is_main():
+            save_report(report, self.out)
+            print(format_table(report), flush=True)
+        dist.barrier()
+        return RunResult(report, self.out, [self.stage_dir(s) for s in self.stages])
+
+    def stage_dir(self, stage: Stage) -> Path:
+        return self.out / "stages" / stage.dirname
+
+    def schedule(self, stage: Stage) -> StageSchedule:
+        c = self.cfg
+        earlier = {s.domain_index for s in self.stages[: stage.index] if s.domain != stage.domain}
+        replay = [Pool(i, np.arange(len(self.train_arrays[i]))) for i in sorted(earlier)]
+        return StageSchedule(
+            Pool(stage.domain_index, stage.indices), replay, c.replay.share, c.global_batch(dist.world_size()),
+            c.train.epochs, c.train.max_steps_per_stage, c.seed, stage.index,
+        )
+
+    def run_stage(self, stage: Stage, tag: str | None, state: dict | None) -> list[float]:
+        c = self.cfg
+        prev = self.stage_dir(self.stages[stage.index - 1]) if stage.index > 0 else None
+        ctx = StageContext(c, stage, self.stages, self.domains, self.tokenizer, self.stage_dir(stage), prev)
+        seed_everything(c.seed + stage.index)
+        model = build_model(c, self.tokenizer, init_dir=prev)
+        for m in self.methods:
+            model = m.prepare_model(ctx, model)
+        ctx.model = model
+        for m in self.methods:
+            m.on_stage_start(ctx)
+        schedule = self.schedule(stage)
+        engine = build_engine(c, model, len(schedule))
+        ctx.engine = engine
+        for m in self.methods:
+            m.on_engine_ready(ctx)
+        start = 0
+        if tag is not None:
+            state = checkpoint.load(engine, self.ckpt_root, tag)
+            start = state["step"]
+            for m in self.methods:
+                m.load_state_dict(state.get("methods", {}).get(m.name, {}))
+            log(f"stage {stage.dirname}: resumed from checkpoint {tag} at step {start}")
+        self.tracker.truncate(stage.index, start)
+        trainable, total = parameter_counts(engine.module)
+        log(f"stage {stage.dirname}: {len(schedule)} steps of {c.global_batch(dist.world_size())} sequences "
+            f"x {c.data.seq_len} tokens; {trainable:,} of {total:,} parameters trainable")
+        self._train(ctx, schedule, start)
+        if start < len(schedule) or tag is None or not tag.endswith("-end"):
+            self._save(ctx, f"s{stage.index:02d}-end", len(schedule))
+        self._export(ctx)
+        for m in self.methods:
+            m.on_stage_end(ctx)
+        ppl = evaluate_domains(engine_forward(engine), [self.domains[n] for n in self.domain_names],
+                               c.eval.batch_size, engine.device, engine.module)
+        log(f"stage {stage.dirname}: perplexity " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()))
+        if dist.is_main():
+            record = {"stage": stage.index, "name": stage.name, "domain": stage.domain, "perplexity": ppl,
+                      "steps": len(schedule), "methods": {m.name: m.state_dict() for m in self.methods}}
+            checkpoint._write_atomic(ctx.stage_dir / STAGE_FILE, json.dumps(record, indent=1))
+        dist.barrier()
+        engine.destroy()
+        del engine, ctx, model
+        gc.collect()
+        return [ppl[n] for n in self.domain_names]
+
+    def _train(self, ctx: StageContext, schedule: StageSchedule, start: int) -> None:
+        c, stage = self.cfg, ctx.stage
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(schedule), initial=start, desc=stage.name, disable=not dist.is_main(),
+                   dynamic_ncols=True, leave=False)
+        tokens_per_step = c.global_batch(dist.world_size()) * c.data.seq_len
+        for step in range(start, len(schedule)):
+            ctx.step = step
+            t0 = time.perf_counter()
+            micro = schedule.micro_batches(step, dist.rank(), dist.world_size(), c.train.micro_batch_size)
+            self.tracker.sequence_ids(stage.index, step, [list(x) for mb in micro for x in mb])
+            metrics = train_step(ctx, self.methods, [self._tensor(mb) for mb in micro])
+            seconds = time.perf_counter() - t0
+            self.tracker.step(stage.index, stage.name, step, metrics, tokens_per_step, seconds)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            if (step + 1) % c.train.log_every == 0 or step + 1 == len(schedule):
+                bar.clear()
+                log(f"stage {stage.dirname} step {step + 1}/{len(schedule)} loss {metrics['loss']:.4f} "
+                    f"lr {metrics['lr']:.2e} {tokens_per_step / seconds:,.0f} tok/s")
+            every = c.train.checkpoint_every
+            if every and (step + 1) % every == 0 and step + 1 < len(schedule):
+                self._save(ctx, f"s{stage.index:02d}-step{step + 1:06d}", step + 1)
+        bar.close()
+
+    def _tensor(self, items: list[tuple[int, int]]) -> torch.Tensor:
+        rows = [self.train_arrays[d][i]["input_ids"] for d, i in items]
+        return torch.as_tensor(np.stack(rows).astype(np.int64))
+
+    def _save(self, ctx: StageContext, tag: str, step: int) -> None:
+        state = {"stage": ctx.stage.index, "stage_name": ctx.stage.name, "step": step,
+                 "order": ctx.stage.index * 10**9 + step,
+                 "methods": {m.name: m.state_dict() for m in self.methods}}
+        checkpoint.save(ctx.engine, self.ckpt_root, tag, state, self.cfg.train.keep_checkpoints)
+        log(f"checkpoint {tag} saved")
+
+    def _export(self, ctx: StageContext) -> None:
+        """``save_pretrained`` of the stage's weights (gathered under ZeRO 3) into the stage directory."""
+        engine = ctx.engine
+        if engine.zero_optimization_stage() == 3:
+            state_dict = engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state_dict = engine.module.state_dict() if dist.is_main() else None
+        if dist.is_main():
+            export_pretrained(engine.module, state_dict, self.tokenizer, ctx.stage_dir)
+        dist.barrier()
+
+
+def train(cfg: RunConfig, resume: bool = False) -> RunResult:
+    """Run a continual pre-training run from a validated config (the library's front door)."""
+    return ContinualRun(cfg, resume=resume).run()

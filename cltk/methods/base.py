@@ -1,0 +1,80 @@
+"""The one interface every continual-learning method plugs into.
+
+A stage runs: ``prepare_model`` -> ``on_stage_start`` -> ``deepspeed.initialize`` -> ``on_engine_ready`` ->
+per micro-batch ``loss`` (at most one method replaces the base cross-entropy) + ``extra_loss`` -> backward
+-> at the accumulation boundary ``after_backward`` (gradient transforms) -> ``engine.step()`` (update
+transforms hook the optimizer in ``on_engine_ready``) -> ... -> ``on_stage_end`` (after the export; may
+write files into the stage directory) -> evaluation. ``state_dict`` travels in every checkpoint.
+A new method is one file implementing the hooks it needs; the loop never branches on a method's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from cltk.config import RunConfig
+    from cltk.data.packing import PackedDomain
+    from cltk.plan import Stage
+
+
+@dataclass
+class StageContext:
+    """What a method may look at during one stage."""
+
+    cfg: RunConfig
+    stage: Stage
+    stages: list[Stage]
+    domains: dict[str, PackedDomain]
+    tokenizer: Any
+    stage_dir: Path
+    prev_stage_dir: Path | None
+    model: torch.nn.Module | None = None
+    engine: Any = None
+    step: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """Base class: every hook is a no-op."""
+
+    name = "base"
+
+    def prepare_model(self, ctx: StageContext, model: torch.nn.Module) -> torch.nn.Module:
+        """Return the model to train (e.g. wrapped with an adapter); before ``deepspeed.initialize``."""
+        return model
+
+    def on_stage_start(self, ctx: StageContext) -> None:
+        """The plain model exists (``ctx.model``); gradient hooks go here, before DeepSpeed wraps it."""
+
+    def on_engine_ready(self, ctx: StageContext) -> None:
+        """``ctx.engine`` exists: teachers, optimizer step hooks."""
+
+    def loss(self, ctx: StageContext, batch: dict[str, torch.Tensor], logits: torch.Tensor,
+             labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]] | None:
+        """Replace the base loss for this micro-batch (None keeps cross-entropy).
+
+        ``logits`` [b, T-1, V] and ``labels`` [b, T-1] are already aligned.
+        """
+        return None
+
+    def extra_loss(self, ctx: StageContext, batch: dict[str, torch.Tensor], logits: torch.Tensor,
+                   labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named loss terms added to the main loss (penalties, contrastive terms)."""
+        return {}
+
+    def after_backward(self, ctx: StageContext) -> None:
+        """Between the last backward of an accumulated batch and ``engine.step()``: gradient transforms."""
+
+    def on_stage_end(self, ctx: StageContext) -> None:
+        """After training and the export of the stage; may write into ``ctx.stage_dir``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,64 @@
+"""The plan of a run: its stages, one per domain, or one per block when incremental blocks are on."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from cltk.config import RunConfig
+from cltk.data.sampler import split_blocks
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: a domain, or block ``block`` of ``blocks`` of a domain."""
+
+    index: int
+    domain: str
+    domain_index: int
+    block: int
+    blocks: int
+    indices: np.ndarray  # training sequences of the domain this stage trains
+
+    @property
+    def name(self) -> str:
+        return self.domain if self.blocks == 1 else f"{self.domain}-b{self.block}"
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.index:02d}-{self.name}"
+
+
+def plan_stages(cfg: RunConfig, train_sizes: dict[str, int]) -> list[Stage]:
+    """Stages in training order. ``train_sizes`` maps each domain to its number of training sequences."""
+    k = cfg.blocks.k if cfg.blocks else 1
+    stages: list[Stage] = []
+    for di, d in enumerate(cfg.domains):
+        if d.eval_only:
+            continue
+        n = train_sizes[d.name]
+        blocks = split_blocks(n, k, cfg.seed + di) if k > 1 else [np.arange(n)]
+        for b, idx in enumerate(blocks):
+            stages.append(Stage(len(stages), d.name, di, b, k, idx))
+    return stages
+
+
+def plan_record(stages: list[Stage]) -> dict:
+    """The recorded split (written to OUT/plan.json): blocks are reproducible and auditable."""
+    return {
+        "stages": [
+            {
+                "index": s.index, "name": s.name, "domain": s.domain, "block": s.block,
+                "blocks": s.blocks, "sequences": int(len(s.indices)),
+                "indices_sha256": hashlib.sha256(np.asarray(s.indices, np.int64).tobytes()).hexdigest(),
+            }
+            for s in stages
+        ]
+    }
+
+
+def plan_json(stages: list[Stage]) -> str:
+    return json.dumps(plan_record(stages), indent=1)

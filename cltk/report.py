@@ -1,0 +1,60 @@
+"""``cltk eval``: the forgetting matrix of any saved models (a run's stage exports by default)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM
+
+from cltk import distributed as dist
+from cltk.config import RunConfig
+from cltk.data.prepare import prepare
+from cltk.evaluate import evaluate_domains, model_forward
+from cltk.metrics import ForgettingReport, format_table, forgetting_report, save_report
+from cltk.models import check_tokenizer_fits
+
+
+def run_stage_dirs(cfg: RunConfig) -> list[Path]:
+    """A run's stage exports in stage order."""
+    return sorted(p for p in (cfg.out / "stages").glob("*") if (p / "config.json").is_file())
+
+
+def evaluate_models(cfg: RunConfig, model_dirs: list[Path], out_dir: Path | None = None,
+                    stage_domains: list[str] | None = None) -> ForgettingReport:
+    """Perplexity of each saved model on every domain of ``cfg``; rows in the order given.
+
+    Each rank loads a full copy of one model at a time and evaluates its share of every held-out set.
+    ``stage_domains`` names the domain each model was trained on (default: read from the directory name
+    ``<i>-<domain>[-b<k>]``) for the forgetting and plasticity figures.
+    """
+    dist.init()
+    if not model_dirs:
+        raise FileNotFoundError(f"no saved models to evaluate (looked in {cfg.out / 'stages'})")
+    tokenizer, domains = prepare(cfg)
+    names = [d.name for d in cfg.domains]
+    rows = []
+    for d in model_dirs:
+        if not (Path(d) / "config.json").is_file():
+            raise FileNotFoundError(f"{d} is not a saved transformers model (no config.json)")
+        model = AutoModelForCausalLM.from_pretrained(str(d)).to(dist.device())
+        check_tokenizer_fits(model, tokenizer)
+        ppl = evaluate_domains(model_forward(model), [domains[n] for n in names], cfg.eval.batch_size,
+                               dist.device(), model)
+        rows.append([ppl[n] for n in names])
+        del model
+    if stage_domains is None:
+        stage_domains = [_domain_of(Path(d).name, names) for d in model_dirs]
+    report = forgetting_report(rows, [Path(d).name for d in model_dirs], names, stage_domains)
+    if dist.is_main():
+        if out_dir is not None:
+            save_report(report, out_dir)
+        print(format_table(report), flush=True)
+    return report
+
+
+def _domain_of(dirname: str, names: list[str]) -> str:
+    stem = dirname.split("-", 1)[-1]
+    for n in sorted(names, key=len, reverse=True):
+        if stem == n or stem.startswith(n + "-b"):
+            return n
+    return stem

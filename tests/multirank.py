@@ -1,0 +1,59 @@
+"""Run a script on real local ranks through the ``deepspeed`` launcher (CPU, gloo), for tests.
+
+Each call takes its own free port: back-to-back launches on one port fail with EADDRINUSE.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_bin() -> str:
+    return str(Path(sys.executable).parent / "deepspeed")
+
+
+def run_ranks(
+    args: list[str],
+    world_size: int = 2,
+    timeout: float = 600,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+    module: bool = False,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus N [--module] args...``; returns the finished process (text output).
+
+    ``args[0]`` is the script path (or the module name with ``module=True``). On timeout the whole
+    process group is killed and ``subprocess.TimeoutExpired`` is raised. With ``check`` a non-zero
+    exit raises ``AssertionError`` carrying the tail of the output.
+    """
+    cmd = [deepspeed_bin(), "--num_gpus", str(world_size), "--master_port", str(free_port())]
+    if module:
+        cmd.append("--module")
+    cmd += [str(a) for a in args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    result = subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-6000:]}")
+    return result

@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+
+from cltk.data.sampler import Pool, StageSchedule, split_blocks
+
+
+def test_blocks_are_disjoint_cover_and_reproducible():
+    blocks = split_blocks(103, 4, seed=7)
+    allidx = np.concatenate(blocks)
+    assert sorted(allidx.tolist()) == list(range(103))
+    assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+    assert all((a == b).all() for a, b in zip(blocks, split_blocks(103, 4, seed=7)))
+    assert any((a != b).any() for a, b in zip(blocks, split_blocks(103, 4, seed=8)))
+    with pytest.raises(ValueError, match="blocks.k"):
+        split_blocks(3, 4, 0)
+
+
+def sched(n=40, share=0.0, replay=(), **kw):
+    args = dict(global_batch=8, epochs=1.0, max_steps=None, seed=1, stage=0)
+    args.update(kw)
+    return StageSchedule(Pool(0, np.arange(n)), [Pool(d, np.arange(m)) for d, m in replay], share, **args)
+
+
+def test_ranks_get_disjoint_slices_covering_the_global_batch():
+    s = sched(n=64, global_batch=8)
+    for step in range(len(s)):
+        per_rank = [s.micro_batches(step, r, 2, 2) for r in range(2)]
+        flat = [x for mbs in per_rank for mb in mbs for x in mb]
+        assert sorted(flat) == sorted(s.global_step(step))
+        assert len(set(flat)) == 8
+
+
+def test_one_epoch_visits_every_sequence_once_and_order_is_seeded():
+    s = sched(n=40, global_batch=8)
+    seen = [i for step in range(len(s)) for _, i in s.global_step(step)]
+    assert sorted(seen) == list(range(40))
+    assert seen != list(range(40))
+    assert seen == [i for step in range(5) for _, i in sched(n=40).global_step(step)]
+    assert seen != [i for step in range(5) for _, i in sched(n=40, seed=2).global_step(step)]
+
+
+def test_steps_epochs_and_cap():
+    assert len(sched(n=40, epochs=2.0)) == 10
+    assert len(sched(n=40, max_steps=3)) == 3
+    two = sched(n=40, epochs=2.0)
+    ids = [i for st in range(10) for _, i in two.global_step(st)]
+    assert sorted(ids) == sorted(list(range(40)) * 2)
+
+
+def test_replay_share_mixes_old_domains_per_batch():
+    s = sched(n=40, share=0.25, replay=[(1, 30), (2, 30)], global_batch=8)
+    assert s.n_replay == 2 and s.n_new == 6
+    olds = [d for st in range(len(s)) for d, _ in s.global_step(st) if d != 0]
+    assert len(olds) == 2 * len(s)
+    assert {1, 2} == set(olds)
+    assert len(s) == 40 // 6
