@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +209,7 @@ class ContinualRun:
             every = c.train.checkpoint_every
             if every and (step + 1) % every == 0 and step + 1 < len(schedule):
                 self._save(ctx, f"s{stage.index:02d}-step{step + 1:06d}", step + 1)
+            _fault_injection(stage.index, step + 1)
         bar.close()
 
     def _tensor(self, items: list[tuple[int, int]]) -> torch.Tensor:
@@ -230,6 +233,20 @@ class ContinualRun:
         if dist.is_main():
             export_pretrained(engine.module, state_dict, self.tokenizer, ctx.stage_dir)
         dist.barrier()
+
+
+def _fault_injection(stage: int, steps_done: int) -> None:
+    """Testing aid: ``CLTK_KILL_AT=STAGE:STEP[:RANK]`` SIGKILLs this rank once STEP steps of STAGE are done.
+
+    Used by the resume and fault-tolerance tests to stop a run at an exact place, as a crash would.
+    """
+    spec = os.environ.get("CLTK_KILL_AT")
+    if not spec:
+        return
+    parts = [int(x) for x in spec.split(":")]
+    if parts[:2] == [stage, steps_done] and (len(parts) < 3 or parts[2] == dist.rank()):
+        log(f"CLTK_KILL_AT={spec}: killing rank {dist.rank()}")
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def train(cfg: RunConfig, resume: bool = False) -> RunResult:

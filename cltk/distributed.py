@@ -70,6 +70,7 @@ def init(timeout_minutes: float | None = None) -> None:
     if is_initialized():
         return
     import deepspeed
+    quiet_libraries()
 
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -82,6 +83,20 @@ def init(timeout_minutes: float | None = None) -> None:
     deepspeed.init_distributed(
         dist_backend=backend(), timeout=datetime.timedelta(minutes=minutes), verbose=False
     )
+
+
+def quiet_libraries() -> None:
+    """Keep the console to cltk's own lines: library progress bars off, DeepSpeed's INFO lines off."""
+    import logging
+
+    import datasets
+    import transformers
+    from deepspeed.utils import logger as ds_logger
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    ds_logger.setLevel(logging.WARNING)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

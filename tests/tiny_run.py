@@ -1,0 +1,45 @@
+"""A tiny but real continual run config for tests: a small Llama, two real domains, a few steps each."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_tiny_run(tmp: Path, zero_stage: int = 2, cache_dir: Path | None = None, **sections: Any) -> Path:
+    """Write ``tmp/run.yaml`` (+ its DeepSpeed JSON) and return its path; ``sections`` override keys."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    ds = {"zero_optimization": {"stage": zero_stage}, "bf16": {"enabled": "auto"}}
+    (tmp / "ds.json").write_text(json.dumps(ds))
+    raw: dict[str, Any] = {
+        "name": "tiny",
+        "output_dir": "out",
+        "seed": 7,
+        "deepspeed": "ds.json",
+        "model": {"config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                             "max_position_embeddings": 64}},
+        "tokenizer": {"train": {"vocab_size": 400, "max_chars_per_domain": 40000}},
+        "domains": [
+            {"name": "code", "source": {"builtin": "stdlib"}, "max_chars": 40000},
+            {"name": "bible", "source": {"builtin": "kjv"}, "max_chars": 40000},
+        ],
+        "data": {"seq_len": 32, "eval_sequences": 8,
+                 "cache_dir": str(cache_dir if cache_dir else tmp / "cache")},
+        "train": {"micro_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps_per_stage": 6,
+                  "lr": 3e-3, "warmup_steps": 2, "log_every": 2},
+        "eval": {"batch_size": 4},
+    }
+    for k, v in sections.items():
+        if isinstance(v, dict) and isinstance(raw.get(k), dict):
+            raw[k] = {**raw[k], **v}
+        else:
+            raw[k] = v
+    path = tmp / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
