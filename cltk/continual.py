@@ -124,6 +124,8 @@ class ContinualRun:
         if dist.is_main():
             save_report(report, self.out)
             print(format_table(report), flush=True)
+        for m in self.methods:
+            m.on_run_end(self.out, report)
         dist.barrier()
         return RunResult(report, self.out, [self.stage_dir(s) for s in self.stages])
 
@@ -144,7 +146,10 @@ class ContinualRun:
         prev = self.stage_dir(self.stages[stage.index - 1]) if stage.index > 0 else None
         ctx = StageContext(c, stage, self.stages, self.domains, self.tokenizer, self.stage_dir(stage), prev)
         seed_everything(c.seed + stage.index)
-        model = build_model(c, self.tokenizer, init_dir=prev)
+        init_dir = prev
+        for m in self.methods:
+            init_dir = m.init_dir(ctx, init_dir)
+        model = build_model(c, self.tokenizer, init_dir=init_dir)
         for m in self.methods:
             model = m.prepare_model(ctx, model)
         ctx.model = model
@@ -174,6 +179,8 @@ class ContinualRun:
             m.on_stage_end(ctx)
         ppl = evaluate_domains(engine_forward(engine), [self.domains[n] for n in self.domain_names],
                                c.eval.batch_size, engine.device, engine.module)
+        for m in self.methods:
+            ppl = m.evaluate(ctx, ppl)
         log(f"stage {stage.dirname}: perplexity " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()))
         if dist.is_main():
             record = {"stage": stage.index, "name": stage.name, "domain": stage.domain, "perplexity": ppl,
@@ -225,6 +232,9 @@ class ContinualRun:
 
     def _export(self, ctx: StageContext) -> None:
         """``save_pretrained`` of the stage's weights (gathered under ZeRO 3) into the stage directory."""
+        if any([m.export(ctx) for m in self.methods]):
+            dist.barrier()
+            return
         engine = ctx.engine
         if engine.zero_optimization_stage() == 3:
             state_dict = engine._zero3_consolidated_16bit_state_dict()

@@ -1,10 +1,10 @@
 """The one interface every continual-learning method plugs into.
 
-A stage runs: ``prepare_model`` -> ``on_stage_start`` -> ``deepspeed.initialize`` -> ``on_engine_ready`` ->
+A stage runs: ``init_dir`` -> ``prepare_model`` -> ``on_stage_start`` -> ``deepspeed.initialize`` -> ``on_engine_ready`` ->
 per micro-batch ``loss`` (at most one method replaces the base cross-entropy) + ``extra_loss`` -> backward
 -> at the accumulation boundary ``after_backward`` (gradient transforms) -> ``engine.step()`` (update
-transforms hook the optimizer in ``on_engine_ready``) -> ... -> ``on_stage_end`` (after the export; may
-write files into the stage directory) -> evaluation. ``state_dict`` travels in every checkpoint.
+transforms hook the optimizer in ``on_engine_ready``) -> ... -> ``export`` -> ``on_stage_end`` (may
+write files into the stage directory) -> ``evaluate``; after the last stage ``on_run_end``. ``state_dict`` travels in every checkpoint.
 A new method is one file implementing the hooks it needs; the loop never branches on a method's name.
 """
 
@@ -44,6 +44,11 @@ class Method:
 
     name = "base"
 
+    def init_dir(self, ctx: StageContext, default: Path | None) -> Path | None:
+        """Where this stage's weights start: ``default`` is the previous stage's export (None for the first
+        stage: the configured model). Return None to start from the configured model."""
+        return default
+
     def prepare_model(self, ctx: StageContext, model: torch.nn.Module) -> torch.nn.Module:
         """Return the model to train (e.g. wrapped with an adapter); before ``deepspeed.initialize``."""
         return model
@@ -70,8 +75,24 @@ class Method:
     def after_backward(self, ctx: StageContext) -> None:
         """Between the last backward of an accumulated batch and ``engine.step()``: gradient transforms."""
 
+    def export(self, ctx: StageContext) -> bool:
+        """Write the stage export into ``ctx.stage_dir`` yourself (collective: every rank calls it).
+
+        Return True when done; False keeps the default ``save_pretrained`` of the engine's module. The
+        export is what the next stage starts from (see ``init_dir``) and what ``cltk eval`` loads.
+        """
+        return False
+
     def on_stage_end(self, ctx: StageContext) -> None:
         """After training and the export of the stage; may write into ``ctx.stage_dir``."""
+
+    def evaluate(self, ctx: StageContext, default: dict[str, float]) -> dict[str, float]:
+        """The stage's row of the forgetting matrix (perplexity per domain); ``default`` is the trained
+        model's. A method may replace it (e.g. each domain with its own adapter)."""
+        return default
+
+    def on_run_end(self, out_dir: Path, report: Any) -> None:
+        """After the last stage and the forgetting report (rank-collective): extra reports."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
