@@ -95,11 +95,45 @@ def save(engine, root: Path, tag: str, state: dict[str, Any], keep: int) -> None
 
 def _prune(root: Path, keep: int) -> None:
     tags = sorted(
-        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / STATE_FILE).is_file()),
+        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+         and not p.name.endswith("-universal") and (p / STATE_FILE).is_file()),
         key=lambda p: json.loads((p / STATE_FILE).read_text())["order"],
     )
     for p in tags[: max(0, len(tags) - max(1, keep))]:
         shutil.rmtree(p, ignore_errors=True)
+        shutil.rmtree(root / universal_tag(p.name), ignore_errors=True)
+
+
+def universal_tag(tag: str) -> str:
+    return f"{tag}-universal"
+
+
+def to_universal(root: Path, tag: str) -> str:
+    """Convert checkpoint ``tag`` to DeepSpeed's universal format (once, on rank 0); returns its tag.
+
+    A plain ZeRO checkpoint only loads at the world size that wrote it; the universal one loads at any
+    (the engine must then be built with ``{"checkpoint": {"load_universal": true}}``).
+    """
+    root = Path(root)
+    utag = universal_tag(tag)
+    if dist.is_main() and not (root / utag / STATE_FILE).is_file():
+        from argparse import Namespace
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        tmp = root / f".tmp-{utag}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        ds_to_universal(Namespace(input_folder=str(root / tag), output_folder=str(tmp), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=False))
+        shutil.copy(root / tag / STATE_FILE, tmp / STATE_FILE)
+        final = root / utag
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    dist.barrier()
+    return utag
 
 
 def load(engine, root: Path, tag: str) -> dict[str, Any]:

@@ -347,7 +347,8 @@ def _positive(value: float, key: str, allow_zero: bool = False) -> None:
 
 def validate(cfg: RunConfig, world_size: int = 1) -> None:
     """Check a config as a whole; raise :class:`ConfigError` naming the key and the fix."""
-    from cltk.data.corpora import BUILTIN_CORPORA, SOURCE_KINDS
+    from cltk.data.corpora import CorpusError, check_source
+    from cltk.data.tokenizer import MIN_VOCAB_SIZE
 
     m = cfg.model
     given = [k for k in ("init_from", "gguf", "config") if getattr(m, k)]
@@ -369,8 +370,9 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
     if m.config is not None and not (tok.path or tok.train):
         raise ConfigError("tokenizer", "a model built from an inline config needs tokenizer.path or "
                           "tokenizer.train: {vocab_size: N}")
-    if tok.train:
-        _positive(tok.train.vocab_size, "tokenizer.train.vocab_size")
+    if tok.train and tok.train.vocab_size < MIN_VOCAB_SIZE:
+        raise ConfigError("tokenizer.train.vocab_size", f"must be >= {MIN_VOCAB_SIZE} (specials and the 256 "
+                          f"byte tokens need room), got {tok.train.vocab_size}")
 
     if not cfg.domains:
         raise ConfigError("domains", "list at least one domain: [{name: code, source: {builtin: stdlib}}]")
@@ -382,12 +384,10 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
         if d.name in seen:
             raise ConfigError(f"{key}.name", f"domain name {d.name!r} is used twice")
         seen.add(d.name)
-        kinds = [k for k in d.source if k in SOURCE_KINDS]
-        if len(kinds) != 1:
-            raise ConfigError(f"{key}.source", f"give exactly one of {', '.join(SOURCE_KINDS)}")
-        if "builtin" in d.source and d.source["builtin"] not in BUILTIN_CORPORA:
-            raise ConfigError(f"{key}.source.builtin", f"unknown corpus {d.source['builtin']!r}; "
-                              f"known: {', '.join(sorted(BUILTIN_CORPORA))}")
+        try:
+            check_source(d.source, domain=d.name)
+        except CorpusError as e:
+            raise ConfigError(f"{key}.source", str(e)) from e
     if not cfg.train_domains():
         raise ConfigError("domains", "every domain is eval_only: nothing to train")
 
@@ -512,6 +512,7 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, st
             default = repr(f.default_factory())  # type: ignore[misc]
         else:
             default = ""
-        tname = str(tp).replace("typing.", "").replace("NoneType", "None")
+        tname = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+        tname = tname.replace("NoneType", "None")
         rows.append((key, tname, default, f.metadata.get("help", "")))
     return rows

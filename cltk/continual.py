@@ -12,6 +12,7 @@ import json
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,7 +157,16 @@ class ContinualRun:
         for m in self.methods:
             m.on_stage_start(ctx)
         schedule = self.schedule(stage)
-        engine = build_engine(c, model, len(schedule))
+        universal = tag is not None and state is not None and state.get("world_size", 1) != dist.world_size()
+        if universal:
+            if state.get("global_batch") != c.global_batch(dist.world_size()):
+                raise ValueError(
+                    f"resuming at world size {dist.world_size()} (checkpoint written at {state['world_size']}) "
+                    f"needs the same global batch ({state.get('global_batch')}) for the same data position and LR "
+                    f"schedule; now {c.global_batch(dist.world_size())}: scale train.gradient_accumulation_steps"
+                )
+            tag = checkpoint.to_universal(self.ckpt_root, tag)
+        engine = build_engine(c, model, len(schedule), load_universal=universal)
         ctx.engine = engine
         for m in self.methods:
             m.on_engine_ready(ctx)
@@ -172,7 +182,7 @@ class ContinualRun:
         log(f"stage {stage.dirname}: {len(schedule)} steps of {c.global_batch(dist.world_size())} sequences "
             f"x {c.data.seq_len} tokens; {trainable:,} of {total:,} parameters trainable")
         self._train(ctx, schedule, start)
-        if start < len(schedule) or tag is None or not tag.endswith("-end"):
+        if start < len(schedule) or tag is None or "-end" not in tag:
             self._save(ctx, f"s{stage.index:02d}-end", len(schedule))
         self._export(ctx)
         for m in self.methods:
@@ -196,7 +206,8 @@ class ContinualRun:
         c, stage = self.cfg, ctx.stage
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(schedule), initial=start, desc=stage.name, disable=not dist.is_main(),
+        show = dist.is_main() and sys.stderr.isatty()  # in logs (not a terminal) the log lines suffice
+        bar = tqdm(total=len(schedule), initial=start, desc=stage.name, disable=not show,
                    dynamic_ncols=True, leave=False)
         tokens_per_step = c.global_batch(dist.world_size()) * c.data.seq_len
         for step in range(start, len(schedule)):
@@ -225,7 +236,8 @@ class ContinualRun:
 
     def _save(self, ctx: StageContext, tag: str, step: int) -> None:
         state = {"stage": ctx.stage.index, "stage_name": ctx.stage.name, "step": step,
-                 "order": ctx.stage.index * 10**9 + step,
+                 "order": ctx.stage.index * 10**9 + step, "world_size": dist.world_size(),
+                 "global_batch": self.cfg.global_batch(dist.world_size()),
                  "methods": {m.name: m.state_dict() for m in self.methods}}
         checkpoint.save(ctx.engine, self.ckpt_root, tag, state, self.cfg.train.keep_checkpoints)
         log(f"checkpoint {tag} saved")

@@ -51,10 +51,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return groups
 
 
-def build_engine(cfg: RunConfig, model: torch.nn.Module, total_steps: int):
-    """``deepspeed.initialize`` with cltk's AdamW and per-stage LR schedule; returns the engine."""
+def build_engine(cfg: RunConfig, model: torch.nn.Module, total_steps: int, load_universal: bool = False):
+    """``deepspeed.initialize`` with cltk's AdamW and per-stage LR schedule; returns the engine.
+
+    ``load_universal`` prepares the engine to load a universal checkpoint (resume at another world size).
+    """
     t = cfg.train
     ds_cfg = deepspeed_config(cfg, dist.world_size(), dist.bf16_available())
+    if load_universal:
+        ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
     optimizer = torch.optim.AdamW(
         param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
     )

@@ -22,7 +22,7 @@ def write(tmp_path, raw, ds=None):
 def base():
     return {
         "model": {"config": {"model_type": "llama", "hidden_size": 32}},
-        "tokenizer": {"train": {"vocab_size": 300}},
+        "tokenizer": {"train": {"vocab_size": 400}},
         "domains": [{"name": "a", "source": {"builtin": "stdlib"}}],
     }
 
@@ -45,8 +45,9 @@ def test_valid_config_loads_with_types_and_relative_paths(tmp_path):
         ({"train": {"schedule": "step"}}, "train.schedule", "one of"),
         ({"train": {"micro_batch_size": 0}}, "train.micro_batch_size", "> 0"),
         ({"domains": []}, "domains", "at least one"),
-        ({"domains": [{"name": "a", "source": {"builtin": "nope"}}]}, "domains[0].source.builtin", "known"),
-        ({"domains": [{"name": "a", "source": {}}]}, "domains[0].source", "exactly one"),
+        ({"domains": [{"name": "a", "source": {"builtin": "nope"}}]}, "domains[0].source", "nope"),
+        ({"domains": [{"name": "a", "source": {}}]}, "domains[0].source", "source"),
+        ({"tokenizer": {"train": {"vocab_size": 100}}}, "tokenizer.train.vocab_size", ">= 323"),
         ({"domains": [{"name": "a", "source": {"builtin": "kjv"}}, {"name": "a", "source": {"builtin": "kjv"}}]},
          "domains[1].name", "twice"),
         ({"model": {"init_from": "missing/dir"}}, "model.init_from", "does not exist"),

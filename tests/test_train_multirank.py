@@ -79,3 +79,25 @@ def test_resume_after_a_kill_mid_stage_matches_an_uninterrupted_run(tmp_path, ca
             lines = (tmp_path / run / "out" / "sequence_ids" / f"rank{r}.jsonl").read_text().splitlines()
             return [(x["stage"], x["step"], x["ids"]) for x in map(json.loads, lines)]
         assert steps("cut") == steps("ref")
+
+
+def test_resume_at_another_world_size_through_a_universal_checkpoint(tmp_path, cache):
+    import subprocess
+    import sys
+
+    common = dict(cache_dir=cache, train={"checkpoint_every": 2})
+    ref = write_tiny_run(tmp_path / "ref", **common)
+    train(ref)
+    cut = write_tiny_run(tmp_path / "cut", **common)
+    assert train(cut, env={"CLTK_KILL_AT": "0:3"}, check=False).returncode != 0
+    # 2 ranks x accumulation 2 -> 1 rank x accumulation 4: the same global batch and data order
+    one = subprocess.run([sys.executable, "-m", "cltk", "train", "--config", str(cut), "--resume",
+                          "--set", "train.gradient_accumulation_steps=4"],
+                         capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
+                                                                           "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-4000:]
+    assert "s00-step000002-universal" in one.stderr
+    assert (tmp_path / "cut" / "out" / "checkpoints" / "s00-step000002-universal").is_dir()
+    a, b = report(ref), report(cut)
+    for ra, rb in zip(a["perplexity"], b["perplexity"]):
+        assert ra == pytest.approx(rb, rel=1e-3)

@@ -1,0 +1,195 @@
+"""Packing: document-level held-out split, EOS-joined windows, the on-disk cache and its keys."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import datasets
+import numpy as np
+import pytest
+
+from cltk.data import packing
+from cltk.data.corpora import load_documents
+from cltk.data.packing import PackedDomain, PackingError, cache_key, pack_domain, packed_fingerprint
+from cltk.data.tokenizer import load_tokenizer, train_tokenizer
+
+WORDS = ["the", "of", "and", "to", "in", "that", "is", "was", "he", "for", "it", "with", "as"]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    texts = load_documents({"builtin": "stdlib"}, max_chars=200_000, seed=1, domain="code")
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(texts + [" ".join(WORDS) * 50], 1024, out)
+    return load_tokenizer(out)
+
+
+def marked_docs(n: int, seed: int = 0) -> list[str]:
+    """Documents that each start with a unique marker, so a decoded window tells whose it is."""
+    rng = random.Random(seed)
+    return [f"DOC{i:03d} " + " ".join(rng.choices(WORDS, k=rng.randint(20, 120))) for i in range(n)]
+
+
+def rows(ds: datasets.Dataset) -> np.ndarray:
+    return np.asarray(ds.with_format("numpy")["input_ids"])
+
+
+def encoded(tok, doc: str) -> list[int]:
+    return tok(doc, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def test_windows_are_eos_joined_documents_with_whole_documents_held_out(tok, tmp_path):
+    docs = marked_docs(120)
+    p = pack_domain("prose", docs, tok, 32, eval_sequences=6, cache_dir=tmp_path)
+    train, evals = rows(p.train), rows(p.eval)
+    assert train.shape[1] == evals.shape[1] == 32 and evals.shape[0] == 6
+    assert p.train.features["input_ids"].length == 32
+
+    def markers(windows: np.ndarray) -> list[int]:
+        return [int(m) for m in re.findall(r"DOC(\d{3})", tok.decode(windows.ravel()))]
+
+    eval_docs, train_docs = markers(evals), markers(train)
+    assert eval_docs and not set(eval_docs) & set(train_docs)
+    # Eval is the held-out documents, EOS-joined, cut to eval_sequences windows.
+    stream = [t for i in eval_docs for t in encoded(tok, docs[i])]
+    assert evals.ravel().tolist() == stream[: evals.size]
+    # Train is every other document in corpus order, the remainder dropped.
+    rest = [i for i in range(len(docs)) if i not in set(eval_docs)]
+    stream = [t for i in rest for t in encoded(tok, docs[i])]
+    assert train.shape[0] == len(stream) // 32
+    assert train.ravel().tolist() == stream[: train.size]
+
+
+def test_split_is_seeded(tok, tmp_path):
+    docs = marked_docs(120)
+    a = pack_domain("prose", docs, tok, 32, eval_sequences=4, cache_dir=tmp_path / "a", seed=1)
+    b = pack_domain("prose", docs, tok, 32, eval_sequences=4, cache_dir=tmp_path / "b", seed=1)
+    c = pack_domain("prose", docs, tok, 32, eval_sequences=4, cache_dir=tmp_path / "c", seed=2)
+    assert packed_fingerprint(a) == packed_fingerprint(b) != packed_fingerprint(c)
+    assert rows(a.eval).tolist() != rows(c.eval).tolist()
+
+
+def test_second_call_loads_the_cache_without_tokenising(tok, tmp_path, monkeypatch):
+    docs = marked_docs(60)
+    first = pack_domain("prose", docs, tok, 16, eval_sequences=3, cache_dir=tmp_path)
+    cached = [p.name for p in tmp_path.iterdir()]
+    assert len(cached) == 1 and cached[0].startswith("prose-")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tokenised on a cache hit")
+
+    monkeypatch.setattr(type(tok), "__call__", refuse)
+    again = pack_domain("prose", list(docs), tok, 16, eval_sequences=3, cache_dir=tmp_path)
+    assert packed_fingerprint(again) == packed_fingerprint(first)
+    # Any input that changes the ids misses the cache (and so must tokenise).
+    for change in ({"seq_len": 17}, {"eval_sequences": 2}, {"seed": 9}, {"docs": docs[:-1]}):
+        args = {"docs": docs, "seq_len": 16, "eval_sequences": 3, "seed": 0, **change}
+        with pytest.raises(AssertionError, match="tokenised on a cache hit"):
+            pack_domain("prose", args.pop("docs"), tok, args.pop("seq_len"),
+                        cache_dir=tmp_path, **args)
+
+
+def test_cache_key_covers_every_input():
+    base = (["a b", "c"], "fp", 16, 3, 0)
+    keys = {cache_key(*base)}
+    for i, other in enumerate((["a b", "c "], "fp2", 17, 4, 1)):
+        changed = list(base)
+        changed[i] = other
+        keys.add(cache_key(*changed))
+    keys.add(cache_key(["a", "b c"], "fp", 16, 3, 0))  # same characters, other document cut
+    assert len(keys) == 7 and cache_key(*base) == cache_key(*base)
+
+
+def test_a_crash_mid_write_leaves_no_cache(tok, tmp_path, monkeypatch):
+    docs = marked_docs(60)
+    real_save = datasets.Dataset.save_to_disk
+
+    def crash_on_eval(self, path, *args, **kwargs):
+        if path.endswith("eval"):
+            raise OSError("disk full")
+        return real_save(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", crash_on_eval)
+    with pytest.raises(OSError, match="disk full"):
+        pack_domain("prose", docs, tok, 16, eval_sequences=3, cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no final dir, no temp dir left behind
+    monkeypatch.undo()
+    p = pack_domain("prose", docs, tok, 16, eval_sequences=3, cache_dir=tmp_path)
+    assert len(p.eval) == 3
+
+
+def test_losing_a_rename_race_is_harmless(tmp_path):
+    final = tmp_path / "prose-0123456789abcdef"
+    train = np.arange(64, dtype=np.int32).reshape(4, 16)
+    evals = train[:1]
+    meta = {"key": "0123456789abcdef"}
+    packing._write_cache(final, train, evals, meta)
+    packing._write_cache(final, train, evals, meta)  # the other rank: its rename loses
+    assert sorted(p.name for p in tmp_path.iterdir()) == [final.name]
+    loaded = packing._load_cache(final, "prose", "0123456789abcdef")
+    assert rows(loaded.train).tolist() == train.tolist()
+
+
+def test_too_little_text_says_how_much_is_needed(tok, tmp_path):
+    docs = marked_docs(3)
+    total = sum(len(encoded(tok, d)) for d in docs)
+    with pytest.raises(PackingError) as err:
+        pack_domain("tiny", docs, tok, 64, eval_sequences=50, cache_dir=tmp_path)
+    msg = str(err.value)
+    assert "domain 'tiny'" in msg and f"{total:,} tokens" in msg and f"{51 * 64:,}" in msg
+    # Enough tokens overall, but one document: holding it out leaves no train text.
+    one = [" ".join(WORDS * 20)]
+    with pytest.raises(PackingError, match=r"after holding out 1 whole documents.*0 train tokens"):
+        pack_domain("one", one, tok, 16, eval_sequences=2, cache_dir=tmp_path)
+    with pytest.raises(PackingError, match="domain 'none'.*0 tokens in 0 documents"):
+        pack_domain("none", ["", ""], tok, 16, eval_sequences=1, cache_dir=tmp_path)
+
+
+def test_bad_arguments_are_explained(tok, tmp_path):
+    with pytest.raises(PackingError, match="cache dir"):
+        pack_domain("a/b", ["x"], tok, 16, eval_sequences=1, cache_dir=tmp_path)
+    with pytest.raises(PackingError, match="seq_len must be an integer >= 2"):
+        pack_domain("a", ["x"], tok, 1, eval_sequences=1, cache_dir=tmp_path)
+    with pytest.raises(PackingError, match="eval_sequences"):
+        pack_domain("a", ["x"], tok, 16, eval_sequences=-1, cache_dir=tmp_path)
+    no_eos = load_tokenizer(tok.name_or_path)
+    no_eos.eos_token = None
+    with pytest.raises(PackingError, match="no EOS token"):
+        pack_domain("a", ["x"], no_eos, 16, eval_sequences=1, cache_dir=tmp_path)
+
+
+def test_zero_eval_sequences_keeps_everything_for_training(tok, tmp_path):
+    docs = marked_docs(30)
+    p = pack_domain("prose", docs, tok, 16, eval_sequences=0, cache_dir=tmp_path)
+    stream = [t for d in docs for t in encoded(tok, d)]
+    assert len(p.eval) == 0 and len(p.train) == len(stream) // 16
+
+
+def test_packed_fingerprint_tracks_every_token():
+    feats = packing._features(4)
+    train = np.arange(16, dtype=np.int32).reshape(4, 4)
+
+    def domain(tr: np.ndarray, ev: np.ndarray) -> PackedDomain:
+        return PackedDomain("d", datasets.Dataset.from_dict({"input_ids": tr}, features=feats),
+                            datasets.Dataset.from_dict({"input_ids": ev}, features=feats))
+
+    fp = packed_fingerprint(domain(train, train[:1]))
+    assert fp == packed_fingerprint(domain(train.copy(), train[:1].copy()))
+    bumped = train.copy()
+    bumped[2, 3] += 1
+    assert packed_fingerprint(domain(bumped, train[:1])) != fp
+    assert packed_fingerprint(domain(train[1:], train[:1])) != fp  # a row moved out of train
+    assert packed_fingerprint(domain(train[:3], train[3:])) != packed_fingerprint(
+        domain(train[:2], train[2:]))
+
+
+@pytest.mark.parametrize("builtin", ["kjv", "stdlib"])
+def test_real_corpus_packs_to_readable_text(tok, tmp_path, builtin):
+    try:
+        docs = load_documents({"builtin": builtin}, max_chars=60_000, seed=0, domain=builtin)
+    except ValueError as e:  # the builtin's package is not installed here
+        pytest.skip(str(e))
+    p = pack_domain(builtin, docs, tok, 64, eval_sequences=4, cache_dir=tmp_path)
+    text = tok.decode(rows(p.eval)[0])
+    assert len(p.train) > 100 and len(text) > 64  # real text packs to several chars per token
