@@ -1,0 +1,373 @@
+"""The forgetting report: perplexity after each stage on every domain, and what it says.
+
+``perplexity[i][j]`` is the perplexity on domain ``j`` measured after stage ``i``. A stage trains
+one domain (or one block of it: several consecutive or scattered stages may train the same
+domain); domains that no stage trains are evaluation-only. From the matrix:
+
+- ``final``: the last row; ``average_final_perplexity``: its mean over the trained domains.
+- ``plasticity[d]``: perplexity on ``d`` just after the last stage that trained ``d`` (how well it
+  was learnt), and its mean.
+- ``forgetting[d]``: ``final[d] - plasticity[d]`` for domains trained before the last stage (how
+  much was lost since), its mean, and the relative form ``final / plasticity - 1``.
+
+Lower perplexity is better, so positive forgetting is bad. A run stopped mid-way gives fewer rows
+than stages: the report then speaks about the stages completed (``completed_stages``), and "the
+last stage" above means the last completed one.
+
+Pure Python; matplotlib is imported only to draw the heatmap.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+__all__ = [
+    "ForgettingReport",
+    "forgetting_report",
+    "save_report",
+    "load_report",
+    "format_table",
+    "compare_reports",
+]
+
+JSON_NAME = "forgetting.json"
+CSV_NAME = "forgetting.csv"
+PNG_NAME = "forgetting.png"
+
+
+@dataclass(frozen=True)
+class ForgettingReport:
+    """Perplexity matrix of a continual run and the figures derived from it.
+
+    Build it with :func:`forgetting_report`, which validates the inputs and fills every field.
+    Per-domain figures are dicts keyed by domain name, in ``domain_names`` order, holding only the
+    domains the figure applies to. Means are ``None`` when no domain qualifies (for example
+    ``mean_forgetting`` after a single stage).
+    """
+
+    perplexity: list[list[float]]  # [completed stages][domains]
+    stage_names: list[str]  # every planned stage, completed or not
+    domain_names: list[str]
+    stage_domains: list[str]  # the domain each planned stage trains
+    final: dict[str, float]  # every domain, evaluation-only ones included
+    average_final_perplexity: float | None  # mean of ``final`` over the trained domains
+    plasticity: dict[str, float]
+    mean_plasticity: float | None
+    forgetting: dict[str, float]
+    mean_forgetting: float | None
+    relative_forgetting: dict[str, float]
+    mean_relative_forgetting: float | None
+    eval_only_domains: list[str] = field(default_factory=list)
+
+    @property
+    def completed_stages(self) -> int:
+        """Rows of the matrix: stages finished and evaluated."""
+        return len(self.perplexity)
+
+    @property
+    def is_partial(self) -> bool:
+        """True when the run stopped before its last planned stage."""
+        return self.completed_stages < len(self.stage_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict: the inputs, the derived figures and the stage count."""
+        return {
+            "perplexity": [list(row) for row in self.perplexity],
+            "stage_names": list(self.stage_names),
+            "domain_names": list(self.domain_names),
+            "stage_domains": list(self.stage_domains),
+            "completed_stages": self.completed_stages,
+            "eval_only_domains": list(self.eval_only_domains),
+            "final": dict(self.final),
+            "average_final_perplexity": self.average_final_perplexity,
+            "plasticity": dict(self.plasticity),
+            "mean_plasticity": self.mean_plasticity,
+            "forgetting": dict(self.forgetting),
+            "mean_forgetting": self.mean_forgetting,
+            "relative_forgetting": dict(self.relative_forgetting),
+            "mean_relative_forgetting": self.mean_relative_forgetting,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ForgettingReport":
+        """Rebuild from :meth:`to_dict` output; the figures are recomputed from the matrix."""
+        missing = [k for k in ("perplexity", "stage_names", "domain_names", "stage_domains")
+                   if k not in data]
+        if missing:
+            raise ValueError(f"forgetting report dict lacks {', '.join(missing)}")
+        return forgetting_report(
+            data["perplexity"], data["stage_names"], data["domain_names"], data["stage_domains"]
+        )
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _validate(
+    perplexity: Sequence[Sequence[float]],
+    stage_names: Sequence[str],
+    domain_names: Sequence[str],
+    stage_domains: Sequence[str],
+) -> list[list[float]]:
+    if not stage_names:
+        raise ValueError("stage_names is empty: a run has at least one stage")
+    if len(set(stage_names)) != len(stage_names):
+        raise ValueError(f"stage_names must be unique, got {list(stage_names)}")
+    if not domain_names:
+        raise ValueError("domain_names is empty")
+    if len(set(domain_names)) != len(domain_names):
+        raise ValueError(f"domain_names must be unique, got {list(domain_names)}")
+    if len(stage_domains) != len(stage_names):
+        raise ValueError(
+            f"stage_domains has {len(stage_domains)} entries for {len(stage_names)} stages"
+        )
+    unknown = sorted({d for d in stage_domains if d not in domain_names})
+    if unknown:
+        raise ValueError(f"stage_domains names domains not in domain_names: {unknown}")
+    if not perplexity:
+        raise ValueError("perplexity has no rows: no stage was evaluated")
+    if len(perplexity) > len(stage_names):
+        raise ValueError(
+            f"perplexity has {len(perplexity)} rows but only {len(stage_names)} stages"
+        )
+    rows = []
+    for i, row in enumerate(perplexity):
+        if len(row) != len(domain_names):
+            raise ValueError(
+                f"perplexity row {i} (after stage {stage_names[i]!r}) has {len(row)} values "
+                f"for {len(domain_names)} domains"
+            )
+        values = [float(v) for v in row]
+        for j, v in enumerate(values):
+            # inf is allowed (a diverged stage); NaN or <= 0 means the evaluation itself broke
+            if math.isnan(v) or v <= 0:
+                raise ValueError(
+                    f"perplexity[{i}][{j}] (stage {stage_names[i]!r}, domain "
+                    f"{domain_names[j]!r}) is {v}: perplexities are > 0"
+                )
+        rows.append(values)
+    return rows
+
+
+def forgetting_report(
+    perplexity: Sequence[Sequence[float]],
+    stage_names: Sequence[str],
+    domain_names: Sequence[str],
+    stage_domains: Sequence[str],
+) -> ForgettingReport:
+    """Compute the forgetting report from a (possibly partial) perplexity matrix.
+
+    Args:
+        perplexity: ``[completed stages][domains]``; row ``i`` is measured after stage ``i``. Fewer
+            rows than stages means the run stopped early; the report covers the completed stages.
+        stage_names: the name of every planned stage, unique.
+        domain_names: the name of every evaluated domain (matrix columns), unique.
+        stage_domains: ``stage_domains[i]`` is the domain stage ``i`` trains (an entry of
+            ``domain_names``). Domains named by no stage are evaluation-only.
+
+    Returns:
+        A :class:`ForgettingReport`.
+
+    Raises:
+        ValueError: on mismatched lengths, unknown or duplicate names, or a NaN / non-positive
+            perplexity.
+    """
+    rows = _validate(perplexity, stage_names, domain_names, stage_domains)
+    done = len(rows)
+    last_row = rows[-1]
+    final = {d: last_row[j] for j, d in enumerate(domain_names)}
+    planned = set(stage_domains)
+    trained = [d for d in domain_names if d in planned]
+    eval_only = [d for d in domain_names if d not in planned]
+
+    # last completed stage that trained each domain
+    last_stage: dict[str, int] = {}
+    for i in range(done):
+        last_stage[stage_domains[i]] = i
+
+    plasticity: dict[str, float] = {}
+    forgetting: dict[str, float] = {}
+    relative: dict[str, float] = {}
+    for j, d in enumerate(domain_names):
+        if d not in last_stage:
+            continue  # evaluation-only, or not reached yet by a partial run
+        just_after = rows[last_stage[d]][j]
+        plasticity[d] = just_after
+        if last_stage[d] < done - 1:  # domains of the last stage have had no time to forget
+            forgetting[d] = final[d] - just_after
+            relative[d] = final[d] / just_after - 1.0
+
+    return ForgettingReport(
+        perplexity=rows,
+        stage_names=list(stage_names),
+        domain_names=list(domain_names),
+        stage_domains=list(stage_domains),
+        final=final,
+        average_final_perplexity=_mean([final[d] for d in trained]),
+        plasticity=plasticity,
+        mean_plasticity=_mean(list(plasticity.values())),
+        forgetting=forgetting,
+        mean_forgetting=_mean(list(forgetting.values())),
+        relative_forgetting=relative,
+        mean_relative_forgetting=_mean(list(relative.values())),
+        eval_only_domains=eval_only,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# text
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, signed: bool = False, percent: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    if percent:
+        return f"{100.0 * value:+.1f}%"
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def _headline(report: ForgettingReport) -> list[str]:
+    return [
+        f"average final perplexity: {_fmt(report.average_final_perplexity)}",
+        f"mean forgetting: {_fmt(report.mean_forgetting, signed=True)} "
+        f"({_fmt(report.mean_relative_forgetting, percent=True)})",
+        f"mean plasticity: {_fmt(report.mean_plasticity)}",
+    ]
+
+
+def format_table(report: ForgettingReport) -> str:
+    """A fixed-width text table: the matrix, the per-domain figures, then the headline figures."""
+    stage_w = max(len("after stage"), *(len(s) for s in report.stage_names))
+    train_w = max(len("trains"), *(len(d) for d in report.stage_domains))
+    col_w = max(9, *(len(d) for d in report.domain_names))
+    header = f"{'after stage':<{stage_w}}  {'trains':<{train_w}} |" + "".join(
+        f" {d:>{col_w}}" for d in report.domain_names
+    )
+    lines = [header, "-" * len(header)]
+    for i, row in enumerate(report.perplexity):
+        lines.append(
+            f"{report.stage_names[i]:<{stage_w}}  {report.stage_domains[i]:<{train_w}} |"
+            + "".join(f" {v:>{col_w}.2f}" for v in row)
+        )
+    lines.append("-" * len(header))
+    label_w = stage_w + train_w + 2
+    for label, values, kw in (
+        ("plasticity", report.plasticity, {}),
+        ("forgetting", report.forgetting, {"signed": True}),
+        ("relative forgetting", report.relative_forgetting, {"percent": True}),
+    ):
+        cells = "".join(f" {_fmt(values.get(d), **kw):>{col_w}}" for d in report.domain_names)
+        lines.append(f"{label:<{label_w}} |{cells}")
+    lines.append("")
+    if report.is_partial:
+        lines.append(
+            f"partial run: {report.completed_stages} of {len(report.stage_names)} stages completed"
+        )
+    if report.eval_only_domains:
+        lines.append(f"evaluation-only domains: {', '.join(report.eval_only_domains)}")
+    lines.extend(_headline(report))
+    return "\n".join(lines)
+
+
+def compare_reports(named: Mapping[str, ForgettingReport]) -> str:
+    """A markdown table comparing runs (one row per method), for docs and benchmarks.
+
+    Args:
+        named: method name -> its report, in the order to list them.
+
+    Returns:
+        Markdown: method, average final perplexity, mean forgetting (absolute and relative), mean
+        plasticity. Lower is better in every column.
+    """
+    if not named:
+        raise ValueError("compare_reports needs at least one report")
+    lines = [
+        "| method | avg final ppl | forgetting | forgetting (rel.) | plasticity |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, r in named.items():
+        partial = f" (partial: {r.completed_stages}/{len(r.stage_names)} stages)" \
+            if r.is_partial else ""
+        lines.append(
+            f"| {name}{partial} | {_fmt(r.average_final_perplexity)} | "
+            f"{_fmt(r.mean_forgetting, signed=True)} | "
+            f"{_fmt(r.mean_relative_forgetting, percent=True)} | {_fmt(r.mean_plasticity)} |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------------------------
+
+
+def save_report(report: ForgettingReport, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``forgetting.json``, ``forgetting.csv`` and ``forgetting.png`` into ``out_dir``.
+
+    The CSV holds the matrix: a header row ``stage, trains, <domain>...`` then one row per
+    completed stage. Returns the three paths by kind (``"json"``, ``"csv"``, ``"png"``).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / JSON_NAME, "csv": out / CSV_NAME, "png": out / PNG_NAME}
+    paths["json"].write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    with paths["csv"].open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["stage", "trains", *report.domain_names])
+        for i, row in enumerate(report.perplexity):
+            writer.writerow([report.stage_names[i], report.stage_domains[i],
+                             *(repr(v) for v in row)])
+    _save_heatmap(report, paths["png"])
+    return paths
+
+
+def load_report(path: str | Path) -> ForgettingReport:
+    """Read a report saved by :func:`save_report`: the JSON file, or the directory holding it."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / JSON_NAME
+    if not p.is_file():
+        raise ValueError(f"no forgetting report at {p}")
+    return ForgettingReport.from_dict(json.loads(p.read_text()))
+
+
+def _save_heatmap(report: ForgettingReport, path: Path) -> None:
+    # Figure + Agg canvas directly: no pyplot, so the process-wide backend is left alone
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    rows, cols = report.completed_stages, len(report.domain_names)
+    fig = Figure(figsize=(max(6.5, 3.2 + 1.1 * cols), 2.2 + 0.55 * rows))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    finite = [v for row in report.perplexity for v in row if math.isfinite(v)]
+    lo, hi = (min(finite), max(finite)) if finite else (1.0, 10.0)
+    hi = max(hi, lo * 1.0001)  # LogNorm needs vmin < vmax
+    capped = [[min(v, hi) for v in row] for row in report.perplexity]
+    # log colour scale: perplexities of different domains differ by multiples, not offsets
+    image = ax.imshow(capped, cmap="viridis_r", norm=LogNorm(vmin=lo, vmax=hi), aspect="auto")
+    for i, row in enumerate(report.perplexity):
+        for j, v in enumerate(row):
+            shade = image.norm(min(v, hi))
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8,
+                    color="white" if shade > 0.5 else "black")
+    ax.set_xticks(range(cols), report.domain_names, rotation=30, ha="right")
+    ax.set_yticks(range(rows), [f"{report.stage_names[i]} ({report.stage_domains[i]})"
+                                for i in range(rows)])
+    ax.set_xlabel("evaluated domain")
+    ax.set_ylabel("after stage (trains)")
+    bar = fig.colorbar(image, ax=ax, label="perplexity (log scale)")
+    bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))  # 40, not 4 x 10^1
+    bar.ax.yaxis.set_minor_formatter(NullFormatter())  # minor labels of a log axis overlap
+    ax.set_title("\n".join(_headline(report)), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
