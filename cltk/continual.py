@@ -94,6 +94,7 @@ class ContinualRun:
     # ----- the run ----------------------------------------------------------------------------------
     def run(self) -> RunResult:
         dist.init()
+        log(f"{dist.world_size()} rank(s), backend {torch.distributed.get_backend()}, device {dist.device()}")
         self._check_output_dir()
         seed_everything(self.cfg.seed)
         self.tokenizer, self.domains = prepare(self.cfg)
@@ -194,7 +195,9 @@ class ContinualRun:
         log(f"stage {stage.dirname}: perplexity " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()))
         if dist.is_main():
             record = {"stage": stage.index, "name": stage.name, "domain": stage.domain, "perplexity": ppl,
-                      "steps": len(schedule), "methods": {m.name: m.state_dict() for m in self.methods}}
+                      "steps": len(schedule),
+                      "precision": "bf16" if engine.bfloat16_enabled() else "fp32", "world_size": dist.world_size(),
+                      "methods": {m.name: m.state_dict() for m in self.methods}}
             checkpoint._write_atomic(ctx.stage_dir / STAGE_FILE, json.dumps(record, indent=1))
         dist.barrier()
         engine.destroy()
