@@ -28,7 +28,7 @@ from cltk.data.packing import PackedDomain
 from cltk.data.prepare import prepare
 from cltk.data.sampler import Pool, StageSchedule
 from cltk.engine import build_engine, train_step
-from cltk.evaluate import engine_forward, evaluate_domains
+from cltk.perplexity import engine_forward, evaluate_domains
 from cltk.methods import build_methods
 from cltk.methods.base import Method, StageContext
 from cltk.metrics import ForgettingReport, format_table, forgetting_report, save_report

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from cltk import distributed as dist
 from cltk.config import RunConfig
 from cltk.data.prepare import prepare
-from cltk.evaluate import evaluate_domains, model_forward
+from cltk.perplexity import evaluate_domains, model_forward
 from cltk.metrics import ForgettingReport, format_table, forgetting_report, save_report
 from cltk.models import check_tokenizer_fits
 

@@ -12,7 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_tiny_run(tmp: Path, zero_stage: int = 2, cache_dir: Path | None = None, **sections: Any) -> Path:
-    """Write ``tmp/run.yaml`` (+ its DeepSpeed JSON) and return its path; ``sections`` override keys."""
+    """Write ``tmp/run.yaml`` (+ its DeepSpeed JSON) and return its path.
+
+    ``sections`` update the keys of ``train``, ``data`` and ``eval``, and replace any other section.
+    """
     tmp.mkdir(parents=True, exist_ok=True)
     ds = {"zero_optimization": {"stage": zero_stage}, "bf16": {"enabled": "auto"}}
     (tmp / "ds.json").write_text(json.dumps(ds))
@@ -36,7 +39,7 @@ def write_tiny_run(tmp: Path, zero_stage: int = 2, cache_dir: Path | None = None
         "eval": {"batch_size": 4},
     }
     for k, v in sections.items():
-        if isinstance(v, dict) and isinstance(raw.get(k), dict):
+        if k in ("train", "data", "eval") and v is not None:  # tweak these; replace the other sections
             raw[k] = {**raw[k], **v}
         else:
             raw[k] = v

@@ -1,0 +1,288 @@
+"""DAS unit importance: gradients of a loss with respect to virtual gates on heads and FFN units.
+
+Ke et al., "Continual Pre-training of Language Models" (ICLR 2023), section 3.1: put a gate of 1
+on every unit (:func:`cltk.units.attach_gates`), and score each unit by the mean over samples of
+``|d loss / d gate|``. Two losses:
+
+- ``"proxy"`` (DAS's choice for the general knowledge of the model): the KL divergence between the
+  token distributions of two forward passes of the same batch with dropout on. Both passes differ
+  only by dropout, so the loss measures how much each unit's output is sensitive to noise. The
+  reference code ran these passes with dropout off (both passes equal, importance ~0); Llama-family
+  models have no dropout at all. cltk therefore runs the passes in ``model.train()`` *and* adds
+  dropout with ``p = proxy_dropout`` on every block's output for those passes only.
+- ``"lm"``: the next-token loss of the batch (the model shifts labels = input_ids itself).
+
+Differences from the reference code, on purpose: gradients are taken with ``torch.autograd.grad``
+on the gates only (no gradient leaks between batches, parameters may be frozen, ``.grad`` of the
+parameters is never touched) and accumulated as absolute values per batch, weighted by the batch's
+number of sequences (the reference summed signed gradients that were never zeroed).
+
+Dropout draws are seeded from the batch's contents, so a batch gets the same masks on whichever
+rank it lands: with ``torch.distributed`` initialised, each rank scores its own share of samples,
+sums and counts are all-reduced, and every rank gets the result one process would get on all the
+data (up to float rounding).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cltk.units import UnitMap, attach_gates, block_modules, build_unit_map
+
+KEYS = ("heads", "ffn")
+
+
+def estimate_importance(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    mode: str = "proxy",
+    proxy_dropout: float = 0.1,
+    num_samples: int | None = None,
+    unit_map: UnitMap | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Raw DAS importance of every head and FFN unit of a plain (non-DeepSpeed) HF causal LM.
+
+    Args:
+        model: the causal LM (PEFT-wrapped is fine). Its training flag and ``requires_grad`` flags
+            are restored on return.
+        batches: dicts with ``input_ids`` ``[b, T]`` and optionally ``attention_mask`` ``[b, T]``
+            (0 = padding, left out of the loss). On several ranks, each rank passes its own batches.
+        mode: ``"proxy"`` (KL between two dropout passes) or ``"lm"`` (next-token loss).
+        proxy_dropout: p of the dropout added on block outputs for the proxy passes.
+        num_samples: sequences to score in total over all ranks (each rank takes its share:
+            ``num_samples // world``, one more on the first ``num_samples % world`` ranks; the
+            last batch is cut). None: every batch given.
+        unit_map: the model's map; built when None.
+        seed: mixed into the per-batch dropout seed.
+
+    Returns:
+        ``{"heads": [L, H], "ffn": [L, I]}`` float32 on CPU: mean over samples of |d loss / d gate|.
+
+    Raises:
+        ValueError: unknown mode, a bad ``proxy_dropout`` or ``num_samples``, or no samples at all.
+    """
+    if mode not in ("proxy", "lm"):
+        raise ValueError(f"mode={mode!r}: use 'proxy' (KL of two dropout passes) or 'lm'")
+    if not 0.0 <= proxy_dropout < 1.0:
+        raise ValueError(f"proxy_dropout={proxy_dropout}: must be in [0, 1)")
+    if num_samples is not None and num_samples < 1:
+        raise ValueError(f"num_samples={num_samples}: must be >= 1 (or None for all batches)")
+    umap = unit_map or build_unit_map(model)
+    device = next(model.parameters()).device
+    gates = {
+        "heads": torch.ones(umap.num_layers, umap.num_heads, device=device, requires_grad=True),
+        "ffn": torch.ones(umap.num_layers, umap.intermediate, device=device, requires_grad=True),
+    }
+    sums = {k: torch.zeros(g.shape, dtype=torch.float64, device=device) for k, g in gates.items()}
+    count = 0
+    share = None if num_samples is None else _rank_share(num_samples)
+    with _scoring_state(model, mode, proxy_dropout), _gated(model, umap, gates):
+        for batch in batches:
+            if share is not None and count >= share:
+                break
+            ids = batch["input_ids"].to(device)
+            mask = batch.get("attention_mask")
+            mask = None if mask is None else mask.to(device)
+            if share is not None and count + ids.shape[0] > share:
+                ids = ids[: share - count]
+                mask = None if mask is None else mask[: share - count]
+            if mode == "proxy":
+                loss = _proxy_loss(model, ids, mask, seed)
+            else:
+                loss = _lm_loss(model, ids, mask)
+            grads = torch.autograd.grad(loss, list(gates.values()), allow_unused=True)
+            for key, g in zip(gates, grads):
+                if g is not None:  # a unit the loss does not reach has importance 0
+                    sums[key] += g.detach().abs().double() * ids.shape[0]
+            count += ids.shape[0]
+    total = _all_reduce(sums, count)
+    if total == 0:
+        raise ValueError("no samples were scored: give estimate_importance at least one batch "
+                         "(on every rank, or num_samples >= 1 overall)")
+    return {k: (s / total).float().cpu() for k, s in sums.items()}
+
+
+def _rank_share(num_samples: int) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return num_samples
+    world, rank = dist.get_world_size(), dist.get_rank()
+    return num_samples // world + (1 if rank < num_samples % world else 0)
+
+
+def _all_reduce(sums: dict[str, torch.Tensor], count: int) -> int:
+    """Sum ``sums`` (in place) and ``count`` over ranks; returns the global count."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return count
+    first = next(iter(sums.values()))
+    # gloo reduces CPU tensors; NCCL needs them on the GPU.
+    dev = torch.device("cpu") if dist.get_backend() == "gloo" else first.device
+    flat = torch.cat([s.flatten().to(dev) for s in sums.values()]
+                     + [torch.tensor([float(count)], dtype=torch.float64, device=dev)])
+    dist.all_reduce(flat)
+    offset = 0
+    for s in sums.values():
+        s.copy_(flat[offset: offset + s.numel()].view_as(s))
+        offset += s.numel()
+    return int(round(flat[-1].item()))
+
+
+@contextmanager
+def _gated(model: nn.Module, umap: UnitMap, gates: dict[str, torch.Tensor]) -> Iterator[None]:
+    handles = attach_gates(model, umap, heads=gates["heads"], ffn=gates["ffn"])
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def _scoring_state(model: nn.Module, mode: str, p: float) -> Iterator[None]:
+    """Freeze parameters (only the gates need grads), set train/eval, add proxy dropout."""
+    was_training = model.training
+    flags = [(q, q.requires_grad) for q in model.parameters()]
+    handles = []
+    try:
+        for q, _ in flags:
+            q.requires_grad_(False)
+        model.train(mode == "proxy")
+        if mode == "proxy" and p > 0:
+            handles = [b.register_forward_hook(_dropout_hook(p)) for b in block_modules(model)]
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for q, flag in flags:
+            q.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _dropout_hook(p: float):
+    def hook(module: nn.Module, args: tuple, output):
+        if isinstance(output, torch.Tensor):
+            return F.dropout(output, p, training=True)
+        # Blocks returning (hidden, *extras): drop out the hidden states only.
+        return (F.dropout(output[0], p, training=True), *output[1:])
+
+    return hook
+
+
+@contextmanager
+def _batch_rng(ids: torch.Tensor, seed: int) -> Iterator[None]:
+    """Seed every dropout draw from the batch's contents; the caller's RNG state is kept."""
+    devices = [ids.device] if ids.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(zlib.crc32(ids.cpu().numpy().tobytes()) ^ seed)
+        yield
+
+
+def _proxy_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None,
+                seed: int) -> torch.Tensor:
+    """KL(p1 || p2) between two dropout passes, mean over real tokens; grads flow through both."""
+    with _batch_rng(ids, seed):
+        logp1 = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        logp2 = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+    kl = (logp1.exp() * (logp1 - logp2)).sum(-1)  # [b, T]
+    if mask is None:
+        return kl.mean()
+    keep = mask.bool()
+    return kl[keep].mean()
+
+
+def _lm_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    labels = ids if mask is None else ids.masked_fill(~mask.bool(), -100)
+    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+
+def normalize(raw: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DAS normalisation: per layer z-score, then ``|tanh(z)|``, into [0, 1].
+
+    Note that DAS's ``|tanh|`` scores a unit far *below* its layer's mean as high as one far above;
+    cltk keeps the published formula.
+
+    Args:
+        raw: ``{"heads": [L, H], "ffn": [L, I]}``.
+
+    Returns:
+        The same keys and shapes, float32. A layer whose units all score the same gets zeros.
+    """
+    out = {}
+    for key in KEYS:
+        x = raw[key].float()
+        mean = x.mean(dim=1, keepdim=True)
+        std = x.std(dim=1, keepdim=True)
+        z = torch.where(std > 0, (x - mean) / std, torch.zeros_like(x))
+        out[key] = torch.tanh(z).abs()
+    return out
+
+
+def accumulate(prev: Mapping[str, torch.Tensor] | None,
+               new: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Importance over stages: element-wise max (a unit stays as protected as it ever was)."""
+    if prev is None:
+        return {k: new[k].clone() for k in KEYS}
+    for k in KEYS:
+        if prev[k].shape != new[k].shape:
+            raise ValueError(f"importance[{k!r}] shapes differ: {tuple(prev[k].shape)} before, "
+                             f"{tuple(new[k].shape)} now: the model's units changed between stages")
+    return {k: torch.maximum(prev[k], new[k].to(prev[k])) for k in KEYS}
+
+
+def check_importance(imp: Mapping[str, torch.Tensor], umap: UnitMap | None = None,
+                     where: str = "importance") -> None:
+    """Raise ValueError unless ``imp`` holds finite ``heads``/``ffn`` in [0, 1] fitting ``umap``."""
+    missing = [k for k in KEYS if k not in imp]
+    if missing:
+        raise ValueError(f"{where} lacks {missing}: expected tensors 'heads' [layers, heads] and "
+                         "'ffn' [layers, intermediate]")
+    for k in KEYS:
+        t = imp[k]
+        if t.dim() != 2 or not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{where}[{k!r}] must be a finite 2-D tensor, got {tuple(t.shape)}")
+        if bool((t < 0).any() or (t > 1).any()):
+            raise ValueError(f"{where}[{k!r}] has values outside [0, 1]: pass raw scores through "
+                             "cltk.importance.normalize first")
+    if umap is not None:
+        want = {"heads": (umap.num_layers, umap.num_heads),
+                "ffn": (umap.num_layers, umap.intermediate)}
+        for k in KEYS:
+            if tuple(imp[k].shape) != want[k]:
+                raise ValueError(f"{where}[{k!r}] is {tuple(imp[k].shape)} but the model "
+                                 f"({umap.arch}) has {want[k]}: it was computed for another model")
+
+
+def save_importance(path: str | os.PathLike, imp: Mapping[str, torch.Tensor]) -> None:
+    """Write normalised importance as safetensors (``heads`` [L, H], ``ffn`` [L, I]), atomically."""
+    check_importance(imp)
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    save_file({k: imp[k].detach().float().cpu().contiguous() for k in KEYS}, tmp)
+    os.replace(tmp, path)
+
+
+def load_importance(path: str | os.PathLike, model: nn.Module | None = None,
+                    unit_map: UnitMap | None = None) -> dict[str, torch.Tensor]:
+    """Read importance written by :func:`save_importance`, checked against the model's units.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: missing tensors, values outside [0, 1], or shapes that do not fit the model.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no importance file at {os.fspath(path)!r}: it is written by "
+                                "save_importance at the end of a DAS stage; check the path")
+    imp = load_file(os.fspath(path))
+    if unit_map is None and model is not None:
+        unit_map = build_unit_map(model)
+    check_importance(imp, unit_map, where=os.fspath(path))
+    return {k: imp[k] for k in KEYS}

@@ -1,0 +1,39 @@
+"""`import cltk` front door, NaN guard and `cltk.evaluate`, in one process (run by tests/test_api.py)."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import cltk
+from cltk.continual import ContinualRun
+from cltk.engine import NonFiniteLossError
+from cltk.methods.base import Method
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.tiny_run import write_tiny_run  # noqa: E402
+
+tmp = Path(sys.argv[1])
+cfg = cltk.load_config(write_tiny_run(tmp, cache_dir=tmp / "cache", train={"checkpoint_every": 2}))
+
+
+class NanAtStep3(Method):
+    name = "nan"
+
+    def extra_loss(self, ctx, batch, logits, labels):
+        bad = ctx.stage.index == 0 and ctx.step == 3
+        return {"nan": torch.tensor(float("nan") if bad else 0.0)}
+
+
+try:
+    ContinualRun(cfg, methods=[NanAtStep3()]).run()
+    raise SystemExit("a NaN loss did not stop the run")
+except NonFiniteLossError as e:
+    print("NAN-STOPPED:", e)
+latest = (cfg.out / "checkpoints" / "latest").read_text().strip()
+print("LATEST:", latest)
+result = cltk.train(cfg, resume=True)
+print("TRAINED:", json.dumps(result.report.perplexity))
+again = cltk.evaluate(cfg, out_dir=tmp / "eval")
+print("EVALUATED:", json.dumps(again.perplexity))

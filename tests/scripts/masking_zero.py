@@ -1,0 +1,211 @@
+"""DAS masks under DeepSpeed: how far units of importance 0, 0.9 and 1 move in 50 training steps.
+
+Run by tests/test_masking.py on 2 ranks (CPU, gloo); also runs as one plain process (world of 1):
+
+    deepspeed --num_gpus 2 tests/scripts/masking_zero.py --out OUT.json --stages 0 1 2 3 \
+        --runs update grad_sgd 1:grad_adamw 3:update_client
+    PYTHONPATH=. python tests/scripts/masking_zero.py --out OUT.json --stages 0 --runs update
+
+Each run builds the same tiny Llama on every rank (odd-sized biases, so ZeRO 3 pads and ZeRO 1/2
+fragments straddle ranks), masks it with a fixed importance pattern, trains 50 steps on per-rank
+random tokens and gathers the full weights. Run kinds: ``update`` (update masks, AdamW with weight
+decay built by DeepSpeed from its config), ``update_client`` (the same with a torch AdamW handed
+over), ``update_bf16`` (update masks, bf16 weights: DeepSpeed's BF16_Optimizer at ZeRO 1),
+``grad_sgd`` (gradient masks, SGD) and ``grad_adamw`` (gradient masks, AdamW: expected NOT to
+protect). Rank 0 writes per run: mean |move| of importance-0 and 0.9 elements and their ratio, the
+largest move of importance-1 elements; for update runs the layout used, that move after
+``handle.remove()`` and (fp32) the element-by-element probe of the first step (:func:`probe`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import transformers as T
+
+STEPS, LR, WD = 50, 1e-2, 0.1
+RUNS = ("update", "update_client", "update_bf16", "grad_sgd", "grad_adamw")
+
+
+def tiny_llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    # head_dim != hidden / heads, and biases of odd length (45): ZeRO 3 pads them on 2 ranks.
+    config = T.LlamaConfig(vocab_size=64, hidden_size=36, head_dim=10, intermediate_size=45,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           attention_bias=True, mlp_bias=True)
+    return T.AutoModelForCausalLM.from_config(config)
+
+
+def pattern(layers: int, heads: int, inter: int) -> dict[str, torch.Tensor]:
+    """Importance 0.9, 1 and 0 on shuffled units; every shared KV head sees a mix of levels."""
+    gen = torch.Generator().manual_seed(1)
+    ffn = torch.zeros(layers, inter)
+    for i in range(layers):
+        perm = torch.randperm(inter, generator=gen)
+        ffn[i, perm[: inter // 3]] = 0.9
+        ffn[i, perm[inter // 3: inter // 2]] = 1.0
+    h = torch.tensor([[0.9, 0.9, 0.0, 0.0], [1.0, 0.0, 0.9, 0.0]])[:layers, :heads]
+    return {"heads": h, "ffn": ffn}
+
+
+def ds_config(stage: int, client: bool, bf16: bool = False) -> dict:
+    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+           "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+           "steps_per_print": 10**9}
+    if bf16:  # ZeRO 1 + bf16 + fp32 gradient accumulation: DeepSpeed's BF16_Optimizer
+        cfg.update(bf16={"enabled": True}, data_types={"grad_accum_dtype": "fp32"})
+    if not client:
+        cfg["optimizer"] = {"type": "AdamW", "params": {"torch_adam": True, "lr": LR,
+                                                        "weight_decay": WD}}
+    return cfg
+
+
+def full_weights(engine, stage: int) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    params = dict(engine.module.named_parameters())
+    if stage == 3:
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            return {n: p.detach().float().clone() for n, p in params.items()}
+    return {n: p.detach().float().clone() for n, p in params.items()}
+
+
+def train(engine, steps: int, rank: int, offset: int = 0) -> None:
+    gen = torch.Generator().manual_seed(1000 * rank + offset)
+    for _ in range(steps):
+        ids = torch.randint(0, 64, (4, 16), generator=gen)
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+
+
+def moves(before, after, masks) -> dict:
+    """How far elements of importance 0, 0.9 and 1 moved.
+
+    ``ratio``: per parameter, mean |move| of its 0.9 elements over that of its 0 elements, averaged
+    over parameters weighted by their 0.9 elements. Per parameter, because gradient scales differ
+    between parameters (k/v rows vs FFN rows) and the classes are not spread evenly over them.
+    """
+    zero, nine, one, per_param, weights = [], [], [], {}, {}
+    for name, mask in masks.items():
+        delta = (after[name] - before[name]).abs().flatten()
+        s = (1.0 - mask).expand(before[name].shape).flatten()
+        z, n = delta[s == 0], delta[(s > 0.5) & (s < 0.99)]
+        zero.append(z)
+        nine.append(n)
+        one.append(delta[s >= 0.99])
+        if z.numel() and n.numel():
+            per_param[name] = (n.mean() / z.mean()).item()
+            weights[name] = n.numel()
+    zero, nine, one = (torch.cat(x) for x in (zero, nine, one))
+    ratio = sum(per_param[k] * weights[k] for k in per_param) / sum(weights.values())
+    return {"ratio": ratio, "pooled_ratio": (nine.mean() / zero.mean()).item(),
+            "worst_param_ratio": max(per_param.values()), "zero_mean": zero.mean().item(),
+            "one_max": one.max().item(), "counts": [zero.numel(), nine.numel(), one.numel()],
+            "per_param": per_param}
+
+
+def probe(before, after, masks) -> dict:
+    """Element by element after AdamW's first step, which moves every weight by about lr.
+
+    Adam's first update is ``lr * g / (|g| + eps)`` ~ ``lr * sign(g)``, plus ``lr * wd * w``, so an
+    element with mask m moves at most ``lr * m * (1 + wd * |w|)``: ``over`` counts elements that
+    moved more than ``lr * (m + 0.02)``. A mask laid out on the wrong elements shows up there even
+    where too few elements are involved to shift the ratios. (Moving less is normal where |g| is
+    near Adam's eps, e.g. key biases, whose gradient is ~0: ``under`` is for information.)
+    """
+    over, under = 0, 0
+    for name, mask in masks.items():
+        got = (after[name] - before[name]).abs() / LR
+        want = mask.expand(got.shape)
+        over += int((got > want + 0.02).sum())
+        under += int((got < want - 0.02).sum())
+    return {"probe_over": over, "probe_under": under}
+
+
+def run(stage: int, kind: str, rank: int) -> dict:
+    import deepspeed
+
+    from cltk.masking import attach_update_masks, param_masks, register_grad_masks
+    from cltk.units import build_unit_map
+
+    model = tiny_llama()
+    umap = build_unit_map(model)
+    masks = param_masks(model, pattern(umap.num_layers, umap.num_heads, umap.intermediate))
+    if kind.startswith("grad"):
+        register_grad_masks(model, masks)
+    opt = None
+    if kind == "grad_sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    elif kind in ("grad_adamw", "update_client"):
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
+    config = ds_config(stage, opt is not None, kind == "update_bf16")
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    if stage == 3:  # the map also reads a partitioned model (full shapes from ds_shape)
+        again = param_masks(engine.module, pattern(umap.num_layers, umap.num_heads,
+                                                   umap.intermediate))
+        assert again.keys() == masks.keys() and all(torch.equal(again[k], masks[k]) for k in masks)
+    handle = attach_update_masks(engine, masks) if kind.startswith("update") else None
+    before = full_weights(engine, stage)
+    train(engine, 1, rank)
+    first = full_weights(engine, stage)
+    train(engine, STEPS - 1, rank, offset=2)
+    after = full_weights(engine, stage)
+    out = {"stage": stage, "run": kind, **moves(before, after, masks)}
+    if kind in ("update", "update_client"):  # fp32 AdamW: bf16 rounding would blur the reading
+        out.update(probe(before, first, masks))
+    if handle is not None:
+        out["layout"], out["masked_numel_rank"] = handle.layout, handle.masked_numel
+        handle.remove()
+        train(engine, 3, rank, offset=1)
+        out["one_max_after_remove"] = moves(after, full_weights(engine, stage), masks)["one_max"]
+    if hasattr(engine, "destroy"):  # free DeepSpeed's hooks and buffers before the next run
+        engine.destroy()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--runs", nargs="+", default=list(RUNS),
+                        help="run kinds for every stage; 'S:kind' runs kind at stage S only")
+    parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
+    args = parser.parse_args()
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                       ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)  # one plain process: a world of 1
+    if "MASTER_PORT" not in os.environ:
+        from tests.multirank import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port())
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed("gloo")
+    rank = dist.get_rank()
+    results = []
+    for stage in args.stages:
+        for spec in args.runs:
+            only, _, kind = spec.rpartition(":")
+            if kind not in RUNS:
+                raise ValueError(f"--runs {spec}: kind must be one of {RUNS}")
+            if only and int(only) != stage:
+                continue
+            res = run(stage, kind, rank)
+            results.append(res)
+            if rank == 0:
+                print(f"MASKING stage={stage} run={kind} ratio={res['ratio']:.3f} "
+                      f"pooled={res['pooled_ratio']:.3f} worst={res['worst_param_ratio']:.3f} "
+                      f"one_max={res['one_max']:.2e} zero_mean={res['zero_mean']:.2e}", flush=True)
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump({"world": dist.get_world_size(), "results": results}, f, indent=1)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""DAS importance: proxy and LM scores, per-batch |grad| averaging, normalisation, files, ranks."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cltk.importance import (accumulate, estimate_importance, load_importance, normalize,
+                             save_importance)
+from cltk.units import build_unit_map
+from tests.multirank import run_ranks
+
+SCRIPT = Path(__file__).parent / "scripts" / "importance_ranks.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("importance_ranks", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def script():
+    return _script()
+
+
+def test_proxy_is_finite_and_nonzero_on_a_dropout_free_llama(script):
+    model, batches = script.build()
+    assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+    raw = estimate_importance(model, batches[:2], mode="proxy", proxy_dropout=0.1)
+    umap = build_unit_map(model)
+    assert raw["heads"].shape == (umap.num_layers, umap.num_heads)
+    assert raw["ffn"].shape == (umap.num_layers, umap.intermediate)
+    for t in raw.values():
+        assert bool(torch.isfinite(t).all()) and bool((t > 0).all())
+    # Without the dropout cltk adds, both passes of a dropout-free model are equal: nothing scores.
+    flat = estimate_importance(model, batches[:2], mode="proxy", proxy_dropout=0.0)
+    assert float(flat["heads"].abs().max()) < 1e-4 * float(raw["heads"].max())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "opt", "phi", "qwen2"])
+def test_every_mapped_architecture_scores(arch):
+    from tests.test_units import tiny
+
+    model = tiny(arch).train()  # the caller's mode is restored
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    for mode in ("proxy", "lm"):
+        raw = estimate_importance(model, [{"input_ids": ids}], mode=mode)
+        assert all(bool(torch.isfinite(t).all() and (t > 0).any()) for t in raw.values())
+    assert model.training
+
+
+def test_state_is_restored_and_parameters_untouched(script):
+    model, batches = script.build()
+    model.eval()
+    model.model.embed_tokens.weight.requires_grad_(False)  # frozen parameters are fine
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        before = model(ids).logits
+    estimate_importance(model, batches[:1], mode="proxy")
+    assert not model.training
+    assert not model.model.embed_tokens.weight.requires_grad
+    assert all(p.requires_grad for n, p in model.named_parameters() if "embed" not in n)
+    assert all(p.grad is None for p in model.parameters())
+    with torch.no_grad():  # gates and dropout hooks are gone
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["lm", "proxy"])
+def test_mean_over_samples_of_per_batch_abs(script, mode):
+    """Two batches score the sample-weighted mean of each batch's |grad| (not a signed sum)."""
+    model, batches = script.build()
+    a = batches[0]
+    b = {"input_ids": batches[1]["input_ids"][:1]}  # 1 sequence: unequal weights
+    both = estimate_importance(model, [a, b], mode=mode)
+    ra = estimate_importance(model, [a], mode=mode)
+    rb = estimate_importance(model, [b], mode=mode)
+    for k in both:
+        torch.testing.assert_close(both[k], (2 * ra[k] + rb[k]) / 3, rtol=1e-5, atol=0)
+
+
+def test_num_samples_cuts_the_last_batch(script):
+    model, batches = script.build()
+    cut = estimate_importance(model, batches, mode="lm", num_samples=3)
+    explicit = estimate_importance(
+        model, [batches[0], {"input_ids": batches[1]["input_ids"][:1]}], mode="lm")
+    for k in cut:
+        torch.testing.assert_close(cut[k], explicit[k], rtol=1e-6, atol=0)
+
+
+def test_padding_is_left_out(script):
+    model, batches = script.build()
+    ids = batches[0]["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[:, 8:] = 0
+    padded = estimate_importance(model, [{"input_ids": ids, "attention_mask": mask}], mode="lm")
+    garbage = ids.clone()
+    garbage[:, 8:] = (garbage[:, 8:] + 7) % 64  # what the padding holds must not matter
+    other = estimate_importance(model, [{"input_ids": garbage, "attention_mask": mask}], mode="lm")
+    for k in padded:
+        torch.testing.assert_close(padded[k], other[k], rtol=1e-5, atol=1e-9)
+
+
+def test_bad_arguments_are_named(script):
+    model, batches = script.build()
+    with pytest.raises(ValueError, match="mode"):
+        estimate_importance(model, batches, mode="fisher")
+    with pytest.raises(ValueError, match="no samples"):
+        estimate_importance(model, [], mode="lm")
+
+
+def test_normalize_is_per_layer_and_in_unit_interval():
+    gen = torch.Generator().manual_seed(0)
+    raw = {"heads": torch.rand(3, 4, generator=gen), "ffn": torch.rand(3, 10, generator=gen)}
+    raw["ffn"][1] = 0.5  # a constant layer
+    norm = normalize(raw)
+    for k in raw:
+        assert norm[k].shape == raw[k].shape
+        assert bool((norm[k] >= 0).all() and (norm[k] <= 1).all())
+    assert bool((norm["ffn"][1] == 0).all())
+    # Per layer: rescaling and shifting one layer changes nothing, anywhere.
+    moved = {k: v.clone() for k, v in raw.items()}
+    moved["heads"][2] = moved["heads"][2] * 1000 + 3
+    moved["ffn"][0] = moved["ffn"][0] * 1e-3
+    for k in raw:
+        torch.testing.assert_close(normalize(moved)[k], norm[k], rtol=1e-4, atol=1e-5)
+    # The unit furthest from its layer's mean scores highest in that layer.
+    x = raw["heads"][0]
+    assert int(norm["heads"][0].argmax()) == int((x - x.mean()).abs().argmax())
+
+
+def test_accumulate_is_elementwise_max():
+    a = {"heads": torch.tensor([[0.2, 0.9]]), "ffn": torch.tensor([[0.5, 0.1, 0.0]])}
+    b = {"heads": torch.tensor([[0.4, 0.1]]), "ffn": torch.tensor([[0.3, 0.6, 0.0]])}
+    acc = accumulate(accumulate(None, a), b)
+    for k in a:
+        assert torch.equal(acc[k], torch.maximum(a[k], b[k]))
+    with pytest.raises(ValueError, match="shapes differ"):
+        accumulate(a, {"heads": torch.zeros(1, 3), "ffn": b["ffn"]})
+
+
+def test_save_load_roundtrip_and_errors(tmp_path, script):
+    model, _ = script.build()
+    umap = build_unit_map(model)
+    imp = {"heads": torch.rand(umap.num_layers, umap.num_heads),
+           "ffn": torch.rand(umap.num_layers, umap.intermediate)}
+    path = tmp_path / "importance.safetensors"
+    save_importance(path, imp)
+    assert set(load_file(path)) == {"heads", "ffn"}
+    back = load_importance(path, model=model)
+    for k in imp:
+        assert torch.equal(back[k], imp[k])
+    with pytest.raises(FileNotFoundError, match="no importance file"):
+        load_importance(tmp_path / "missing.safetensors", model=model)
+    with pytest.raises(ValueError, match="outside \\[0, 1\\]"):
+        save_importance(tmp_path / "raw.safetensors", {k: v * 5 for k, v in imp.items()})
+    wrong = {"heads": torch.rand(umap.num_layers, umap.num_heads + 1), "ffn": imp["ffn"]}
+    save_importance(tmp_path / "wrong.safetensors", wrong)
+    with pytest.raises(ValueError, match="another model"):
+        load_importance(tmp_path / "wrong.safetensors", model=model)
+
+
+@pytest.mark.multirank
+def test_two_ranks_equal_one_process(tmp_path, script):
+    out = tmp_path / "ranks.safetensors"
+    run_ranks([SCRIPT, out], world_size=2, timeout=300)
+    two = load_file(out)
+    model, batches = script.build()
+    one = script.scores(model, batches)
+    assert set(two) == set(one)
+    for k in one:
+        assert bool((one[k] > 0).all())
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=0)
