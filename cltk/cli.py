@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config-reference":
         print("| key | type | default | meaning |\n|---|---|---|---|")
         for key, tp, default, help_ in describe():
-            print(f"| `{key}` | {tp} | {default} | {help_} |")
+            cells = [f"`{key}`", tp, default, help_]
+            print("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         return 0
     try:
         cfg = load_config(args.config, overrides=args.set)

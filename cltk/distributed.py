@@ -88,6 +88,7 @@ def init(timeout_minutes: float | None = None) -> None:
 def quiet_libraries() -> None:
     """Keep the console to cltk's own lines: library progress bars off, DeepSpeed's INFO lines off."""
     import logging
+    import warnings
 
     import datasets
     import transformers
@@ -97,6 +98,8 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     ds_logger.setLevel(logging.WARNING)
+    # DeepSpeed's ZeRO calls a torch collective that torch marks deprecated, once per step
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
