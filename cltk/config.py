@@ -133,17 +133,10 @@ class DistillConfig:
 
 
 @dataclass
-class ContrastiveConfig:
-    weight: float = _help("weight of the contrastive loss term", 0.0)
-    temperature: float = _help("contrastive temperature", 0.05)
-
-
-@dataclass
 class DasConfig:
     importance_samples: int = _help("sequences of each domain used to estimate unit importance", 256)
     proxy_dropout: float = _help("dropout of the two passes of the first domain's proxy KL", 0.1)
     mask: Literal["update", "grad"] = _help("mask the optimizer update (holds under Adam) or the grad", "update")
-    contrastive: ContrastiveConfig | None = _help("optional DAS contrastive loss", None)
 
 
 @dataclass

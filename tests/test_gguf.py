@@ -43,7 +43,7 @@ def test_gguf_model_trains_and_exports_as_safetensors(tmp_path):
     assert "134,515,008 of 134,515,008 parameters trainable" in proc.stderr
     stage = tmp_path / "out" / "stages" / "00-code"
     ppl = json.loads((stage / "stage.json").read_text())["perplexity"]["code"]
-    assert 1 < ppl < 40  # a pretrained model: real text of the stdlib is far from random (vocab 49,152)
+    assert 1 < ppl < 200  # pretrained: far from a random model (~49,152) even in 32-token windows
     model = AutoModelForCausalLM.from_pretrained(str(stage))
     tok = AutoTokenizer.from_pretrained(str(stage))
     assert (stage / "model.safetensors").is_file() and not getattr(model, "is_quantized", False)
