@@ -12,6 +12,7 @@ import json
 import os
 import random
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -91,11 +92,21 @@ class ContinualRun:
             (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
             (self.out / "plan.json").write_text(plan_json(stages))
 
+    def _write_world(self) -> None:
+        """``OUT/world.json``: where every rank ran (host, local rank), for checking a launch's placement."""
+        ranks = dist.all_gather_object({"rank": dist.rank(), "local_rank": dist.local_rank(),
+                                        "host": socket.gethostname(), "pid": os.getpid()})
+        if dist.is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "world.json").write_text(json.dumps({"world_size": dist.world_size(),
+                                                             "ranks": ranks}, indent=1))
+
     # ----- the run ----------------------------------------------------------------------------------
     def run(self) -> RunResult:
         dist.init()
         log(f"{dist.world_size()} rank(s), backend {torch.distributed.get_backend()}, device {dist.device()}")
         self._check_output_dir()
+        self._write_world()
         seed_everything(self.cfg.seed)
         self.tokenizer, self.domains = prepare(self.cfg)
         self.domain_names = [d.name for d in self.cfg.domains]
@@ -230,7 +241,7 @@ class ContinualRun:
             every = c.train.checkpoint_every
             if every and (step + 1) % every == 0 and step + 1 < len(schedule):
                 self._save(ctx, f"s{stage.index:02d}-step{step + 1:06d}", step + 1)
-            _fault_injection(stage.index, step + 1)
+            _fault_injection(self.out, stage.index, step + 1)
         bar.close()
 
     def _tensor(self, items: list[tuple[int, int]]) -> torch.Tensor:
@@ -260,16 +271,22 @@ class ContinualRun:
         dist.barrier()
 
 
-def _fault_injection(stage: int, steps_done: int) -> None:
+def _fault_injection(out: Path, stage: int, steps_done: int) -> None:
     """Testing aid: ``CLTK_KILL_AT=STAGE:STEP[:RANK]`` SIGKILLs this rank once STEP steps of STAGE are done.
 
-    Used by the resume and fault-tolerance tests to stop a run at an exact place, as a crash would.
+    Used by the resume and fault-tolerance tests to stop a run at an exact place, as a crash would. It fires
+    once per output directory (a marker file remembers it), so a requeued job with the same environment
+    goes on.
     """
     spec = os.environ.get("CLTK_KILL_AT")
     if not spec:
         return
     parts = [int(x) for x in spec.split(":")]
+    marker = out / f".cltk-killed-{spec.replace(':', '-')}"
     if parts[:2] == [stage, steps_done] and (len(parts) < 3 or parts[2] == dist.rank()):
+        if marker.exists():
+            return
+        marker.touch()
         log(f"CLTK_KILL_AT={spec}: killing rank {dist.rank()}")
         os.kill(os.getpid(), signal.SIGKILL)
 

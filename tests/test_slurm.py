@@ -1,8 +1,7 @@
 """The SLURM job scripts on a real local SLURM cluster (tests/slurm_cluster.py): one node (and a
 requeue that resumes from the checkpoint), and two nodes in network namespaces.
 
-The jobs launch the probe (tests/scripts/dist_probe.py) through ``CLTK_CMD``; ``job_env`` is the one
-place to change to launch a real cltk run instead (CLTK_CONFIG + CLTK_OUT, no CLTK_CMD).
+The jobs launch short real cltk runs (tests/tiny_run.py) through the scripts' default command.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.slurm_cluster import SlurmCluster, cluster_fixture
+from tests.tiny_run import write_tiny_run
 
 pytestmark = pytest.mark.slurm
 
@@ -23,64 +23,75 @@ slurm1 = cluster_fixture(nodes=1)
 slurm2 = cluster_fixture(nodes=2)
 
 
-def job_env(out: Path) -> dict[str, str]:
-    """What the job scripts launch, and where the run's output goes."""
+def job_env(out: Path, config: Path, **extra: str) -> dict[str, str]:
+    """What the job scripts launch (a real cltk run of ``config``), and where the run's output goes."""
     return {
-        "CLTK_CMD": f"{ROOT}/tests/scripts/dist_probe.py --out {out}",
+        "CLTK_CONFIG": str(config),
         "CLTK_OUT": str(out),
         "NPROC_PER_NODE": "2",
         # sbatch hands the submitter's environment to the job: the venv must be on PATH there.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        **extra,
     }
 
 
-def submit(cluster: SlurmCluster, script: str, out: Path, *opts: str) -> str:
+def submit(cluster: SlurmCluster, script: str, env: dict[str, str], out: Path, *opts: str) -> str:
     # No GPUs here: override the scripts' --gpus-per-node, as on any CPU cluster.
     args = ["--gpus-per-node=0", f"--output={out.parent}/slurm-%j.out", *opts, f"launch/{script}"]
-    return cluster.sbatch(args, env=job_env(out), cwd=str(ROOT))
+    return cluster.sbatch(args, env=env, cwd=str(ROOT))
+
+
+def wait(cluster: SlurmCluster, job: str, restarts: int = 0) -> dict[str, str]:
+    info = cluster.wait(job, timeout=420, restarts=restarts)
+    log = Path(info["StdOut"])
+    return {**info, "log": log.read_text() if log.exists() else "(no job log)"}
 
 
 def finished(cluster: SlurmCluster, job: str, restarts: int = 0) -> dict[str, str]:
-    info = cluster.wait(job, timeout=240, restarts=restarts)
-    log = Path(info["StdOut"])
-    text = log.read_text() if log.exists() else "(no job log)"
+    info = wait(cluster, job, restarts)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (
-        f"job {job}: {info['JobState']} {info['ExitCode']}\n{text[-4000:]}\n{cluster.logs()}"
+        f"job {job}: {info['JobState']} {info['ExitCode']}\n{info['log'][-4000:]}\n{cluster.logs()}"
     )
-    return {**info, "log": text}
+    return info
 
 
-def records(out: Path) -> list[dict]:
-    lines = [line for f in sorted(out.glob("rank*.jsonl")) for line in f.read_text().splitlines()]
-    return [json.loads(line) for line in lines]
+def steps_trained(out: Path, rank: int) -> list[tuple[int, int]]:
+    lines = (out / "sequence_ids" / f"rank{rank}.jsonl").read_text().splitlines()
+    return [(r["stage"], r["step"]) for r in map(json.loads, lines)]
 
 
-def test_single_node_job_runs_two_ranks_and_resumes_when_requeued(slurm1, tmp_path):
+def test_single_node_job_killed_mid_stage_resumes_when_requeued(slurm1, tmp_path):
     out = tmp_path / "out"
-    job = submit(slurm1, "slurm_single.sbatch", out)
-    finished(slurm1, job)
-    recs = records(out)
-    assert sorted(r["rank"] for r in recs) == [0, 1]
-    assert all(r["world"] == 2 and r["sum"] == 3.0 for r in recs)
-    assert {r["host"] for r in recs} == {slurm1.hostnames[0]}
-    assert all(r["job"] == job and not r["resume"] for r in recs)
+    cfg = write_tiny_run(tmp_path, train={"checkpoint_every": 2, "log_sequence_ids": True,
+                                          "max_steps_per_stage": 4})
+    # rank 1 is SIGKILLed after step 3 of stage 1 (once per output dir): the job fails, no hang
+    job = submit(slurm1, "slurm_single.sbatch", job_env(out, cfg, CLTK_KILL_AT="1:3:1"), out)
+    info = wait(slurm1, job)
+    assert info["JobState"] == "FAILED", info["log"][-3000:]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "s01-step000002"
+    assert not (out / "forgetting.json").exists()
 
-    # The probe left out/checkpoints/latest, as a cltk run does: the rerun must pass --resume.
-    # A requeued job waits out its old credential (cred_expire: 10 s here, 120 s by default).
+    # A requeued job (same environment and output dir) resumes from the last checkpoint and finishes.
     slurm1.run(["scontrol", "requeue", job])
     info = finished(slurm1, job, restarts=1)
-    runs = [json.loads(line) for line in (out / "rank0.jsonl").read_text().splitlines()]
-    assert [(r["resume"], r["restart"]) for r in runs] == [(False, None), (True, "1")]
-    assert "resuming" in info["log"]  # --open-mode=append: both attempts in one log
+    assert "resumed from checkpoint s01-step000002 at step 2" in info["log"]
+    report = json.loads((out / "forgetting.json").read_text())
+    assert len(report["perplexity"]) == 2
+    world = json.loads((out / "world.json").read_text())
+    assert world["world_size"] == 2 and {r["host"] for r in world["ranks"]} == {slurm1.hostnames[0]}
+    expected = [(s, i) for s in (0, 1) for i in range(4)]
+    for rank in (0, 1):  # no step trained twice or skipped, on either rank
+        assert steps_trained(out, rank) == expected
 
 
 def test_multi_node_job_spans_both_nodes(slurm2, tmp_path):
     out = tmp_path / "out"
-    job = submit(slurm2, "slurm_multi.sbatch", out, "--nodes=2")
+    cfg = write_tiny_run(tmp_path, train={"max_steps_per_stage": 2, "micro_batch_size": 1})
+    job = submit(slurm2, "slurm_multi.sbatch", job_env(out, cfg), out, "--nodes=2")
     finished(slurm2, job)
-    recs = records(out)
-    assert all(r["world"] == 4 and r["sum"] == 10.0 for r in recs)
+    assert len(json.loads((out / "forgetting.json").read_text())["perplexity"]) == 2
+    world = json.loads((out / "world.json").read_text())
     # Node ranks follow the allocation's order: ranks 0-1 on the first node, 2-3 on the second.
-    placed = sorted((r["rank"], r["local_rank"], r["host"]) for r in recs)
+    placed = sorted((r["rank"], r["local_rank"], r["host"]) for r in world["ranks"])
     n0, n1 = slurm2.hostnames
     assert placed == [(0, 0, n0), (1, 1, n0), (2, 0, n1), (3, 1, n1)]
