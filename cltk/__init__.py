@@ -1,9 +1,9 @@
 """cltk: continual pre-training of LLMs on DeepSpeed.
 
-    import cltk
-    cfg = cltk.load_config("examples/quickstart.yaml", overrides=["train.lr=1e-3"])
-    result = cltk.train(cfg)            # runs every stage; result.report is the forgetting matrix
-    print(result.report.forgetting)
+import cltk
+cfg = cltk.load_config("examples/quickstart.yaml", overrides=["train.lr=1e-3"])
+result = cltk.train(cfg)            # runs every stage; result.report is the forgetting matrix
+print(result.report.forgetting)
 """
 
 from cltk.config import ConfigError, RunConfig, load_config

@@ -25,7 +25,11 @@ LATEST = "latest"
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -55,7 +59,9 @@ def latest_tag(root: Path) -> str | None:
         return None
     tag = p.read_text().strip()
     if not (Path(root) / tag / STATE_FILE).is_file():
-        raise RuntimeError(f"{p} names checkpoint {tag!r}, which is missing or incomplete under {root}")
+        raise RuntimeError(
+            f"{p} names checkpoint {tag!r}, which is missing or incomplete under {root}"
+        )
     return tag
 
 
@@ -78,8 +84,9 @@ def save(engine, root: Path, tag: str, state: dict[str, Any], keep: int) -> None
             shutil.rmtree(root / tmp_tag)  # leftover of a crash mid-write
     dist.barrier()
     # universal_checkpoint_info lets ds_to_universal convert ZeRO 1/2 checkpoints to another world size
-    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"universal_checkpoint_info": {}},
-                           save_latest=False)
+    engine.save_checkpoint(
+        str(root), tag=tmp_tag, client_state={"universal_checkpoint_info": {}}, save_latest=False
+    )
     torch.save(rng_state(), root / tmp_tag / f"rng_rank{dist.rank()}.pt")
     dist.barrier()
     if dist.is_main():
@@ -95,8 +102,14 @@ def save(engine, root: Path, tag: str, state: dict[str, Any], keep: int) -> None
 
 def _prune(root: Path, keep: int) -> None:
     tags = sorted(
-        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-         and not p.name.endswith("-universal") and (p / STATE_FILE).is_file()),
+        (
+            p
+            for p in root.iterdir()
+            if p.is_dir()
+            and not p.name.startswith(".")
+            and not p.name.endswith("-universal")
+            and (p / STATE_FILE).is_file()
+        ),
         key=lambda p: json.loads((p / STATE_FILE).read_text())["order"],
     )
     for p in tags[: max(0, len(tags) - max(1, keep))]:
@@ -124,9 +137,17 @@ def to_universal(root: Path, tag: str) -> str:
         tmp = root / f".tmp-{utag}"
         if tmp.exists():
             shutil.rmtree(tmp)
-        ds_to_universal(Namespace(input_folder=str(root / tag), output_folder=str(tmp), num_extract_workers=1,
-                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                  inject_missing_state=False))
+        ds_to_universal(
+            Namespace(
+                input_folder=str(root / tag),
+                output_folder=str(tmp),
+                num_extract_workers=1,
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                inject_missing_state=False,
+            )
+        )
         shutil.copy(root / tag / STATE_FILE, tmp / STATE_FILE)
         final = root / utag
         if final.exists():
@@ -138,8 +159,9 @@ def to_universal(root: Path, tag: str) -> str:
 
 def load(engine, root: Path, tag: str) -> dict[str, Any]:
     """Restore engine, optimizer and scheduler state and this rank's RNG; returns the cltk state."""
-    load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    load_path, _ = engine.load_checkpoint(
+        str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {root}/{tag}")
     rng_file = Path(root) / tag / f"rng_rank{dist.rank()}.pt"

@@ -1,9 +1,9 @@
 """The ``cltk`` command.
 
-    cltk train --config RUN.yaml [--resume] [--set train.lr=1e-4 ...]
-    deepspeed --num_gpus 2 --module cltk train --config RUN.yaml      # N ranks (any deepspeed launch)
-    cltk eval --config RUN.yaml [--models DIR ...] [--out DIR]
-    cltk config-reference                                             # every config key, as markdown
+cltk train --config RUN.yaml [--resume] [--set train.lr=1e-4 ...]
+deepspeed --num_gpus 2 --module cltk train --config RUN.yaml      # N ranks (any deepspeed launch)
+cltk eval --config RUN.yaml [--models DIR ...] [--out DIR]
+cltk config-reference                                             # every config key, as markdown
 """
 
 from __future__ import annotations
@@ -20,12 +20,19 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="run (or --resume) a continual pre-training run")
     t.add_argument("--config", required=True, help="run config YAML")
     t.add_argument("--resume", action="store_true", help="continue the run in output_dir")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=1e-4 (repeatable)",
+    )
     t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     e = sub.add_parser("eval", help="forgetting matrix of saved models (default: the run's stages)")
     e.add_argument("--config", required=True, help="run config YAML (domains, tokenizer, eval)")
-    e.add_argument("--models", nargs="*", default=None, help="saved model directories, in stage order")
+    e.add_argument(
+        "--models", nargs="*", default=None, help="saved model directories, in stage order"
+    )
     e.add_argument("--out", default=None, help="write forgetting.{json,csv,png} here")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

@@ -42,7 +42,8 @@ class ModelConfig:
     init_from: str | None = _help("local HF model directory to start from (weights only)", None)
     gguf: str | None = _help("a .gguf file to load into a trainable model (dequantised)", None)
     config: dict[str, Any] | None = _help(
-        "inline transformers config for a model built from scratch, e.g. {model_type: llama, ...}", None
+        "inline transformers config for a model built from scratch, e.g. {model_type: llama, ...}",
+        None,
     )
     dtype: Literal["auto", "float32", "bfloat16"] = _help(
         "weights dtype at load; auto follows the DeepSpeed precision", "auto"
@@ -61,7 +62,9 @@ class TokenizerTrainConfig:
 @dataclass
 class TokenizerConfig:
     path: str | None = _help("a transformers tokenizer directory; default: the model's own", None)
-    train: TokenizerTrainConfig | None = _help("train a SentencePiece-style tokenizer on the corpora", None)
+    train: TokenizerTrainConfig | None = _help(
+        "train a SentencePiece-style tokenizer on the corpora", None
+    )
 
 
 @dataclass
@@ -71,7 +74,9 @@ class DomainConfig:
         "one of {builtin: NAME}, {files: GLOB}, {jsonl: PATH, field: text}, {hf_dataset: DIR, field}",
         factory=dict,
     )
-    max_chars: int | None = _help("read at most this many characters (seeded sample of documents)", None)
+    max_chars: int | None = _help(
+        "read at most this many characters (seeded sample of documents)", None
+    )
     eval_only: bool = _help("evaluate on it but never train it", False)
 
 
@@ -103,10 +108,14 @@ class TrainConfig:
     weight_decay: float = _help("decoupled weight decay (AdamW)", 0.01)
     betas: list[float] = _help("AdamW betas", factory=lambda: [0.9, 0.95])
     grad_clip: float = _help("gradient clipping norm (0 = off)", 1.0)
-    checkpoint_every: int = _help("also checkpoint every N steps inside a stage (0 = stage ends only)", 0)
+    checkpoint_every: int = _help(
+        "also checkpoint every N steps inside a stage (0 = stage ends only)", 0
+    )
     keep_checkpoints: int = _help("mid-stage checkpoints kept (stage-end ones are always kept)", 2)
     log_every: int = _help("log a line every N steps", 10)
-    log_sequence_ids: bool = _help("write the ids of every trained sequence per rank (audit)", False)
+    log_sequence_ids: bool = _help(
+        "write the ids of every trained sequence per rank (audit)", False
+    )
 
 
 @dataclass
@@ -119,10 +128,16 @@ class EvalConfig:
 class BlocksConfig:
     k: int = _help("number of incremental blocks each domain is split into", 1)
     p: float = _help("mass the correct token holds at least in the soft targets", 0.9)
-    one_hot_below: float | None = _help("one-hot target where the teacher gives y less than this", None)
-    teacher: Literal["online", "offline"] = _help("run the teacher beside the student, or cache top-k", "online")
+    one_hot_below: float | None = _help(
+        "one-hot target where the teacher gives y less than this", None
+    )
+    teacher: Literal["online", "offline"] = _help(
+        "run the teacher beside the student, or cache top-k", "online"
+    )
     topk: int = _help("log-probs per token kept by the offline teacher cache", 64)
-    across_domains: bool = _help("the first block of a domain learns from the previous domain's model", True)
+    across_domains: bool = _help(
+        "the first block of a domain learns from the previous domain's model", True
+    )
 
 
 @dataclass
@@ -134,9 +149,13 @@ class DistillConfig:
 
 @dataclass
 class DasConfig:
-    importance_samples: int = _help("sequences of each domain used to estimate unit importance", 256)
+    importance_samples: int = _help(
+        "sequences of each domain used to estimate unit importance", 256
+    )
     proxy_dropout: float = _help("dropout of the two passes of the first domain's proxy KL", 0.1)
-    mask: Literal["update", "grad"] = _help("mask the optimizer update (holds under Adam) or the grad", "update")
+    mask: Literal["update", "grad"] = _help(
+        "mask the optimizer update (holds under Adam) or the grad", "update"
+    )
 
 
 @dataclass
@@ -144,9 +163,13 @@ class LoraConfig:
     r: int = _help("LoRA rank", 8)
     alpha: float = _help("LoRA alpha", 16.0)
     dropout: float = _help("LoRA dropout", 0.0)
-    target_modules: list[str] | None = _help("module names to adapt; default: the attention projections", None)
+    target_modules: list[str] | None = _help(
+        "module names to adapt; default: the attention projections", None
+    )
     per: Literal["domain", "block"] = _help("one adapter per domain or per block", "domain")
-    base: Literal["frozen", "merged"] = _help("adapters on the original base, or merged stage by stage", "frozen")
+    base: Literal["frozen", "merged"] = _help(
+        "adapters on the original base, or merged stage by stage", "frozen"
+    )
 
 
 @dataclass
@@ -166,7 +189,9 @@ class RunConfig:
     distill: DistillConfig | None = _help("distillation from the previous stage", None)
     das: DasConfig | None = _help("DAS unit-importance soft-masking", None)
     lora: LoraConfig | None = _help("a LoRA adapter per domain or block", None)
-    base_dir: str = field(default=".", metadata={"help": "directory relative paths resolve against"})
+    base_dir: str = field(
+        default=".", metadata={"help": "directory relative paths resolve against"}
+    )
 
     # ----- derived values -------------------------------------------------------------------------
     def resolve(self, path: str | None) -> Path | None:
@@ -354,26 +379,38 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
         if val and not cfg.resolve(val).exists():  # type: ignore[union-attr]
             raise ConfigError(f"model.{key}", f"{cfg.resolve(val)} does not exist")
     if m.config is not None and "model_type" not in m.config:
-        raise ConfigError("model.config.model_type", "an inline config needs model_type (e.g. llama)")
+        raise ConfigError(
+            "model.config.model_type", "an inline config needs model_type (e.g. llama)"
+        )
     tok = cfg.tokenizer
     if tok.path and tok.train:
         raise ConfigError("tokenizer", "give either path or train, not both")
     if tok.path and not cfg.resolve(tok.path).exists():  # type: ignore[union-attr]
         raise ConfigError("tokenizer.path", f"{cfg.resolve(tok.path)} does not exist")
     if m.config is not None and not (tok.path or tok.train):
-        raise ConfigError("tokenizer", "a model built from an inline config needs tokenizer.path or "
-                          "tokenizer.train: {vocab_size: N}")
+        raise ConfigError(
+            "tokenizer",
+            "a model built from an inline config needs tokenizer.path or "
+            "tokenizer.train: {vocab_size: N}",
+        )
     if tok.train and tok.train.vocab_size < MIN_VOCAB_SIZE:
-        raise ConfigError("tokenizer.train.vocab_size", f"must be >= {MIN_VOCAB_SIZE} (specials and the 256 "
-                          f"byte tokens need room), got {tok.train.vocab_size}")
+        raise ConfigError(
+            "tokenizer.train.vocab_size",
+            f"must be >= {MIN_VOCAB_SIZE} (specials and the 256 "
+            f"byte tokens need room), got {tok.train.vocab_size}",
+        )
 
     if not cfg.domains:
-        raise ConfigError("domains", "list at least one domain: [{name: code, source: {builtin: stdlib}}]")
+        raise ConfigError(
+            "domains", "list at least one domain: [{name: code, source: {builtin: stdlib}}]"
+        )
     seen = set()
     for i, d in enumerate(cfg.domains):
         key = f"domains[{i}]"
         if not d.name or not d.name.replace("-", "").replace("_", "").isalnum():
-            raise ConfigError(f"{key}.name", f"needs a name of letters, digits, - and _, got {d.name!r}")
+            raise ConfigError(
+                f"{key}.name", f"needs a name of letters, digits, - and _, got {d.name!r}"
+            )
         if d.name in seen:
             raise ConfigError(f"{key}.name", f"domain name {d.name!r} is used twice")
         seen.add(d.name)
@@ -409,7 +446,9 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
         raise ConfigError("replay.share", f"must be in [0, 1), got {cfg.replay.share}")
 
     if not cfg.deepspeed:
-        raise ConfigError("deepspeed", "name a DeepSpeed JSON, e.g. deepspeed: ds_configs/zero2.json")
+        raise ConfigError(
+            "deepspeed", "name a DeepSpeed JSON, e.g. deepspeed: ds_configs/zero2.json"
+        )
     ds_path = cfg.resolve(cfg.deepspeed)
     if not ds_path.is_file():  # type: ignore[union-attr]
         raise ConfigError("deepspeed", f"{ds_path} not found (ship one of ds_configs/zero*.json)")
@@ -421,13 +460,17 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
     ):
         if k in ds and ds[k] != "auto" and ds[k] != ours:
             raise ConfigError(
-                "deepspeed", f"{ds_path} sets {k}={ds[k]} but the run config gives {ours}; "
-                f"batch sizes belong in the run config's train section: remove {k} or set it to \"auto\""
+                "deepspeed",
+                f"{ds_path} sets {k}={ds[k]} but the run config gives {ours}; "
+                f'batch sizes belong in the run config\'s train section: remove {k} or set it to "auto"',
             )
     for k in ("optimizer", "scheduler"):
         if k in ds:
-            raise ConfigError("deepspeed", f"{ds_path} has a '{k}' section; cltk owns the optimizer and "
-                              "LR schedule (train.lr, train.schedule...): remove it")
+            raise ConfigError(
+                "deepspeed",
+                f"{ds_path} has a '{k}' section; cltk owns the optimizer and "
+                "LR schedule (train.lr, train.schedule...): remove it",
+            )
 
     b = cfg.blocks
     if b is not None:
@@ -442,15 +485,23 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
         _positive(cfg.distill.alpha, "distill.alpha", allow_zero=True)
         _positive(cfg.distill.beta, "distill.beta", allow_zero=True)
         if b is not None and b.k > 1:
-            raise ConfigError("distill", "soft-target blocks and distillation both replace the loss "
-                              "with a teacher's; choose one (blocks.k > 1 or distill)")
+            raise ConfigError(
+                "distill",
+                "soft-target blocks and distillation both replace the loss "
+                "with a teacher's; choose one (blocks.k > 1 or distill)",
+            )
     if cfg.das is not None:
         _positive(cfg.das.importance_samples, "das.importance_samples")
         if not 0 < cfg.das.proxy_dropout < 1:
-            raise ConfigError("das.proxy_dropout", f"must be in (0, 1), got {cfg.das.proxy_dropout}")
+            raise ConfigError(
+                "das.proxy_dropout", f"must be in (0, 1), got {cfg.das.proxy_dropout}"
+            )
         if cfg.lora is not None and cfg.lora.base == "frozen":
-            raise ConfigError("das", "DAS masks updates of the base weights, but lora.base: frozen never "
-                              "updates them; drop das or use lora.base: merged")
+            raise ConfigError(
+                "das",
+                "DAS masks updates of the base weights, but lora.base: frozen never "
+                "updates them; drop das or use lora.base: merged",
+            )
 
 
 def load_deepspeed_json(path: Path) -> dict[str, Any]:
@@ -496,7 +547,9 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, st
         inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
         if dataclasses.is_dataclass(tp) or inner:
             sub = tp if dataclasses.is_dataclass(tp) else inner[0]
-            rows.append((key, "section" + (" (optional)" if inner else ""), "", f.metadata.get("help", "")))
+            rows.append(
+                (key, "section" + (" (optional)" if inner else ""), "", f.metadata.get("help", ""))
+            )
             rows.extend(describe(sub, key + "."))
             continue
         if f.default is not dataclasses.MISSING:

@@ -25,15 +25,14 @@ import yaml
 from cltk import checkpoint
 from cltk import distributed as dist
 from cltk.config import RunConfig
-from cltk.data.packing import PackedDomain
 from cltk.data.prepare import prepare
 from cltk.data.sampler import Pool, StageSchedule
 from cltk.engine import build_engine, train_step
-from cltk.perplexity import engine_forward, evaluate_domains
 from cltk.methods import build_methods
 from cltk.methods.base import Method, StageContext
-from cltk.metrics import ForgettingReport, format_table, forgetting_report, save_report
+from cltk.metrics import ForgettingReport, forgetting_report, format_table, save_report
 from cltk.models import build_model, export_pretrained, parameter_counts
+from cltk.perplexity import engine_forward, evaluate_domains
 from cltk.plan import Stage, plan_json, plan_stages
 from cltk.tracking import Tracker, log
 
@@ -79,7 +78,9 @@ class ContinualRun:
 
     # ----- setup ------------------------------------------------------------------------------------
     def _check_output_dir(self) -> None:
-        existing = (self.ckpt_root / checkpoint.LATEST).exists() or any((self.out / "stages").glob("*/" + STAGE_FILE))
+        existing = (self.ckpt_root / checkpoint.LATEST).exists() or any(
+            (self.out / "stages").glob("*/" + STAGE_FILE)
+        )
         if existing and not self.resume:
             raise RunExistsError(
                 f"{self.out} already holds a run (checkpoints or finished stages); pass --resume to continue "
@@ -89,22 +90,33 @@ class ContinualRun:
     def _write_run_files(self, stages: list[Stage]) -> None:
         if dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            (self.out / "config.yaml").write_text(
+                yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+            )
             (self.out / "plan.json").write_text(plan_json(stages))
 
     def _write_world(self) -> None:
         """``OUT/world.json``: where every rank ran (host, local rank), for checking a launch's placement."""
-        ranks = dist.all_gather_object({"rank": dist.rank(), "local_rank": dist.local_rank(),
-                                        "host": socket.gethostname(), "pid": os.getpid()})
+        ranks = dist.all_gather_object(
+            {
+                "rank": dist.rank(),
+                "local_rank": dist.local_rank(),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+            }
+        )
         if dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "world.json").write_text(json.dumps({"world_size": dist.world_size(),
-                                                             "ranks": ranks}, indent=1))
+            (self.out / "world.json").write_text(
+                json.dumps({"world_size": dist.world_size(), "ranks": ranks}, indent=1)
+            )
 
     # ----- the run ----------------------------------------------------------------------------------
     def run(self) -> RunResult:
         dist.init()
-        log(f"{dist.world_size()} rank(s), backend {torch.distributed.get_backend()}, device {dist.device()}")
+        log(
+            f"{dist.world_size()} rank(s), backend {torch.distributed.get_backend()}, device {dist.device()}"
+        )
         self._check_output_dir()
         self._write_world()
         seed_everything(self.cfg.seed)
@@ -132,8 +144,9 @@ class ContinualRun:
             if resume_state and resume_state[1]["stage"] == stage.index:
                 tag = resume_state[0]
             rows.append(self.run_stage(stage, tag, resume_state[1] if tag else None))
-        report = forgetting_report(rows, [s.name for s in self.stages], self.domain_names,
-                                   [s.domain for s in self.stages])
+        report = forgetting_report(
+            rows, [s.name for s in self.stages], self.domain_names, [s.domain for s in self.stages]
+        )
         if dist.is_main():
             save_report(report, self.out)
             print(format_table(report), flush=True)
@@ -150,14 +163,23 @@ class ContinualRun:
         earlier = {s.domain_index for s in self.stages[: stage.index] if s.domain != stage.domain}
         replay = [Pool(i, np.arange(len(self.train_arrays[i]))) for i in sorted(earlier)]
         return StageSchedule(
-            Pool(stage.domain_index, stage.indices), replay, c.replay.share, c.global_batch(dist.world_size()),
-            c.train.epochs, c.train.max_steps_per_stage, c.seed, stage.index,
+            Pool(stage.domain_index, stage.indices),
+            replay,
+            c.replay.share,
+            c.global_batch(dist.world_size()),
+            c.train.epochs,
+            c.train.max_steps_per_stage,
+            c.seed,
+            stage.index,
         )
 
     def run_stage(self, stage: Stage, tag: str | None, state: dict | None) -> list[float]:
         c = self.cfg
         prev = self.stage_dir(self.stages[stage.index - 1]) if stage.index > 0 else None
-        ctx = StageContext(c, stage, self.stages, self.domains, self.tokenizer, self.stage_dir(stage), prev)
+        ctx = StageContext(
+            c, stage, self.stages, self.domains, self.tokenizer, self.stage_dir(stage), prev
+        )
+        ctx.schedule = schedule = self.schedule(stage)
         seed_everything(c.seed + stage.index)
         init_dir = prev
         for m in self.methods:
@@ -168,8 +190,11 @@ class ContinualRun:
         ctx.model = model
         for m in self.methods:
             m.on_stage_start(ctx)
-        schedule = self.schedule(stage)
-        universal = tag is not None and state is not None and state.get("world_size", 1) != dist.world_size()
+        universal = (
+            tag is not None
+            and state is not None
+            and state.get("world_size", 1) != dist.world_size()
+        )
         if universal:
             if state.get("global_batch") != c.global_batch(dist.world_size()):
                 raise ValueError(
@@ -191,24 +216,40 @@ class ContinualRun:
             log(f"stage {stage.dirname}: resumed from checkpoint {tag} at step {start}")
         self.tracker.truncate(stage.index, start)
         trainable, total = parameter_counts(engine.module)
-        log(f"stage {stage.dirname}: {len(schedule)} steps of {c.global_batch(dist.world_size())} sequences "
-            f"x {c.data.seq_len} tokens; {trainable:,} of {total:,} parameters trainable")
+        log(
+            f"stage {stage.dirname}: {len(schedule)} steps of {c.global_batch(dist.world_size())} sequences "
+            f"x {c.data.seq_len} tokens; {trainable:,} of {total:,} parameters trainable"
+        )
         self._train(ctx, schedule, start)
         if start < len(schedule) or tag is None or "-end" not in tag:
             self._save(ctx, f"s{stage.index:02d}-end", len(schedule))
         self._export(ctx)
         for m in self.methods:
             m.on_stage_end(ctx)
-        ppl = evaluate_domains(engine_forward(engine), [self.domains[n] for n in self.domain_names],
-                               c.eval.batch_size, engine.device, engine.module)
+        ppl = evaluate_domains(
+            engine_forward(engine),
+            [self.domains[n] for n in self.domain_names],
+            c.eval.batch_size,
+            engine.device,
+            engine.module,
+        )
         for m in self.methods:
             ppl = m.evaluate(ctx, ppl)
-        log(f"stage {stage.dirname}: perplexity " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()))
+        log(
+            f"stage {stage.dirname}: perplexity "
+            + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items())
+        )
         if dist.is_main():
-            record = {"stage": stage.index, "name": stage.name, "domain": stage.domain, "perplexity": ppl,
-                      "steps": len(schedule),
-                      "precision": "bf16" if engine.bfloat16_enabled() else "fp32", "world_size": dist.world_size(),
-                      "methods": {m.name: m.state_dict() for m in self.methods}}
+            record = {
+                "stage": stage.index,
+                "name": stage.name,
+                "domain": stage.domain,
+                "perplexity": ppl,
+                "steps": len(schedule),
+                "precision": "bf16" if engine.bfloat16_enabled() else "fp32",
+                "world_size": dist.world_size(),
+                "methods": {m.name: m.state_dict() for m in self.methods},
+            }
             checkpoint._write_atomic(ctx.stage_dir / STAGE_FILE, json.dumps(record, indent=1))
         dist.barrier()
         engine.destroy()
@@ -220,14 +261,24 @@ class ContinualRun:
         c, stage = self.cfg, ctx.stage
         from tqdm.auto import tqdm
 
-        show = dist.is_main() and sys.stderr.isatty()  # in logs (not a terminal) the log lines suffice
-        bar = tqdm(total=len(schedule), initial=start, desc=stage.name, disable=not show,
-                   dynamic_ncols=True, leave=False)
+        show = (
+            dist.is_main() and sys.stderr.isatty()
+        )  # in logs (not a terminal) the log lines suffice
+        bar = tqdm(
+            total=len(schedule),
+            initial=start,
+            desc=stage.name,
+            disable=not show,
+            dynamic_ncols=True,
+            leave=False,
+        )
         tokens_per_step = c.global_batch(dist.world_size()) * c.data.seq_len
         for step in range(start, len(schedule)):
             ctx.step = step
             t0 = time.perf_counter()
-            micro = schedule.micro_batches(step, dist.rank(), dist.world_size(), c.train.micro_batch_size)
+            micro = schedule.micro_batches(
+                step, dist.rank(), dist.world_size(), c.train.micro_batch_size
+            )
             self.tracker.sequence_ids(stage.index, step, [list(x) for mb in micro for x in mb])
             metrics = train_step(ctx, self.methods, [self._tensor(mb) for mb in micro])
             seconds = time.perf_counter() - t0
@@ -236,8 +287,10 @@ class ContinualRun:
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
             if (step + 1) % c.train.log_every == 0 or step + 1 == len(schedule):
                 bar.clear()
-                log(f"stage {stage.dirname} step {step + 1}/{len(schedule)} loss {metrics['loss']:.4f} "
-                    f"lr {metrics['lr']:.2e} {tokens_per_step / seconds:,.0f} tok/s")
+                log(
+                    f"stage {stage.dirname} step {step + 1}/{len(schedule)} loss {metrics['loss']:.4f} "
+                    f"lr {metrics['lr']:.2e} {tokens_per_step / seconds:,.0f} tok/s"
+                )
             every = c.train.checkpoint_every
             if every and (step + 1) % every == 0 and step + 1 < len(schedule):
                 self._save(ctx, f"s{stage.index:02d}-step{step + 1:06d}", step + 1)
@@ -249,10 +302,15 @@ class ContinualRun:
         return torch.as_tensor(np.stack(rows).astype(np.int64))
 
     def _save(self, ctx: StageContext, tag: str, step: int) -> None:
-        state = {"stage": ctx.stage.index, "stage_name": ctx.stage.name, "step": step,
-                 "order": ctx.stage.index * 10**9 + step, "world_size": dist.world_size(),
-                 "global_batch": self.cfg.global_batch(dist.world_size()),
-                 "methods": {m.name: m.state_dict() for m in self.methods}}
+        state = {
+            "stage": ctx.stage.index,
+            "stage_name": ctx.stage.name,
+            "step": step,
+            "order": ctx.stage.index * 10**9 + step,
+            "world_size": dist.world_size(),
+            "global_batch": self.cfg.global_batch(dist.world_size()),
+            "methods": {m.name: m.state_dict() for m in self.methods},
+        }
         checkpoint.save(ctx.engine, self.ckpt_root, tag, state, self.cfg.train.keep_checkpoints)
         log(f"checkpoint {tag} saved")
 

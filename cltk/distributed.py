@@ -70,6 +70,7 @@ def init(timeout_minutes: float | None = None) -> None:
     if is_initialized():
         return
     import deepspeed
+
     quiet_libraries()
 
     os.environ.setdefault("RANK", "0")

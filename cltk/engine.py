@@ -51,7 +51,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return groups
 
 
-def build_engine(cfg: RunConfig, model: torch.nn.Module, total_steps: int, load_universal: bool = False):
+def build_engine(
+    cfg: RunConfig, model: torch.nn.Module, total_steps: int, load_universal: bool = False
+):
     """``deepspeed.initialize`` with cltk's AdamW and per-stage LR schedule; returns the engine.
 
     ``load_universal`` prepares the engine to load a universal checkpoint (resume at another world size).
@@ -67,10 +69,13 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, total_steps: int, load_
         # torch's there (compiled on first use, like the shm op)
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        optimizer = DeepSpeedCPUAdam(groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
-                                     adamw_mode=True)
+        optimizer = DeepSpeedCPUAdam(
+            groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, adamw_mode=True
+        )
     else:
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        optimizer = torch.optim.AdamW(
+            groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
+        )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg

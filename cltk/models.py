@@ -27,7 +27,9 @@ def _dtype(cfg: RunConfig) -> torch.dtype:
     return DTYPES.get(cfg.model.dtype, torch.float32)
 
 
-def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:
+def load_gguf(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, Any]:
     """A trainable model and its tokenizer from a GGUF file (dequantised by transformers).
 
     The quantizer marks are dropped so the result trains and saves like any plain checkpoint.
@@ -96,8 +98,12 @@ def check_tokenizer_fits(model: PreTrainedModel, tokenizer: Any) -> None:
         )
 
 
-def export_pretrained(model: PreTrainedModel, state_dict: dict[str, torch.Tensor] | None,
-                      tokenizer: Any, out_dir: Path) -> None:
+def export_pretrained(
+    model: PreTrainedModel,
+    state_dict: dict[str, torch.Tensor] | None,
+    tokenizer: Any,
+    out_dir: Path,
+) -> None:
     """Write ``out_dir`` atomically: ``save_pretrained`` (safetensors) + tokenizer, via a temp dir."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -124,8 +130,10 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters; under ZeRO 3 the full shapes (``ds_numel``) are counted."""
+
     def numel(p: torch.nn.Parameter) -> int:
         return int(getattr(p, "ds_numel", p.numel()))
+
     params = list(model.parameters())
     return sum(numel(p) for p in params if p.requires_grad), sum(numel(p) for p in params)
 

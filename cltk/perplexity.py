@@ -26,7 +26,9 @@ def _batches(n: int, batch_size: int) -> tuple[np.ndarray, int]:
 
 @torch.no_grad()
 def domain_perplexity(
-    forward: Callable[[torch.Tensor], torch.Tensor], domain: PackedDomain, batch_size: int,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    domain: PackedDomain,
+    batch_size: int,
     device: torch.device,
 ) -> tuple[float, float, int]:
     """(perplexity, mean NLL, tokens) of ``domain.eval`` under ``forward(input_ids) -> logits``."""
@@ -36,7 +38,7 @@ def domain_perplexity(
     nll = torch.zeros((), dtype=torch.float64)
     count = torch.zeros((), dtype=torch.float64)
     for b in range(n_batches):
-        idx = mine[b * batch_size:(b + 1) * batch_size]
+        idx = mine[b * batch_size : (b + 1) * batch_size]
         pad = len(idx) == 0
         rows = [ids_all[0]] if pad else [ids_all[int(i)] for i in idx]
         ids = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=device)
@@ -53,18 +55,23 @@ def domain_perplexity(
 def engine_forward(engine) -> Callable[[torch.Tensor], torch.Tensor]:
     def f(ids: torch.Tensor) -> torch.Tensor:
         return engine(input_ids=ids).logits
+
     return f
 
 
 def model_forward(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     def f(ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits
+
     return f
 
 
 def evaluate_domains(
-    forward: Callable[[torch.Tensor], torch.Tensor], domains: list[PackedDomain], batch_size: int,
-    device: torch.device, module: torch.nn.Module | None = None,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    domains: list[PackedDomain],
+    batch_size: int,
+    device: torch.device,
+    module: torch.nn.Module | None = None,
 ) -> dict[str, float]:
     """Perplexity of each domain (eval mode during the pass, restored afterwards)."""
     was_training = module.training if module is not None else False

@@ -51,9 +51,15 @@ def plan_record(stages: list[Stage]) -> dict:
     return {
         "stages": [
             {
-                "index": s.index, "name": s.name, "domain": s.domain, "block": s.block,
-                "blocks": s.blocks, "sequences": int(len(s.indices)),
-                "indices_sha256": hashlib.sha256(np.asarray(s.indices, np.int64).tobytes()).hexdigest(),
+                "index": s.index,
+                "name": s.name,
+                "domain": s.domain,
+                "block": s.block,
+                "blocks": s.blocks,
+                "sequences": int(len(s.indices)),
+                "indices_sha256": hashlib.sha256(
+                    np.asarray(s.indices, np.int64).tobytes()
+                ).hexdigest(),
             }
             for s in stages
         ]

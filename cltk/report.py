@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM
 from cltk import distributed as dist
 from cltk.config import RunConfig
 from cltk.data.prepare import prepare
-from cltk.perplexity import evaluate_domains, model_forward
-from cltk.metrics import ForgettingReport, format_table, forgetting_report, save_report
+from cltk.metrics import ForgettingReport, forgetting_report, format_table, save_report
 from cltk.models import check_tokenizer_fits
+from cltk.perplexity import evaluate_domains, model_forward
 
 
 def run_stage_dirs(cfg: RunConfig) -> list[Path]:
@@ -19,8 +19,12 @@ def run_stage_dirs(cfg: RunConfig) -> list[Path]:
     return sorted(p for p in (cfg.out / "stages").glob("*") if (p / "config.json").is_file())
 
 
-def evaluate_models(cfg: RunConfig, model_dirs: list[Path], out_dir: Path | None = None,
-                    stage_domains: list[str] | None = None) -> ForgettingReport:
+def evaluate_models(
+    cfg: RunConfig,
+    model_dirs: list[Path],
+    out_dir: Path | None = None,
+    stage_domains: list[str] | None = None,
+) -> ForgettingReport:
     """Perplexity of each saved model on every domain of ``cfg``; rows in the order given.
 
     Each rank loads a full copy of one model at a time and evaluates its share of every held-out set.
@@ -38,8 +42,13 @@ def evaluate_models(cfg: RunConfig, model_dirs: list[Path], out_dir: Path | None
             raise FileNotFoundError(f"{d} is not a saved transformers model (no config.json)")
         model = AutoModelForCausalLM.from_pretrained(str(d)).to(dist.device())
         check_tokenizer_fits(model, tokenizer)
-        ppl = evaluate_domains(model_forward(model), [domains[n] for n in names], cfg.eval.batch_size,
-                               dist.device(), model)
+        ppl = evaluate_domains(
+            model_forward(model),
+            [domains[n] for n in names],
+            cfg.eval.batch_size,
+            dist.device(),
+            model,
+        )
         rows.append([ppl[n] for n in names])
         del model
     if stage_domains is None:

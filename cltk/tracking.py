@@ -14,7 +14,17 @@ from typing import Any
 
 from cltk import distributed as dist
 
-COLUMNS = ["stage", "stage_name", "step", "loss", "loss_main", "lr", "tokens_per_s", "seconds", "extra"]
+COLUMNS = [
+    "stage",
+    "stage_name",
+    "step",
+    "loss",
+    "loss_main",
+    "lr",
+    "tokens_per_s",
+    "seconds",
+    "extra",
+]
 
 
 def log(msg: str) -> None:
@@ -48,7 +58,11 @@ class Tracker:
         """Drop records of (stage, step) at or after the resume position."""
         if dist.is_main() and self.metrics_path.is_file():
             with open(self.metrics_path) as f:
-                rows = [r for r in csv.DictReader(f) if _keep(int(r["stage"]), int(r["step"]), stage, step)]
+                rows = [
+                    r
+                    for r in csv.DictReader(f)
+                    if _keep(int(r["stage"]), int(r["step"]), stage, step)
+                ]
             self._write_rows(rows, "w")
         if self.log_ids and self.ids_path.is_file():
             records = [json.loads(ln) for ln in self.ids_path.read_text().splitlines() if ln]
@@ -64,15 +78,27 @@ class Tracker:
                 w.writeheader()
             w.writerows(rows)
 
-    def step(self, stage: int, stage_name: str, step: int, metrics: dict[str, float], tokens: int,
-             seconds: float) -> None:
+    def step(
+        self,
+        stage: int,
+        stage_name: str,
+        step: int,
+        metrics: dict[str, float],
+        tokens: int,
+        seconds: float,
+    ) -> None:
         if dist.is_main():
             extra = {k: v for k, v in metrics.items() if k not in COLUMNS}
             row = {
-                "stage": stage, "stage_name": stage_name, "step": step,
-                "loss": f"{metrics['loss']:.6f}", "loss_main": f"{metrics.get('loss_main', metrics['loss']):.6f}",
-                "lr": f"{metrics['lr']:.3e}", "tokens_per_s": f"{tokens / max(seconds, 1e-9):.1f}",
-                "seconds": f"{seconds:.4f}", "extra": json.dumps(extra) if extra else "",
+                "stage": stage,
+                "stage_name": stage_name,
+                "step": step,
+                "loss": f"{metrics['loss']:.6f}",
+                "loss_main": f"{metrics.get('loss_main', metrics['loss']):.6f}",
+                "lr": f"{metrics['lr']:.3e}",
+                "tokens_per_s": f"{tokens / max(seconds, 1e-9):.1f}",
+                "seconds": f"{seconds:.4f}",
+                "extra": json.dumps(extra) if extra else "",
             }
             self._write_rows([row], "a")
             if self.tb is not None:

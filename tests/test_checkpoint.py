@@ -38,8 +38,13 @@ def test_save_then_crash_mid_write_keeps_the_last_good_checkpoint(tmp_path):
     assert checkpoint.latest_tag(tmp_path) == "s00-step000002"
     good = tmp_path / "s00-step000002"
     assert sorted(p.name for p in good.iterdir()) == sorted(
-        ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "rng_rank0.pt",
-         checkpoint.STATE_FILE])
+        [
+            "mp_rank_00_model_states.pt",
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "rng_rank0.pt",
+            checkpoint.STATE_FILE,
+        ]
+    )
     assert not (tmp_path / "s00-step000004").exists()
     # the next save clears the half-written leftover and completes
     checkpoint.save(FakeEngine(), tmp_path, "s00-step000004", state(4), keep=2)
@@ -50,8 +55,13 @@ def test_save_then_crash_mid_write_keeps_the_last_good_checkpoint(tmp_path):
 def test_pruning_keeps_the_newest_and_latest_must_be_complete(tmp_path):
     for step in (2, 4, 6):
         checkpoint.save(FakeEngine(), tmp_path, f"s00-step{step:06d}", state(step), keep=2)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["s00-step000004", "s00-step000006"]
-    assert json.loads((tmp_path / "s00-step000006" / checkpoint.STATE_FILE).read_text())["step"] == 6
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
+        "s00-step000004",
+        "s00-step000006",
+    ]
+    assert (
+        json.loads((tmp_path / "s00-step000006" / checkpoint.STATE_FILE).read_text())["step"] == 6
+    )
     (tmp_path / "latest").write_text("s00-step000002")
     with pytest.raises(RuntimeError, match="missing or incomplete"):
         checkpoint.latest_tag(tmp_path)

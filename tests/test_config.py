@@ -11,8 +11,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def write(tmp_path, raw, ds=None):
     ds_path = tmp_path / "ds.json"
-    ds_path.write_text(json.dumps(ds if ds is not None else {"zero_optimization": {"stage": 2},
-                                                              "bf16": {"enabled": "auto"}}))
+    ds_path.write_text(
+        json.dumps(
+            ds
+            if ds is not None
+            else {"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}}
+        )
+    )
     raw = {"deepspeed": "ds.json", **raw}
     p = tmp_path / "run.yaml"
     p.write_text(yaml.safe_dump(raw))
@@ -48,8 +53,16 @@ def test_valid_config_loads_with_types_and_relative_paths(tmp_path):
         ({"domains": [{"name": "a", "source": {"builtin": "nope"}}]}, "domains[0].source", "nope"),
         ({"domains": [{"name": "a", "source": {}}]}, "domains[0].source", "source"),
         ({"tokenizer": {"train": {"vocab_size": 100}}}, "tokenizer.train.vocab_size", ">= 323"),
-        ({"domains": [{"name": "a", "source": {"builtin": "kjv"}}, {"name": "a", "source": {"builtin": "kjv"}}]},
-         "domains[1].name", "twice"),
+        (
+            {
+                "domains": [
+                    {"name": "a", "source": {"builtin": "kjv"}},
+                    {"name": "a", "source": {"builtin": "kjv"}},
+                ]
+            },
+            "domains[1].name",
+            "twice",
+        ),
         ({"model": {"init_from": "missing/dir"}}, "model.init_from", "does not exist"),
         ({"model": {}}, "model", "exactly one"),
         ({"deepspeed": "nothere.json"}, "deepspeed", "not found"),
@@ -101,10 +114,17 @@ def test_malformed_yaml_and_missing_file(tmp_path):
 
 
 def test_overrides_and_deepspeed_config(tmp_path):
-    cfg = load_config(write(tmp_path, base()), overrides=["train.micro_batch_size=3",
-                                                         "train.gradient_accumulation_steps=2"], world_size=2)
+    cfg = load_config(
+        write(tmp_path, base()),
+        overrides=["train.micro_batch_size=3", "train.gradient_accumulation_steps=2"],
+        world_size=2,
+    )
     ds = deepspeed_config(cfg, world_size=2, bf16_available=False)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (3, 2, 12)
+    assert (
+        ds["train_micro_batch_size_per_gpu"],
+        ds["gradient_accumulation_steps"],
+        ds["train_batch_size"],
+    ) == (3, 2, 12)
     assert ds["bf16"]["enabled"] is False
     assert deepspeed_config(cfg, 2, bf16_available=True)["bf16"]["enabled"] is True
 

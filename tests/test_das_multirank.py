@@ -18,8 +18,12 @@ def test_das_run_saves_accumulated_importance_and_slows_important_units(tmp_path
 
     from cltk.masking import param_masks
 
-    cfg = write_tiny_run(tmp_path, zero_stage=zero, das={"importance_samples": 16, "mask": "update"},
-                         train={"max_steps_per_stage": 8, "lr": 1e-2})
+    cfg = write_tiny_run(
+        tmp_path,
+        zero_stage=zero,
+        das={"importance_samples": 16, "mask": "update"},
+        train={"max_steps_per_stage": 8, "lr": 1e-2},
+    )
     run_ranks(["cltk", "train", "--config", str(cfg)], module=True, timeout=900)
     stages = sorted((tmp_path / "out" / "stages").iterdir())
     imps = [load_file(str(d / "importance.safetensors")) for d in stages]

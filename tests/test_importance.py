@@ -9,8 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cltk.importance import (accumulate, estimate_importance, load_importance, normalize,
-                             save_importance)
+from cltk.importance import (
+    accumulate,
+    estimate_importance,
+    load_importance,
+    normalize,
+    save_importance,
+)
 from cltk.units import build_unit_map
 from tests.multirank import run_ranks
 

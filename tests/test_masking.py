@@ -16,18 +16,18 @@ from cltk.units import attach_gates, build_unit_map
 from tests.multirank import run_ranks
 
 SCRIPT = Path(__file__).parent / "scripts" / "masking_zero.py"
-L, H, KV, I = 2, 4, 2, 48
+L, H, KV, FFN = 2, 4, 2, 48
 
 
 def tiny() -> torch.nn.Module:
     torch.manual_seed(0)
-    config = T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=I, num_hidden_layers=L,
+    config = T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=FFN, num_hidden_layers=L,
                            num_attention_heads=H, num_key_value_heads=KV, attention_bias=True)
     return T.AutoModelForCausalLM.from_config(config)
 
 
 def importance(**units) -> dict[str, torch.Tensor]:
-    imp = {"heads": torch.zeros(L, H), "ffn": torch.zeros(L, I)}
+    imp = {"heads": torch.zeros(L, H), "ffn": torch.zeros(L, FFN)}
     for kind, entries in units.items():
         for layer, unit, value in entries:
             imp[kind][layer, unit] = value
@@ -47,7 +47,7 @@ def test_masks_cover_units_only_and_broadcast():
     d = 32 // H
     assert bool((q[d: 2 * d] == 0.5).all()) and int((q != 1).sum()) == d * 32
     down = masks["model.layers.1.mlp.down_proj.weight"]
-    assert down.shape == (1, I) and torch.isclose(down[0, 3], torch.tensor(0.1))
+    assert down.shape == (1, FFN) and torch.isclose(down[0, 3], torch.tensor(0.1))
     assert int((down != 1).sum()) == 1
 
 
@@ -82,9 +82,9 @@ def test_full_importance_equals_a_zero_gate():
 
 def test_importance_must_fit_the_model():
     with pytest.raises(ValueError, match="another model"):
-        param_masks(tiny(), {"heads": torch.zeros(L, H + 1), "ffn": torch.zeros(L, I)})
+        param_masks(tiny(), {"heads": torch.zeros(L, H + 1), "ffn": torch.zeros(L, FFN)})
     with pytest.raises(ValueError, match="normalize"):
-        param_masks(tiny(), {"heads": torch.full((L, H), 2.0), "ffn": torch.zeros(L, I)})
+        param_masks(tiny(), {"heads": torch.full((L, H), 2.0), "ffn": torch.zeros(L, FFN)})
 
 
 def test_grad_masks_scale_gradients():

@@ -10,8 +10,8 @@ import pytest
 from cltk.metrics import (
     ForgettingReport,
     compare_reports,
-    format_table,
     forgetting_report,
+    format_table,
     load_report,
     save_report,
 )

@@ -18,7 +18,9 @@ def test_blocks_are_disjoint_cover_and_reproducible():
 def sched(n=40, share=0.0, replay=(), **kw):
     args = dict(global_batch=8, epochs=1.0, max_steps=None, seed=1, stage=0)
     args.update(kw)
-    return StageSchedule(Pool(0, np.arange(n)), [Pool(d, np.arange(m)) for d, m in replay], share, **args)
+    return StageSchedule(
+        Pool(0, np.arange(n)), [Pool(d, np.arange(m)) for d, m in replay], share, **args
+    )
 
 
 def test_ranks_get_disjoint_slices_covering_the_global_batch():

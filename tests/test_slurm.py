@@ -62,8 +62,9 @@ def steps_trained(out: Path, rank: int) -> list[tuple[int, int]]:
 
 def test_single_node_job_killed_mid_stage_resumes_when_requeued(slurm1, tmp_path):
     out = tmp_path / "out"
-    cfg = write_tiny_run(tmp_path, train={"checkpoint_every": 2, "log_sequence_ids": True,
-                                          "max_steps_per_stage": 4})
+    cfg = write_tiny_run(
+        tmp_path, train={"checkpoint_every": 2, "log_sequence_ids": True, "max_steps_per_stage": 4}
+    )
     # rank 1 is SIGKILLed after step 3 of stage 1 (once per output dir): the job fails, no hang
     job = submit(slurm1, "slurm_single.sbatch", job_env(out, cfg, CLTK_KILL_AT="1:3:1"), out)
     info = wait(slurm1, job)

@@ -20,8 +20,13 @@ def cache(tmp_path_factory):
 
 
 def train(cfg: Path, *extra: str, env=None, check=True):
-    return run_ranks(["cltk", "train", "--config", str(cfg), *extra], module=True, env=env, check=check,
-                     timeout=900)
+    return run_ranks(
+        ["cltk", "train", "--config", str(cfg), *extra],
+        module=True,
+        env=env,
+        check=check,
+        timeout=900,
+    )
 
 
 def report(cfg: Path) -> dict:
@@ -32,7 +37,9 @@ def report(cfg: Path) -> dict:
 def test_two_rank_run_trains_exports_and_reports(tmp_path, cache, zero):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = write_tiny_run(tmp_path, zero_stage=zero, cache_dir=cache, train={"log_sequence_ids": True})
+    cfg = write_tiny_run(
+        tmp_path, zero_stage=zero, cache_dir=cache, train={"log_sequence_ids": True}
+    )
     train(cfg)
     out = tmp_path / "out"
     rep = report(cfg)
@@ -49,8 +56,10 @@ def test_two_rank_run_trains_exports_and_reports(tmp_path, cache, zero):
     assert (out / "checkpoints" / "latest").read_text().strip() == "s01-end"
     assert (out / "forgetting.png").stat().st_size > 1000 and (out / "forgetting.csv").is_file()
     # ranks train disjoint data, and together exactly the global batch
-    ranks = [[json.loads(x) for x in (out / "sequence_ids" / f"rank{r}.jsonl").read_text().splitlines()]
-             for r in (0, 1)]
+    ranks = [
+        [json.loads(x) for x in (out / "sequence_ids" / f"rank{r}.jsonl").read_text().splitlines()]
+        for r in (0, 1)
+    ]
     assert len(ranks[0]) == len(ranks[1]) == 12
     for a, b in zip(*ranks):
         assert (a["stage"], a["step"]) == (b["stage"], b["step"])
@@ -79,9 +88,15 @@ def test_resume_after_a_kill_mid_stage_matches_an_uninterrupted_run(tmp_path, ca
         assert ra == pytest.approx(rb, rel=1e-6, abs=1e-6)
     # the audit log of the resumed run holds every (stage, step) exactly once, like the reference
     for r in (0, 1):
+
         def steps(run):
-            lines = (tmp_path / run / "out" / "sequence_ids" / f"rank{r}.jsonl").read_text().splitlines()
+            lines = (
+                (tmp_path / run / "out" / "sequence_ids" / f"rank{r}.jsonl")
+                .read_text()
+                .splitlines()
+            )
             return [(x["stage"], x["step"], x["ids"]) for x in map(json.loads, lines)]
+
         assert steps("cut") == steps("ref")
 
 
@@ -95,10 +110,23 @@ def test_resume_at_another_world_size_through_a_universal_checkpoint(tmp_path, c
     cut = write_tiny_run(tmp_path / "cut", **common)
     assert train(cut, env={"CLTK_KILL_AT": "0:3"}, check=False).returncode != 0
     # 2 ranks x accumulation 2 -> 1 rank x accumulation 4: the same global batch and data order
-    one = subprocess.run([sys.executable, "-m", "cltk", "train", "--config", str(cut), "--resume",
-                          "--set", "train.gradient_accumulation_steps=4"],
-                         capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
-                                                                           "OMP_NUM_THREADS": "1"})
+    one = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cltk",
+            "train",
+            "--config",
+            str(cut),
+            "--resume",
+            "--set",
+            "train.gradient_accumulation_steps=4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert one.returncode == 0, one.stderr[-4000:]
     assert "s00-step000002-universal" in one.stderr
     a, b = report(ref), report(cut)

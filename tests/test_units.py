@@ -8,24 +8,24 @@ import transformers as T
 
 from cltk.units import attach_gates, build_unit_map
 
-V, E, I, H = 64, 32, 48, 4
+V, E, FFN, H = 64, 32, 48, 4
 CONFIGS = {
-    "llama": lambda: T.LlamaConfig(vocab_size=V, hidden_size=E, intermediate_size=I,
+    "llama": lambda: T.LlamaConfig(vocab_size=V, hidden_size=E, intermediate_size=FFN,
                                    num_hidden_layers=2, num_attention_heads=H,
                                    num_key_value_heads=2),
-    "mistral": lambda: T.MistralConfig(vocab_size=V, hidden_size=E, intermediate_size=I,
+    "mistral": lambda: T.MistralConfig(vocab_size=V, hidden_size=E, intermediate_size=FFN,
                                        num_hidden_layers=2, num_attention_heads=H,
                                        num_key_value_heads=2),
-    "qwen2": lambda: T.Qwen2Config(vocab_size=V, hidden_size=E, intermediate_size=I,
+    "qwen2": lambda: T.Qwen2Config(vocab_size=V, hidden_size=E, intermediate_size=FFN,
                                    num_hidden_layers=2, num_attention_heads=H,
                                    num_key_value_heads=2),
-    "gpt2": lambda: T.GPT2Config(vocab_size=V, n_embd=E, n_layer=2, n_head=H, n_inner=I,
+    "gpt2": lambda: T.GPT2Config(vocab_size=V, n_embd=E, n_layer=2, n_head=H, n_inner=FFN,
                                  bos_token_id=0, eos_token_id=0),
-    "gpt_neox": lambda: T.GPTNeoXConfig(vocab_size=V, hidden_size=E, intermediate_size=I,
+    "gpt_neox": lambda: T.GPTNeoXConfig(vocab_size=V, hidden_size=E, intermediate_size=FFN,
                                         num_hidden_layers=2, num_attention_heads=H),
-    "opt": lambda: T.OPTConfig(vocab_size=V, hidden_size=E, ffn_dim=I, num_hidden_layers=2,
+    "opt": lambda: T.OPTConfig(vocab_size=V, hidden_size=E, ffn_dim=FFN, num_hidden_layers=2,
                                num_attention_heads=H, word_embed_proj_dim=E),
-    "phi": lambda: T.PhiConfig(vocab_size=V, hidden_size=E, intermediate_size=I,
+    "phi": lambda: T.PhiConfig(vocab_size=V, hidden_size=E, intermediate_size=FFN,
                                num_hidden_layers=2, num_attention_heads=H),
 }
 
@@ -75,7 +75,7 @@ def test_zero_gate_equals_zeroed_weights(arch, kind, unit, roles):
     model = tiny(arch)
     umap = build_unit_map(model)
     assert umap.arch == arch and umap.num_layers == 2
-    assert (umap.num_heads, umap.intermediate) == (H, I)
+    assert (umap.num_heads, umap.intermediate) == (H, FFN)
     gates = {"heads": torch.ones(2, umap.num_heads), "ffn": torch.ones(2, umap.intermediate)}
     gates[kind][1, unit] = 0.0
     gated = logits(model, **gates)
@@ -97,7 +97,7 @@ def capture_gate_inputs(model, umap, layer: int) -> dict[str, torch.Tensor]:
         model(ids())
     for h in handles:
         h.remove()
-    # OPT flattens its FFN input to [b*T, I]: compare as [tokens, units, width].
+    # OPT flattens its FFN input to [b*T, FFN]: compare as [tokens, units, width].
     seen["heads"] = seen["heads"].reshape(-1, umap.num_heads, umap.head_dim)
     seen["ffn"] = seen["ffn"].reshape(-1, umap.intermediate, 1)
     return seen
@@ -139,7 +139,7 @@ def test_peft_wrapped_model_maps_to_the_same_tensors():
     plain = tiny("llama")
     plain_map = build_unit_map(plain)
     plain_params = dict(plain.named_parameters())
-    gates = {"heads": torch.rand(2, H), "ffn": torch.rand(2, I)}
+    gates = {"heads": torch.rand(2, H), "ffn": torch.rand(2, FFN)}
     want = logits(plain, **gates)
     wrapped = peft.get_peft_model(
         plain, peft.LoraConfig(r=2, target_modules=["q_proj", "o_proj", "down_proj"]))

@@ -11,7 +11,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_tiny_run(tmp: Path, zero_stage: int = 2, cache_dir: Path | None = None, **sections: Any) -> Path:
+def write_tiny_run(
+    tmp: Path, zero_stage: int = 2, cache_dir: Path | None = None, **sections: Any
+) -> Path:
     """Write ``tmp/run.yaml`` (+ its DeepSpeed JSON) and return its path.
 
     ``sections`` update the keys of ``train``, ``data`` and ``eval``, and replace any other section.
@@ -24,22 +26,41 @@ def write_tiny_run(tmp: Path, zero_stage: int = 2, cache_dir: Path | None = None
         "output_dir": "out",
         "seed": 7,
         "deepspeed": "ds.json",
-        "model": {"config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
-                             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                             "max_position_embeddings": 64}},
+        "model": {
+            "config": {
+                "model_type": "llama",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 64,
+            }
+        },
         "tokenizer": {"train": {"vocab_size": 400, "max_chars_per_domain": 40000}},
         "domains": [
             {"name": "code", "source": {"builtin": "stdlib"}, "max_chars": 40000},
             {"name": "bible", "source": {"builtin": "kjv"}, "max_chars": 40000},
         ],
-        "data": {"seq_len": 32, "eval_sequences": 8,
-                 "cache_dir": str(cache_dir if cache_dir else tmp / "cache")},
-        "train": {"micro_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps_per_stage": 6,
-                  "lr": 3e-3, "warmup_steps": 2, "log_every": 2},
+        "data": {
+            "seq_len": 32,
+            "eval_sequences": 8,
+            "cache_dir": str(cache_dir if cache_dir else tmp / "cache"),
+        },
+        "train": {
+            "micro_batch_size": 2,
+            "gradient_accumulation_steps": 2,
+            "max_steps_per_stage": 6,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "log_every": 2,
+        },
         "eval": {"batch_size": 4},
     }
     for k, v in sections.items():
-        if k in ("train", "data", "eval") and v is not None:  # tweak these; replace the other sections
+        if (
+            k in ("train", "data", "eval") and v is not None
+        ):  # tweak these; replace the other sections
             raw[k] = {**raw[k], **v}
         else:
             raw[k] = v

@@ -75,14 +75,21 @@ def prepare_tokenizer(cfg: RunConfig, docs: dict[str, list[str]]) -> Any:
     return load_tokenizer(out)
 
 
-def prepare_domains(cfg: RunConfig, tokenizer: Any, docs: dict[str, list[str]]) -> dict[str, PackedDomain]:
+def prepare_domains(
+    cfg: RunConfig, tokenizer: Any, docs: dict[str, list[str]]
+) -> dict[str, PackedDomain]:
     """Every domain (training and eval-only) packed, in config order; cached across runs."""
 
     def pack() -> dict[str, PackedDomain]:
         return {
             d.name: pack_domain(
-                d.name, docs[d.name], tokenizer, cfg.data.seq_len,
-                eval_sequences=cfg.data.eval_sequences, cache_dir=cfg.cache_dir, seed=cfg.seed,
+                d.name,
+                docs[d.name],
+                tokenizer,
+                cfg.data.seq_len,
+                eval_sequences=cfg.data.eval_sequences,
+                cache_dir=cfg.cache_dir,
+                seed=cfg.seed,
             )
             for d in cfg.domains
         }

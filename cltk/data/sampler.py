@@ -21,7 +21,9 @@ def split_blocks(n: int, k: int, seed: int) -> list[np.ndarray]:
     if k < 1:
         raise ValueError(f"blocks.k must be >= 1, got {k}")
     if n < k:
-        raise ValueError(f"cannot split {n} training sequences into {k} blocks: lower blocks.k or add data")
+        raise ValueError(
+            f"cannot split {n} training sequences into {k} blocks: lower blocks.k or add data"
+        )
     perm = np.random.default_rng([seed, 0xB10C]).permutation(n)
     return [np.sort(b) for b in np.array_split(perm, k)]
 
@@ -60,20 +62,30 @@ class StageSchedule:
     ):
         if len(new.indices) == 0:
             raise ValueError(f"stage {stage} has no training sequences")
-        self.new, self.replay, self.seed, self.stage = new, [p for p in replay if len(p.indices)], seed, stage
+        self.new, self.replay, self.seed, self.stage = (
+            new,
+            [p for p in replay if len(p.indices)],
+            seed,
+            stage,
+        )
         self.global_batch = global_batch
         self.n_replay = int(round(replay_share * global_batch)) if self.replay else 0
         if replay_share > 0 and self.replay and self.n_replay == 0:
             self.n_replay = 1  # a positive share never silently rounds to no replay at all
         self.n_new = global_batch - self.n_replay
         if self.n_new <= 0:
-            raise ValueError(f"replay.share leaves no room for new data in a batch of {global_batch}")
+            raise ValueError(
+                f"replay.share leaves no room for new data in a batch of {global_batch}"
+            )
         steps = int(epochs * len(new.indices) // self.n_new)
         self.steps = max(1, steps if max_steps is None else min(steps, max_steps))
         self._epoch_cache: dict[int, np.ndarray] = {}
         self._replay_flat = (
-            np.concatenate([np.stack([np.full(len(p.indices), p.domain), p.indices], 1) for p in self.replay])
-            if self.replay else np.zeros((0, 2), dtype=np.int64)
+            np.concatenate(
+                [np.stack([np.full(len(p.indices), p.domain), p.indices], 1) for p in self.replay]
+            )
+            if self.replay
+            else np.zeros((0, 2), dtype=np.int64)
         )
 
     def __len__(self) -> int:
@@ -96,14 +108,24 @@ class StageSchedule:
             out.append((self.new.domain, int(self._epoch_order(epoch)[i])))
         if self.n_replay:
             rng = np.random.default_rng([self.seed, self.stage, step, 0x5E91])
-            pick = rng.choice(len(self._replay_flat), size=self.n_replay,
-                              replace=len(self._replay_flat) < self.n_replay)
+            pick = rng.choice(
+                len(self._replay_flat),
+                size=self.n_replay,
+                replace=len(self._replay_flat) < self.n_replay,
+            )
             out += [(int(d), int(i)) for d, i in self._replay_flat[pick]]
             # interleave so replay is spread over micro-batches and ranks, not all on the last one
-            out = [out[j] for j in np.random.default_rng([self.seed, self.stage, step, 7]).permutation(len(out))]
+            out = [
+                out[j]
+                for j in np.random.default_rng([self.seed, self.stage, step, 7]).permutation(
+                    len(out)
+                )
+            ]
         return out
 
-    def micro_batches(self, step: int, rank: int, world_size: int, micro_batch: int) -> list[list[tuple[int, int]]]:
+    def micro_batches(
+        self, step: int, rank: int, world_size: int, micro_batch: int
+    ) -> list[list[tuple[int, int]]]:
         """This rank's micro-batches of step ``step``: disjoint from every other rank's."""
         items = self.global_step(step)
         accum = self.global_batch // (world_size * micro_batch)
@@ -113,6 +135,6 @@ class StageSchedule:
                 "accumulation"
             )
         return [
-            items[(a * world_size + rank) * micro_batch:(a * world_size + rank + 1) * micro_batch]
+            items[(a * world_size + rank) * micro_batch : (a * world_size + rank + 1) * micro_batch]
             for a in range(accum)
         ]

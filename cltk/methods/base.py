@@ -33,6 +33,9 @@ class StageContext:
     tokenizer: Any
     stage_dir: Path
     prev_stage_dir: Path | None
+    schedule: Any = (
+        None  # the stage's cltk.data.sampler.StageSchedule: which sequences each step trains
+    )
     model: torch.nn.Module | None = None
     engine: Any = None
     step: int = 0
@@ -59,16 +62,26 @@ class Method:
     def on_engine_ready(self, ctx: StageContext) -> None:
         """``ctx.engine`` exists: teachers, optimizer step hooks."""
 
-    def loss(self, ctx: StageContext, batch: dict[str, torch.Tensor], logits: torch.Tensor,
-             labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]] | None:
+    def loss(
+        self,
+        ctx: StageContext,
+        batch: dict[str, torch.Tensor],
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, float]] | None:
         """Replace the base loss for this micro-batch (None keeps cross-entropy).
 
         ``logits`` [b, T-1, V] and ``labels`` [b, T-1] are already aligned.
         """
         return None
 
-    def extra_loss(self, ctx: StageContext, batch: dict[str, torch.Tensor], logits: torch.Tensor,
-                   labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def extra_loss(
+        self,
+        ctx: StageContext,
+        batch: dict[str, torch.Tensor],
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
         """Named loss terms added to the main loss (penalties, contrastive terms)."""
         return {}
 

@@ -18,7 +18,13 @@ import torch
 
 from cltk import distributed as dist
 from cltk.config import RunConfig
-from cltk.importance import accumulate, estimate_importance, load_importance, normalize, save_importance
+from cltk.importance import (
+    accumulate,
+    estimate_importance,
+    load_importance,
+    normalize,
+    save_importance,
+)
 from cltk.masking import attach_update_masks, param_masks, register_grad_masks
 from cltk.methods.base import Method, StageContext
 from cltk.models import build_model
@@ -42,23 +48,30 @@ class DasMethod(Method):
         train = ctx.domains[domain].train.with_format("numpy")
         n = min(self.das.importance_samples, len(train))
         order = np.random.default_rng([self.cfg.seed, 0xDA5]).permutation(len(train))[:n]
-        mine = order[dist.rank()::dist.world_size()]
+        mine = order[dist.rank() :: dist.world_size()]
         bs = self.cfg.train.micro_batch_size
         for i in range(0, len(mine), bs):
-            rows = train[np.sort(mine[i:i + bs]).tolist()]["input_ids"]
+            rows = train[np.sort(mine[i : i + bs]).tolist()]["input_ids"]
             yield {"input_ids": torch.as_tensor(np.asarray(rows, dtype=np.int64))}
 
     def _score(self, ctx: StageContext, model: torch.nn.Module, domain: str, mode: str) -> dict:
         model.to(dist.device())
-        raw = estimate_importance(model, self._batches(ctx, domain), mode=mode,
-                                  proxy_dropout=self.das.proxy_dropout, seed=self.cfg.seed)
+        raw = estimate_importance(
+            model,
+            self._batches(ctx, domain),
+            mode=mode,
+            proxy_dropout=self.das.proxy_dropout,
+            seed=self.cfg.seed,
+        )
         return normalize(raw)
 
     # ----- hooks ------------------------------------------------------------------------------------
     def on_stage_start(self, ctx: StageContext) -> None:
         if ctx.prev_stage_dir is None:
-            log(f"das: scoring what the initial model knows (proxy KL, {self.das.importance_samples} "
-                f"sequences of {ctx.stage.domain})")
+            log(
+                f"das: scoring what the initial model knows (proxy KL, {self.das.importance_samples} "
+                f"sequences of {ctx.stage.domain})"
+            )
             self.importance = self._score(ctx, ctx.model, ctx.stage.domain, "proxy")
         else:
             self.importance = load_importance(ctx.prev_stage_dir / IMPORTANCE_FILE, model=ctx.model)
@@ -77,10 +90,16 @@ class DasMethod(Method):
         self.handles = []
         assert self.importance is not None
         stage = ctx.stage
-        if stage.block == stage.blocks - 1:  # the domain is done: score it on the model just trained
-            log(f"das: scoring units for {stage.domain} (LM loss, {self.das.importance_samples} sequences)")
+        if (
+            stage.block == stage.blocks - 1
+        ):  # the domain is done: score it on the model just trained
+            log(
+                f"das: scoring units for {stage.domain} (LM loss, {self.das.importance_samples} sequences)"
+            )
             trained = build_model(self.cfg, ctx.tokenizer, init_dir=ctx.stage_dir)
-            self.importance = accumulate(self.importance, self._score(ctx, trained, stage.domain, "lm"))
+            self.importance = accumulate(
+                self.importance, self._score(ctx, trained, stage.domain, "lm")
+            )
             del trained
         if dist.is_main():
             save_importance(ctx.stage_dir / IMPORTANCE_FILE, self.importance)
