@@ -367,6 +367,7 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
     """Check a config as a whole; raise :class:`ConfigError` naming the key and the fix."""
     from cltk.data.corpora import CorpusError, check_source
     from cltk.data.tokenizer import MIN_VOCAB_SIZE
+    from cltk.losses import check_distillation_args, check_soft_target_args
 
     m = cfg.model
     given = [k for k in ("init_from", "gguf", "config") if getattr(m, k)]
@@ -475,15 +476,18 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
     b = cfg.blocks
     if b is not None:
         _positive(b.k, "blocks.k")
-        if not 0 < b.p <= 1:
-            raise ConfigError("blocks.p", f"must be in (0, 1], got {b.p}")
-        if b.one_hot_below is not None and not 0 <= b.one_hot_below <= 1:
-            raise ConfigError("blocks.one_hot_below", f"must be in [0, 1], got {b.one_hot_below}")
+        try:
+            check_soft_target_args(b.p, b.one_hot_below)
+        except ValueError as e:
+            key = "blocks.p" if "soft target p" in str(e) else "blocks.one_hot_below"
+            raise ConfigError(key, str(e)) from e
         _positive(b.topk, "blocks.topk")
     if cfg.distill is not None:
-        _positive(cfg.distill.temperature, "distill.temperature")
-        _positive(cfg.distill.alpha, "distill.alpha", allow_zero=True)
-        _positive(cfg.distill.beta, "distill.beta", allow_zero=True)
+        d = cfg.distill
+        try:
+            check_distillation_args(d.alpha, d.beta, d.temperature)
+        except ValueError as e:
+            raise ConfigError("distill", str(e)) from e
         if b is not None and b.k > 1:
             raise ConfigError(
                 "distill",

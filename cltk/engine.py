@@ -6,8 +6,9 @@ what happens to one accumulated batch.
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Any
+from typing import Any, Callable
 
 import deepspeed
 import torch
@@ -87,10 +88,29 @@ def compute_dtype(engine) -> torch.dtype:
     return torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
 
 
+def _keeps_logits(module: torch.nn.Module) -> bool:
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module  # PEFT
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def next_token_logits(
+    forward: Callable[..., Any], module: torch.nn.Module, input_ids: torch.Tensor
+) -> torch.Tensor:
+    """Logits [b, T-1, V] of positions 0..T-2 of ``input_ids`` [b, T] (row t predicts token t+1).
+
+    The LM head runs on those T-1 positions only (``logits_to_keep``), so the result is contiguous and
+    no [b, T, V] tensor is sliced and copied; models without ``logits_to_keep`` fall back to a slice.
+    ``forward`` is the engine (or model) called; ``module`` the model inside it.
+    """
+    if _keeps_logits(module):
+        keep = torch.arange(input_ids.shape[1] - 1, device=input_ids.device)
+        return forward(input_ids=input_ids, logits_to_keep=keep).logits
+    return forward(input_ids=input_ids).logits[:, :-1].contiguous()
+
+
 def forward_logits(engine, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Aligned (logits [b, T-1, V], labels [b, T-1]) of a packed batch [b, T]."""
-    out = engine(input_ids=input_ids)
-    return out.logits[:, :-1], input_ids[:, 1:]
+    return next_token_logits(engine, engine.module, input_ids), input_ids[:, 1:]
 
 
 def train_step(

@@ -15,6 +15,7 @@ import torch
 
 from cltk import distributed as dist
 from cltk.data.packing import PackedDomain
+from cltk.engine import next_token_logits
 from cltk.losses import token_nll
 
 
@@ -31,7 +32,8 @@ def domain_perplexity(
     batch_size: int,
     device: torch.device,
 ) -> tuple[float, float, int]:
-    """(perplexity, mean NLL, tokens) of ``domain.eval`` under ``forward(input_ids) -> logits``."""
+    """(perplexity, mean NLL, tokens) of ``domain.eval``; ``forward(ids [b, T])`` gives the next-token
+    logits [b, T-1, V] (see :func:`engine_forward`)."""
     ids_all = domain.eval["input_ids"]
     n = len(domain.eval)
     mine, n_batches = _batches(n, batch_size)
@@ -43,7 +45,7 @@ def domain_perplexity(
         rows = [ids_all[0]] if pad else [ids_all[int(i)] for i in idx]
         ids = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=device)
         logits = forward(ids)
-        s, c = token_nll(logits[:, :-1], ids[:, 1:])
+        s, c = token_nll(logits, ids[:, 1:])
         if not pad:
             nll += s.double().cpu()
             count += c.double().cpu()
@@ -53,17 +55,13 @@ def domain_perplexity(
 
 
 def engine_forward(engine) -> Callable[[torch.Tensor], torch.Tensor]:
-    def f(ids: torch.Tensor) -> torch.Tensor:
-        return engine(input_ids=ids).logits
-
-    return f
+    """``ids [b, T] -> next-token logits [b, T-1, V]`` through a DeepSpeed engine."""
+    return lambda ids: next_token_logits(engine, engine.module, ids)
 
 
 def model_forward(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    def f(ids: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=ids).logits
-
-    return f
+    """``ids [b, T] -> next-token logits [b, T-1, V]`` through a plain model."""
+    return lambda ids: next_token_logits(model, model, ids)
 
 
 def evaluate_domains(

@@ -38,26 +38,28 @@ def run_ranks(
     process group is killed and ``subprocess.TimeoutExpired`` is raised. With ``check`` a non-zero
     exit raises ``AssertionError`` carrying the tail of the output.
     """
-    cmd = [deepspeed_bin(), "--num_gpus", str(world_size), "--master_port", str(free_port())]
-    if module:
-        cmd.append("--module")
-    cmd += [str(a) for a in args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.Popen(
-        cmd,
-        cwd=cwd,
-        env=full_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
+    for attempt in range(3):
+        # a free port can be taken by another process between the check and the bind: try another
+        cmd = [deepspeed_bin(), "--num_gpus", str(world_size), "--master_port", str(free_port())]
+        cmd += (["--module"] if module else []) + [str(a) for a in args]
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+        if proc.returncode == 0 or "EADDRINUSE" not in out or attempt == 2:
+            break
     result = subprocess.CompletedProcess(cmd, proc.returncode, out, "")
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-6000:]}")

@@ -68,6 +68,8 @@ def test_valid_config_loads_with_types_and_relative_paths(tmp_path):
         ({"deepspeed": "nothere.json"}, "deepspeed", "not found"),
         ({"replay": {"share": 1.0}}, "replay.share", "[0, 1)"),
         ({"blocks": {"k": 2, "p": 1.5}}, "blocks.p", "(0, 1]"),
+        ({"blocks": {"k": 2, "p": 0.5, "one_hot_below": 0.6}}, "blocks.one_hot_below", "must not exceed"),
+        ({"distill": {"temperature": 0}}, "distill", "temperature must be > 0"),
         ({"blocks": {"k": 3}, "distill": {}}, "distill", "choose one"),
         ({"das": {}, "lora": {"base": "frozen"}}, "das", "frozen"),
     ],

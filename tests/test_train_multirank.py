@@ -1,8 +1,15 @@
-"""Real 2-rank continual runs through the deepspeed launcher (CPU, gloo): ZeRO 1, 2, 3 and resume."""
+"""Real 2-rank continual runs through the deepspeed launcher (CPU, gloo): ZeRO 1, 2, 3 and resume.
+
+One uninterrupted ZeRO-2 run (the ``reference`` fixture) serves as the ZeRO-2 case and as the run the
+interrupted ones must reproduce.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,10 +20,20 @@ from tests.tiny_run import write_tiny_run
 
 pytestmark = pytest.mark.multirank
 
+SETTINGS = {"checkpoint_every": 2, "log_sequence_ids": True}
+
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache) -> Path:
+    """An uninterrupted 2-rank ZeRO-2 run; returns its config path."""
+    cfg = write_tiny_run(tmp_path_factory.mktemp("ref"), cache_dir=cache, train=SETTINGS)
+    train(cfg)
+    return cfg
 
 
 def train(cfg: Path, *extra: str, env=None, check=True):
@@ -33,17 +50,16 @@ def report(cfg: Path) -> dict:
     return json.loads((cfg.parent / "out" / "forgetting.json").read_text())
 
 
-@pytest.mark.parametrize("zero", [1, 2, 3])
-def test_two_rank_run_trains_exports_and_reports(tmp_path, cache, zero):
+def audit(cfg: Path, rank: int) -> list[tuple[int, int, list]]:
+    lines = (cfg.parent / "out" / "sequence_ids" / f"rank{rank}.jsonl").read_text().splitlines()
+    return [(x["stage"], x["step"], x["ids"]) for x in map(json.loads, lines)]
+
+
+def check_run(cfg: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = write_tiny_run(
-        tmp_path, zero_stage=zero, cache_dir=cache, train={"log_sequence_ids": True}
-    )
-    train(cfg)
-    out = tmp_path / "out"
-    rep = report(cfg)
-    matrix = rep["perplexity"]
+    out = cfg.parent / "out"
+    matrix = report(cfg)["perplexity"]
     assert len(matrix) == 2 and all(len(r) == 2 for r in matrix)
     assert all(v > 1 for r in matrix for v in r)
     # each stage lowers perplexity on the domain it trains, below an untrained model's (~vocab size)
@@ -55,80 +71,84 @@ def test_two_rank_run_trains_exports_and_reports(tmp_path, cache, zero):
         assert model.get_input_embeddings().weight.shape[0] >= len(tok)
     assert (out / "checkpoints" / "latest").read_text().strip() == "s01-end"
     assert (out / "forgetting.png").stat().st_size > 1000 and (out / "forgetting.csv").is_file()
-    # ranks train disjoint data, and together exactly the global batch
-    ranks = [
-        [json.loads(x) for x in (out / "sequence_ids" / f"rank{r}.jsonl").read_text().splitlines()]
-        for r in (0, 1)
-    ]
-    assert len(ranks[0]) == len(ranks[1]) == 12
-    for a, b in zip(*ranks):
-        assert (a["stage"], a["step"]) == (b["stage"], b["step"])
-        ids_a, ids_b = {tuple(x) for x in a["ids"]}, {tuple(x) for x in b["ids"]}
+    # ranks train disjoint data, and together exactly the global batch of every step
+    ranks = [audit(cfg, r) for r in (0, 1)]
+    assert [(s, i) for s, i, _ in ranks[0]] == [(s, i) for s in (0, 1) for i in range(6)]
+    for (sa, ia, a), (sb, ib, b) in zip(*ranks):
+        assert (sa, ia) == (sb, ib)
+        ids_a, ids_b = {tuple(x) for x in a}, {tuple(x) for x in b}
         assert len(ids_a) == len(ids_b) == 4 and not ids_a & ids_b
+    # the LR schedule restarts every stage: each stage's first step has the warmup LR
+    import csv
+
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    firsts = [float(r["lr"]) for r in rows if r["step"] == "0"]
+    assert len(firsts) == 2 and firsts[0] == firsts[1] < float(rows[1]["lr"])
 
 
-def test_resume_after_a_kill_mid_stage_matches_an_uninterrupted_run(tmp_path, cache):
-    common = dict(cache_dir=cache, train={"checkpoint_every": 2, "log_sequence_ids": True})
-    ref = write_tiny_run(tmp_path / "ref", **common)
-    train(ref)
-    cut = write_tiny_run(tmp_path / "cut", **common)
+def test_zero2_run_trains_exports_and_reports(reference):
+    check_run(reference)
+
+
+@pytest.mark.parametrize("zero", [1, 3])
+def test_two_rank_run_trains_exports_and_reports(tmp_path, cache, zero):
+    cfg = write_tiny_run(tmp_path, zero_stage=zero, cache_dir=cache, train=SETTINGS)
+    train(cfg)
+    check_run(cfg)
+
+
+def test_replay_mixes_earlier_domains_into_later_stages(tmp_path, cache):
+    cfg = write_tiny_run(
+        tmp_path, cache_dir=cache, train={"log_sequence_ids": True}, replay={"share": 0.25}
+    )
+    train(cfg)
+    for rank in (0, 1):
+        rows = audit(cfg, rank)
+        stage0 = {d for s, _, ids in rows if s == 0 for d, _ in ids}
+        stage1 = [d for s, _, ids in rows if s == 1 for d, _ in ids]
+        assert stage0 == {0}  # nothing to replay in the first stage
+        assert stage1.count(0) > 0 and stage1.count(1) > stage1.count(0)
+    both = [d for r in (0, 1) for s, _, ids in audit(cfg, r) if s == 1 for d, _ in ids]
+    assert both.count(0) == 6 * 2  # round(0.25 x 8) replayed sequences in each of the 6 steps
+
+
+def test_resume_after_a_kill_mid_stage_matches_an_uninterrupted_run(tmp_path, cache, reference):
+    cut = write_tiny_run(tmp_path, cache_dir=cache, train=SETTINGS)
     t0 = time.monotonic()
     # SIGKILL of rank 1 alone after step 3 of stage 1: the job must fail, not hang
     killed = train(cut, env={"CLTK_KILL_AT": "1:3:1", "DEEPSPEED_TIMEOUT": "2"}, check=False)
     assert killed.returncode != 0
     assert time.monotonic() - t0 < 240
-    out = tmp_path / "cut" / "out"
+    out = tmp_path / "out"
     assert (out / "checkpoints" / "latest").read_text().strip() == "s01-step000002"
     assert not (out / "forgetting.json").exists()
-    refused = train(cut, check=False)  # a fresh start must not overwrite the run
-    assert refused.returncode != 0 and "--resume" in refused.stdout
     train(cut, "--resume")
-    a, b = report(ref), report(cut)
-    for ra, rb in zip(a["perplexity"], b["perplexity"]):
+    for ra, rb in zip(report(reference)["perplexity"], report(cut)["perplexity"]):
         assert ra == pytest.approx(rb, rel=1e-6, abs=1e-6)
     # the audit log of the resumed run holds every (stage, step) exactly once, like the reference
     for r in (0, 1):
-
-        def steps(run):
-            lines = (
-                (tmp_path / run / "out" / "sequence_ids" / f"rank{r}.jsonl")
-                .read_text()
-                .splitlines()
-            )
-            return [(x["stage"], x["step"], x["ids"]) for x in map(json.loads, lines)]
-
-        assert steps("cut") == steps("ref")
+        assert audit(cut, r) == audit(reference, r)
 
 
-def test_resume_at_another_world_size_through_a_universal_checkpoint(tmp_path, cache):
-    import subprocess
-    import sys
-
-    common = dict(cache_dir=cache, train={"checkpoint_every": 2})
-    ref = write_tiny_run(tmp_path / "ref", **common)
-    train(ref)
-    cut = write_tiny_run(tmp_path / "cut", **common)
+def test_resume_at_another_world_size_through_a_universal_checkpoint(tmp_path, cache, reference):
+    cut = write_tiny_run(tmp_path, cache_dir=cache, train=SETTINGS)
     assert train(cut, env={"CLTK_KILL_AT": "0:3"}, check=False).returncode != 0
     # 2 ranks x accumulation 2 -> 1 rank x accumulation 4: the same global batch and data order
+    cmd = [
+        sys.executable,
+        "-m",
+        "cltk",
+        "train",
+        "--config",
+        str(cut),
+        "--resume",
+        "--set",
+        "train.gradient_accumulation_steps=4",
+    ]
     one = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cltk",
-            "train",
-            "--config",
-            str(cut),
-            "--resume",
-            "--set",
-            "train.gradient_accumulation_steps=4",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
     assert one.returncode == 0, one.stderr[-4000:]
     assert "s00-step000002-universal" in one.stderr
-    a, b = report(ref), report(cut)
-    for ra, rb in zip(a["perplexity"], b["perplexity"]):
+    for ra, rb in zip(report(reference)["perplexity"], report(cut)["perplexity"]):
         assert ra == pytest.approx(rb, rel=1e-3)

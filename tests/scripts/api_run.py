@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 import cltk
+import cltk.continual
 from cltk.continual import ContinualRun
 from cltk.engine import NonFiniteLossError
 from cltk.methods.base import Method
@@ -33,6 +34,11 @@ except NonFiniteLossError as e:
     print("NAN-STOPPED:", e)
 latest = (cfg.out / "checkpoints" / "latest").read_text().strip()
 print("LATEST:", latest)
+try:
+    cltk.train(cfg)  # a fresh start into the same output dir must not overwrite the run
+    raise SystemExit("a fresh start overwrote an existing run")
+except cltk.continual.RunExistsError as e:
+    print("REFUSED:", e)
 result = cltk.train(cfg, resume=True)
 print("TRAINED:", json.dumps(result.report.perplexity))
 again = cltk.evaluate(cfg, out_dir=tmp / "eval")
