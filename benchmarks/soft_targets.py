@@ -1,0 +1,217 @@
+"""Cost of soft-target training: online teacher and offline cache against plain cross-entropy.
+
+    deepspeed --num_gpus 2 benchmarks/soft_targets.py [--steps 6 --rounds 3 --topk 64]
+    deepspeed --num_gpus 1 benchmarks/soft_targets.py --set model.config.hidden_size=1024 ...
+
+Measured side by side in one run, on one student engine and the same batches: the model is the
+quickstart's Llama (``examples/quickstart.yaml``: hidden 256, 4 layers, vocabulary 4096, sequences
+of 128 tokens, micro-batch 8, the config's ZeRO JSON), trained on random token ids (the step time
+does not depend on the text). The teacher is the student's own initial weights, exported with
+``save_pretrained``, as a previous stage would be. Each mode runs ``--steps`` optimizer steps per
+round, in a rotated order each round, and the median step time over all rounds is reported, so
+drift of a shared machine's load falls on every mode alike.
+
+Printed (rank 0): median step time of plain CE, soft targets with the online teacher, soft targets
+from the offline top-k cache, their ratios to CE, the teacher's forward alone, the cache build time
+and bytes per token, and per rank the teacher parameters it holds (bytes) and the growth of its
+memory (resident memory, RSS, on CPU; allocated CUDA memory on a GPU) when a ZeRO-3 teacher and a
+full-copy teacher are loaded. ``--set KEY=VALUE`` overrides the config (a bigger model, say).
+
+A script, not a test: the figures in docs/benchmarks/soft_targets.md come from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _mem_mib() -> float:
+    """Allocated CUDA memory on a GPU, else the resident memory of this process (VmRSS), MiB."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated() / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class _Vocab:
+    """The tokenizer a model built from an inline config needs: only its length."""
+
+    eos_token_id = bos_token_id = pad_token_id = None
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class _StudentAs:
+    """A student engine seen with another ZeRO stage (to load both kinds of teacher beside it)."""
+
+    def __init__(self, engine, stage: int):
+        self.engine, self.stage = engine, stage
+
+    def zero_optimization_stage(self) -> int:
+        return self.stage
+
+    def bfloat16_enabled(self) -> bool:
+        return self.engine.bfloat16_enabled()
+
+    def fp16_enabled(self) -> bool:
+        return self.engine.fp16_enabled()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=str(ROOT / "examples" / "quickstart.yaml"))
+    ap.add_argument("--vocab", type=int, default=4096, help="the quickstart tokenizer's size")
+    ap.add_argument("--steps", type=int, default=6, help="timed optimizer steps per mode per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first")
+    ap.add_argument("--topk", type=int, default=64, help="blocks.topk of the offline cache")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. model.config.num_hidden_layers=8 (repeatable)")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    import datasets
+    import torch
+
+    from cltk import distributed as dist
+    from cltk.config import load_config
+    from cltk.data.packing import PackedDomain
+    from cltk.data.sampler import Pool, StageSchedule
+    from cltk.engine import build_engine, train_step
+    from cltk.methods.base import StageContext
+    from cltk.methods.soft_targets import SoftTargetMethod
+    from cltk.models import build_model, export_pretrained
+    from cltk.plan import Stage
+    from cltk.teacher import OnlineTeacher
+
+    dist.init()
+    rank, world = dist.rank(), dist.world_size()
+    tmp = Path(dist.broadcast_object(tempfile.mkdtemp(prefix="cltk-bench-") if rank == 0 else None))
+    cfg = load_config(args.config, world_size=world, overrides=[
+        f"output_dir={tmp / 'out'}", "blocks.k=2", f"blocks.topk={args.topk}", "blocks.p=0.9",
+        *args.set])
+    tok = _Vocab(args.vocab)
+    model = build_model(cfg, tok)
+    if rank == 0:
+        export_pretrained(model, None, None, tmp / "teacher")
+    dist.barrier()
+
+    gb, mb, seq = cfg.global_batch(world), cfg.train.micro_batch_size, cfg.data.seq_len
+    n_steps = args.warmup + args.steps * args.rounds
+    ids = np.random.default_rng(0).integers(0, args.vocab, (n_steps * gb, seq)).astype(np.int32)
+    train = datasets.Dataset.from_dict({"input_ids": ids})
+    name = cfg.domains[0].name
+    sched = StageSchedule(Pool(0, np.arange(len(ids))), [], 0.0, gb, 1.0, None, cfg.seed, 1)
+    stage = Stage(1, name, 0, 1, 2, np.arange(len(ids)))
+    engine = build_engine(cfg, model, len(sched))
+    domains = {name: PackedDomain(name, train, train.select([]))}
+    ctx = StageContext(cfg, stage, [stage], domains, tok, tmp / "stage", tmp / "teacher",
+                       model=model, engine=engine)
+    ctx.extras["schedule"] = sched
+
+    online = SoftTargetMethod(cfg)
+    online.on_engine_ready(ctx)
+    off_cfg = replace(cfg, blocks=replace(cfg.blocks, teacher="offline"))
+    offline = SoftTargetMethod(off_cfg)
+    dist.barrier()
+    t0 = time.perf_counter()
+    offline.on_engine_ready(ctx)  # one teacher pass over every scheduled sequence, written to disk
+    build_s = time.perf_counter() - t0
+    modes = {"plain CE": [], "online teacher": [online], "offline cache": [offline]}
+
+    def batches(step: int) -> list[torch.Tensor]:
+        return [torch.as_tensor(ids[[i for _, i in m]].astype(np.int64))
+                for m in sched.micro_batches(step, rank, world, mb)]
+
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for step in range(args.warmup):
+        for methods in modes.values():
+            train_step(ctx, methods, batches(step))
+    order = list(modes)
+    for r in range(args.rounds):
+        for mode in order[r % len(order):] + order[:r % len(order)]:
+            for s in range(args.steps):
+                step = args.warmup + r * args.steps + s
+                micro = batches(step)
+                t0 = time.perf_counter()
+                train_step(ctx, modes[mode], micro)
+                times[mode].append(time.perf_counter() - t0)
+    fwd = []
+    for step in range(args.warmup, args.warmup + args.steps):
+        micro = batches(step)
+        dist.barrier()
+        t0 = time.perf_counter()
+        for x in micro:
+            online.teacher.logprobs(x.to(engine.device))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        fwd.append(time.perf_counter() - t0)
+    bytes_per_token = offline.cache.bytes_per_token
+    keys = offline.cache.keys
+    online.on_stage_end(ctx)
+    offline.on_stage_end(ctx)
+
+    mem = {}
+    for label, zero in (("ZeRO-3 teacher", 3), ("full-copy teacher", 0)):
+        import gc
+
+        gc.collect()
+        before = _mem_mib()
+        teacher = OnlineTeacher(tmp / "teacher", cfg, _StudentAs(engine, zero))
+        mem[label] = (teacher.param_bytes(), _mem_mib() - before)
+        teacher.close()
+    mem_all = dist.all_gather_object(mem)
+
+    if rank == 0:
+        med = {m: statistics.median(t) for m, t in times.items()}
+        n_params = sum(p.numel() for p in model.parameters())
+        mc = cfg.model.config or {}
+        print(f"\nmodel: Llama, hidden {mc.get('hidden_size')}, "
+              f"{mc.get('num_hidden_layers')} layers, "
+              f"{n_params / 1e6:.2f}M parameters, vocab {args.vocab}; "
+              f"{world} ranks, ZeRO {engine.zero_optimization_stage()}, "
+              f"{'bf16' if engine.bfloat16_enabled() else 'fp32'}, device {engine.device}; "
+              f"global batch {gb} x {seq} tokens; {args.rounds} rounds x {args.steps} steps "
+              "per mode")
+        print("| mode | median step (s) | vs plain CE |\n|---|---:|---:|")
+        for m in modes:
+            print(f"| {m} | {med[m]:.3f} | {med[m] / med['plain CE']:.2f}x |")
+        print(f"teacher forward alone: {statistics.median(fwd):.3f} s per step "
+              f"({statistics.median(fwd) / med['plain CE']:.2f} of a plain CE step)")
+        print(f"offline cache: top-{keys.topk}, {bytes_per_token:.1f} bytes/token on disk "
+              f"({keys.bytes_per_token()} of data: fp16 log-probs + {keys.index_dtype().name} ids "
+              f"+ fp32 label log-prob); built in {build_s:.1f} s for {len(ids)} sequences")
+        what = "CUDA memory" if torch.cuda.is_available() else "RSS"
+        print(f"| rank | teacher | parameter bytes held | {what} growth at load (MiB) |")
+        print("|---|---|---:|---:|")
+        for r, mm in enumerate(mem_all):
+            for label, (b, rss) in mm.items():
+                print(f"| {r} | {label} | {b:,} | {rss:.1f} |")
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
