@@ -44,8 +44,9 @@ from cltk.units import UnitMap, build_unit_map, full_shape
 _CHUNK = 1 << 22  # elements per index chunk when laying masks out (bounds transient memory)
 
 
-def param_masks(model: nn.Module, importance: Mapping[str, torch.Tensor],
-                unit_map: UnitMap | None = None) -> dict[str, torch.Tensor]:
+def param_masks(
+    model: nn.Module, importance: Mapping[str, torch.Tensor], unit_map: UnitMap | None = None
+) -> dict[str, torch.Tensor]:
     """Per-parameter soft masks ``1 - importance`` on each unit's weights, 1 elsewhere.
 
     A KV head shared by several query heads (grouped-query attention) takes the max importance of
@@ -73,8 +74,10 @@ def param_masks(model: nn.Module, importance: Mapping[str, torch.Tensor],
         group_s = torch.zeros(groups).scatter_reduce(0, s.members, scores, "amax")  # [G]
         shape = umap.shapes[s.param]
         if dims.setdefault(s.param, s.dim) != s.dim:
-            raise ValueError(f"{s.param} has units along dims {dims[s.param]} and {s.dim}: the "
-                             "unit map is inconsistent (a parameter may only be split one way)")
+            raise ValueError(
+                f"{s.param} has units along dims {dims[s.param]} and {s.dim}: the "
+                "unit map is inconsistent (a parameter may only be split one way)"
+            )
         vec = vectors.setdefault(s.param, torch.ones(shape[s.dim]))
         keep = (1.0 - group_s)[:, None].expand_as(s.positions)  # [G, k]
         vec[s.positions.flatten()] = torch.minimum(vec[s.positions.flatten()], keep.flatten())
@@ -90,18 +93,23 @@ def _named_params(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[s
     params = dict(model.named_parameters())
     missing = [n for n in masks if n not in params]
     if missing:
-        raise ValueError(f"masks name parameters the model lacks, e.g. {missing[:3]}: build them "
-                         "with param_masks() on the same model (engine.module for an engine)")
+        raise ValueError(
+            f"masks name parameters the model lacks, e.g. {missing[:3]}: build them "
+            "with param_masks() on the same model (engine.module for an engine)"
+        )
     for name, m in masks.items():
         shape = full_shape(params[name])
         if m.dim() != len(shape) or any(a not in (1, b) for a, b in zip(m.shape, shape)):
-            raise ValueError(f"mask for {name} is {tuple(m.shape)}, not broadcastable to the "
-                             f"parameter's {tuple(shape)}: rebuild the masks for this model")
+            raise ValueError(
+                f"mask for {name} is {tuple(m.shape)}, not broadcastable to the "
+                f"parameter's {tuple(shape)}: rebuild the masks for this model"
+            )
     return {n: params[n] for n in masks}
 
 
-def register_grad_masks(model: nn.Module,
-                        masks: Mapping[str, torch.Tensor]) -> list[RemovableHandle]:
+def register_grad_masks(
+    model: nn.Module, masks: Mapping[str, torch.Tensor]
+) -> list[RemovableHandle]:
     """DAS's original masking: ``grad *= mask`` through ``param.register_hook``.
 
     Correct for plain SGD only: Adam-style optimizers normalise the gradient per element, which
@@ -116,8 +124,9 @@ def register_grad_masks(model: nn.Module,
     for name, p in _named_params(model, masks).items():
         if not p.requires_grad:
             continue
-        m = masks[name].to(p.device)
-        handles.append(p.register_hook(lambda g, m=m: g * m.to(g.dtype)))
+        m = masks[name]
+        # the model may move to its device after the hooks are set (deepspeed.initialize does)
+        handles.append(p.register_hook(lambda g, m=m: g * m.to(device=g.device, dtype=g.dtype)))
     return handles
 
 
@@ -132,27 +141,34 @@ class _Target:
     old: torch.Tensor  # [hi - lo] values before the step
 
     def span(self) -> torch.Tensor:
-        return self.tensor.detach().view(-1)[self.lo: self.hi]
+        return self.tensor.detach().view(-1)[self.lo : self.hi]
 
 
 class UpdateMaskHandle:
     """Update masks attached to an engine's optimizer; :meth:`remove` detaches them."""
 
-    def __init__(self, layout: str, targets: list[_Target],
-                 optimizers: list[torch.optim.Optimizer]):
+    def __init__(
+        self, layout: str, targets: list[_Target], optimizers: list[torch.optim.Optimizer]
+    ):
         self.layout = layout
         self.targets = {id(t.tensor): t for t in targets}
         self.masked_numel = sum(t.hi - t.lo for t in targets)
         self._pending: list[_Target] = []
         self._handles = []
         for opt in optimizers:
-            self._handles += [opt.register_step_pre_hook(self._before),
-                              opt.register_step_post_hook(self._after)]
+            self._handles += [
+                opt.register_step_pre_hook(self._before),
+                opt.register_step_post_hook(self._after),
+            ]
 
     def _stepped(self, opt: torch.optim.Optimizer) -> list[_Target]:
         # ZeRO 3 steps one sub-group at a time, putting only its flat tensor in param_groups.
-        return [self.targets[id(p)] for g in opt.param_groups for p in g["params"]
-                if id(p) in self.targets]
+        return [
+            self.targets[id(p)]
+            for g in opt.param_groups
+            for p in g["params"]
+            if id(p) in self.targets
+        ]
 
     @torch.no_grad()
     def _before(self, opt: torch.optim.Optimizer, args, kwargs) -> None:
@@ -176,8 +192,10 @@ class UpdateMaskHandle:
 def _flat_values(mask: torch.Tensor, shape: torch.Size, start: int, numel: int) -> torch.Tensor:
     """Elements ``[start, start + numel)`` of ``mask.expand(shape).flatten()``, not expanding."""
     if start < 0 or start + numel > shape.numel():
-        raise ValueError(f"elements [{start}, {start + numel}) fall outside a parameter of shape "
-                         f"{tuple(shape)}: the ZeRO layout does not match this DeepSpeed version")
+        raise ValueError(
+            f"elements [{start}, {start + numel}) fall outside a parameter of shape "
+            f"{tuple(shape)}: the ZeRO layout does not match this DeepSpeed version"
+        )
     strides = torch.empty(shape, device="meta").stride()
     mstrides = [0 if m == 1 else st for m, st in zip(mask.shape, mask.contiguous().stride())]
     flat = mask.contiguous().view(-1)
@@ -226,10 +244,13 @@ def _hp_targets(lp_groups, partitions, by_id) -> list[_Target]:
             _, mask = by_id[id(p)]
             lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
             if lp.numel != hp.numel or hp.start + hp.numel > part.numel():
-                raise ValueError("DeepSpeed's _hp_mapping does not fit its partition: this "
-                                 "DeepSpeed version lays ZeRO 1/2 out differently (tested: 0.19.8)")
-            weight[hp.start: hp.start + hp.numel] = 1.0 - _flat_values(
-                mask, full_shape(p), lp.start, lp.numel)
+                raise ValueError(
+                    "DeepSpeed's _hp_mapping does not fit its partition: this "
+                    "DeepSpeed version lays ZeRO 1/2 out differently (tested: 0.19.8)"
+                )
+            weight[hp.start : hp.start + hp.numel] = 1.0 - _flat_values(
+                mask, full_shape(p), lp.start, lp.numel
+            )
         if (t := _target(part, weight)) is not None:
             out.append(t)
     return out
@@ -248,13 +269,16 @@ def _zero3_targets(ds_opt, by_id) -> list[_Target]:
             start = rank * n
             real = max(0, min(n, p.ds_numel - start))  # the last rank's share is padded
             if id(p) in by_id and real > 0:
-                weight[offset: offset + real] = 1.0 - _flat_values(
-                    by_id[id(p)][1], full_shape(p), start, real)
+                weight[offset : offset + real] = 1.0 - _flat_values(
+                    by_id[id(p)][1], full_shape(p), start, real
+                )
             offset += n
         if offset != flat.numel():
-            raise ValueError(f"ZeRO 3 sub-group holds {flat.numel()} elements but its parameters' "
-                             f"partitions add up to {offset}: this DeepSpeed version lays ZeRO 3 "
-                             "out differently (tested: 0.19.8)")
+            raise ValueError(
+                f"ZeRO 3 sub-group holds {flat.numel()} elements but its parameters' "
+                f"partitions add up to {offset}: this DeepSpeed version lays ZeRO 3 "
+                "out differently (tested: 0.19.8)"
+            )
         if (t := _target(flat, weight)) is not None:
             out.append(t)
     return out
@@ -292,9 +316,11 @@ def attach_update_masks(engine, masks: Mapping[str, torch.Tensor]) -> UpdateMask
     elif isinstance(ds_opt, torch.optim.Optimizer) and not hasattr(ds_opt, "fp16_groups"):
         return UpdateMaskHandle("plain", _plain_targets(ds_opt, by_id), [ds_opt])
     else:
-        raise ValueError(f"update masking does not know the layout of {type(ds_opt).__name__}: "
-                         "use fp32 or a ZeRO stage (1, 2, 3) for mixed precision, or mask='grad' "
-                         "with SGD")
+        raise ValueError(
+            f"update masking does not know the layout of {type(ds_opt).__name__}: "
+            "use fp32 or a ZeRO stage (1, 2, 3) for mixed precision, or mask='grad' "
+            "with SGD"
+        )
     inner = [ds_opt.optimizer]
     # ZeRO 3 with a partial optimizer offload steps some sub-groups with a second optimizer.
     if getattr(ds_opt, "backup_optimizer", None) is not None:

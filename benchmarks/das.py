@@ -1,0 +1,395 @@
+"""DAS soft-masking: the cost of a masked step and of scoring importance; the quality tables.
+
+Cost (one process; the figures in docs/benchmarks/das.md come from these exact commands)::
+
+    python benchmarks/das.py speed --steps 4 --rounds 30 --importance-seqs 64     # CPU
+    python benchmarks/das.py speed --threads 0 --steps 5 --rounds 8 --importance-seqs 512  # GPU
+    deepspeed --num_gpus 2 benchmarks/das.py speed ...                    # ZeRO across 2 ranks
+
+Options: ``--config`` (default examples/quickstart.yaml), ``--set KEY=VALUE`` (a bigger model,
+another ZeRO JSON: ``--set deepspeed=PATH``), ``--importance-rounds``, ``--hook-reps``,
+``--threads`` (torch threads; default 1, so OpenMP does not spin against a shared CPU machine's
+other work; 0: torch's default).
+It builds the config's model (the quickstart's Llama: hidden 256, 4 layers, 8 heads / 4 KV heads,
+FFN 688, vocabulary 4096, sequences of 128 tokens, micro-batch 8, its ZeRO JSON, cltk's AdamW), and
+
+1. times ``cltk.importance.estimate_importance`` in ``proxy`` and ``lm`` mode on
+   ``--importance-seqs`` random sequences (split over the ranks, as ``DasMethod`` does), the modes
+   alternating for ``--importance-rounds`` rounds; printed as seconds per 1,000 sequences. The proxy
+   importance it returns (normalised) is the one the masks below use, so the masked span is what a
+   real stage masks (``|tanh(z)|`` is non-zero almost everywhere: every unit weight is masked).
+2. builds three engines with the same initial weights: ``none``, ``update``
+   (``attach_update_masks`` after ``deepspeed.initialize``, cltk's default) and ``grad``
+   (``register_grad_masks`` before it), and runs ``--steps`` optimizer steps of each per round on
+   the same random token ids (step time does not depend on the text), in a rotated order each round;
+   round 0 warms up and is not timed. Each masked arm's ratio to ``none`` (median step over median
+   step) is taken per round, so a shared machine's drifting load falls on both sides of each ratio;
+   printed: the median ratio over rounds, its quartiles and range. Two clocks: wall, and this
+   process's CPU time (``time.process_time``), which a loaded CPU machine disturbs far less (on a
+   GPU the host waits for the device, and the two agree). The GPU is synchronised before each read.
+3. times the update-mask work alone, ``--hook-reps`` times: the handle's hooks as ``step()`` calls
+   them (the copy of the masked span, then the ``lerp``), and the same work with torch's
+   multi-tensor ``_foreach`` ops; as a fraction of ``none``'s median step.
+
+Quality (two runs from one base; configs in ``examples/das/``, commands in docs/benchmarks/das.md)::
+
+    python benchmarks/das.py compare --base runs/das/base runs/das/naive runs/das/das
+
+prints ``cltk.metrics.compare_reports`` of the runs, a per-domain table of final perplexity against
+the base's (a domain a run keeps evaluation-only, like the base's own, has no forgetting figure in
+the report: this table gives it), and each run's matrix (``format_table``).
+
+A script, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ARMS = ("none", "update", "grad")
+
+
+class _Vocab:
+    """The tokenizer a model built from an inline config needs: only its length."""
+
+    eos_token_id = bos_token_id = pad_token_id = None
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _sync() -> None:
+    """Wait for the GPU's queued work, so that a clock read after it counts that work."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _clock() -> tuple[float, float]:
+    """(wall, this process's CPU) seconds, after the GPU's queued work."""
+    _sync()
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: tuple[float, float]) -> tuple[float, float]:
+    now = _clock()
+    return now[0] - start[0], now[1] - start[1]
+
+
+def _quartiles(xs: list[float]) -> tuple[float, float, float]:
+    if len(xs) < 2:
+        return xs[0], xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[1], q[2]
+
+
+def _spread(xs: list[float], fmt: str = "{:.3f}") -> str:
+    lo, med, hi = _quartiles(xs)
+    return (f"{fmt.format(med)} (IQR {fmt.format(lo)}-{fmt.format(hi)}, "
+            f"range {fmt.format(min(xs))}-{fmt.format(max(xs))}, n={len(xs)})")
+
+
+# ----- cost ---------------------------------------------------------------------------------------
+
+
+def _time_importance(cfg, vocab: int, args) -> tuple[dict[str, list[tuple[float, float]]], dict]:
+    """(Wall, CPU) seconds per 1,000 sequences of each mode, per round; and a proxy importance."""
+    import torch
+
+    from cltk import distributed as dist
+    from cltk.importance import estimate_importance, normalize
+    from cltk.models import build_model
+
+    model = build_model(cfg, _Vocab(vocab)).to(dist.device())
+    bs, seq = cfg.train.micro_batch_size, cfg.data.seq_len
+    n = args.importance_seqs
+    mine = n // dist.world_size() + (1 if dist.rank() < n % dist.world_size() else 0)
+    gen = torch.Generator().manual_seed(cfg.seed + 7919 * dist.rank())
+    ids = torch.randint(0, vocab, (mine, seq), generator=gen)
+    batches = [{"input_ids": ids[i: i + bs]} for i in range(0, mine, bs)]
+    per_1k: dict[str, list[tuple[float, float]]] = {"proxy": [], "lm": []}
+    imp = None
+    modes = list(per_1k)
+    for rnd in range(args.importance_rounds):
+        for mode in modes[rnd % 2:] + modes[: rnd % 2]:
+            dist.barrier()
+            start = _clock()
+            raw = estimate_importance(model, batches, mode=mode, seed=cfg.seed)
+            dist.barrier()
+            wall, cpu = _since(start)
+            per_1k[mode].append((wall / n * 1000, cpu / n * 1000))
+            if mode == "proxy":
+                imp = normalize(raw)
+    del model
+    return per_1k, imp
+
+
+def _engines(cfg, vocab: int, imp, total_steps: int) -> tuple[dict, object]:
+    import torch
+
+    from cltk import distributed as dist
+    from cltk.engine import build_engine
+    from cltk.masking import attach_update_masks, param_masks, register_grad_masks
+    from cltk.models import build_model
+
+    engines, handle = {}, None
+    for arm in ARMS:
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg, _Vocab(vocab))  # seeded from cfg.seed: the same weights each time
+        if arm == "grad":
+            # On the device first: register_grad_masks moves each mask to the parameter's device
+            # when it registers the hook (a CPU model with a GPU engine fails in backward).
+            model.to(dist.device())
+            register_grad_masks(model, param_masks(model, imp))
+        engines[arm] = build_engine(cfg, model, total_steps)
+        if arm == "update":
+            handle = attach_update_masks(engines[arm], param_masks(engines[arm].module, imp))
+    return engines, handle
+
+
+def _time_hooks(engine, handle, reps: int) -> list[tuple[float, float]]:
+    """(Wall, CPU) seconds of the update-mask hooks alone, called as ``step()`` would call them.
+
+    Before and after with nothing in between: the lerp blends equal values, so the weights do not
+    change. Uses the handle's hook methods directly (private: a benchmark of exactly that code).
+    Not under ZeRO 3: DeepSpeed puts a sub-group's flat tensor into ``param_groups`` only inside
+    its ``step()``, so called from outside the hooks find nothing to mask (the caller skips it).
+    """
+    import torch
+
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    if not isinstance(inner, torch.optim.Optimizer):
+        inner = engine.optimizer
+    out = []
+    for _ in range(reps + 1):  # the first call warms up
+        start = _clock()
+        handle._before(inner, (), {})
+        handle._after(inner, (), {})
+        out.append(_since(start))
+    return out[1:]
+
+
+def _time_foreach(handle, reps: int) -> list[tuple[float, float]]:
+    """The hooks' work (copy, then lerp) on every target at once with torch's multi-tensor ops.
+
+    The alternative to the per-target loop of ``UpdateMaskHandle``: one launch per op however
+    many targets (ZeRO 0 has one target per parameter; ZeRO 1/2 one per group).
+    """
+    import torch
+
+    ts = list(handle.targets.values())
+    if not ts:  # this rank's partition holds no unit weights
+        return [(0.0, 0.0)] * reps
+    spans, olds, weights = [t.span() for t in ts], [t.old for t in ts], [t.weight for t in ts]
+    out = []
+    with torch.no_grad():
+        for _ in range(reps + 1):
+            start = _clock()
+            torch._foreach_copy_(olds, spans)
+            torch._foreach_lerp_(spans, olds, weights)
+            out.append(_since(start))
+    return out[1:]
+
+
+def cmd_speed(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    from cltk import distributed as dist
+    from cltk.config import DasConfig, load_config
+    from cltk.engine import train_step
+    from cltk.methods.base import StageContext
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dist.init()
+    cfg = load_config(args.config, overrides=args.set, world_size=dist.world_size())
+    cfg.das = cfg.das or DasConfig()
+    vocab = int((cfg.model.config or {}).get("vocab_size") or cfg.tokenizer.train.vocab_size)
+
+    imp_times, imp = _time_importance(cfg, vocab, args)
+    total = args.steps * args.rounds + 2
+    engines, handle = _engines(cfg, vocab, imp, total)
+    rng = np.random.default_rng(cfg.seed + dist.rank())
+    t = cfg.train
+
+    def batches():
+        return [torch.as_tensor(rng.integers(0, vocab, (t.micro_batch_size, cfg.data.seq_len)))
+                for _ in range(t.gradient_accumulation_steps)]
+
+    # per arm, per round: [(wall seconds, this process's CPU seconds) per step]
+    times: dict[str, list[list[tuple[float, float]]]] = {k: [] for k in ARMS}
+    order = list(ARMS)
+    for rnd in range(args.rounds + 1):  # round 0 warms up and is not timed
+        k = rnd % len(order)
+        for arm in order[k:] + order[:k]:
+            ctx = StageContext(cfg, None, [], {}, None, Path("."), None, engine=engines[arm])
+            steps = []
+            for _ in range(args.steps if rnd else 1):
+                micro = batches()
+                dist.barrier()
+                start = _clock()
+                train_step(ctx, [], micro)
+                steps.append(_since(start))
+            if rnd:
+                times[arm].append(steps)
+    hooks = [] if handle.layout == "zero3" else _time_hooks(engines["update"], handle,
+                                                            args.hook_reps)
+    foreach = _time_foreach(handle, args.hook_reps)
+    work = hooks or foreach
+    slowest = dist.all_gather_object(statistics.median([h[0] for h in work]))
+
+    if not dist.is_main():
+        dist.barrier()
+        return
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engines["none"].module.parameters())
+    zero = engines["none"].zero_optimization_stage()
+    print(f"model: {n_params:,} parameters; {dist.world_size()} rank(s), ZeRO {zero}, "
+          f"{torch.get_num_threads()} torch thread(s), batch {cfg.global_batch(dist.world_size())} "
+          f"x {cfg.data.seq_len} tokens; update masks ({handle.layout}) span "
+          f"{handle.masked_numel:,} elements on rank 0")
+    print(f"\nimportance, seconds per 1,000 sequences ({args.importance_seqs} sequences a round, "
+          f"micro-batch {t.micro_batch_size}), wall | this process's CPU:")
+    for mode, xs in imp_times.items():
+        print(f"  {mode:5s} wall {_spread([x[0] for x in xs], '{:.1f}')}")
+        print(f"  {'':5s} CPU  {_spread([x[1] for x in xs], '{:.1f}')}")
+    print(f"\nstep time ({args.rounds} rounds x {args.steps} steps per arm, rotated order); ratio "
+          "to none = per round, median masked step / median unmasked step; then over rounds:")
+    print("| arm | clock | median step (s) | ratio to none: median (IQR, range) |")
+    print("|---|---|---:|---|")
+    for arm in ARMS:
+        for k, clock in enumerate(("wall", "CPU")):
+            steps = [s[k] for r in times[arm] for s in r]
+            cell = "1"
+            if arm != "none":
+                med = [(statistics.median([x[k] for x in a]), statistics.median([x[k] for x in b]))
+                       for a, b in zip(times[arm], times["none"])]
+                ratios = [m / n for m, n in med]
+                cell = _spread(ratios)
+            print(f"| {arm} | {clock} | {statistics.median(steps):.3f} | {cell} |")
+    base = {k: statistics.median([s[k] for r in times["none"] for s in r]) for k in (0, 1)}
+    print(f"\nupdate-mask work alone, {args.hook_reps} calls, vs the unmasked median step "
+          f"({len(handle.targets)} target tensor(s)):")
+    print("| what | clock | min (ms) | median (ms) | median / unmasked step |")
+    print("|---|---|---:|---:|---:|")
+    for what, xs2 in (("hooks (masking.py)", hooks), ("same work, torch._foreach_*", foreach)):
+        if not xs2:
+            print(f"| {what} | - | n/a under ZeRO 3 (see _time_hooks) | | |")
+            continue
+        for k, clock in enumerate(("wall", "CPU")):
+            xs = [h[k] for h in xs2]
+            print(f"| {what} | {clock} | {min(xs) * 1e3:.2f} | {statistics.median(xs) * 1e3:.2f} "
+                  f"| {statistics.median(xs) / base[k] * 100:.2f}% |")
+    print(f"slowest rank's median mask work (wall): {max(slowest) * 1e3:.2f} ms; masked span "
+          f"{handle.masked_numel * 4 / 2**20:.1f} MiB fp32 on rank 0", flush=True)
+    dist.barrier()
+
+
+# ----- quality ------------------------------------------------------------------------------------
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from cltk.metrics import compare_reports, format_table, load_report
+
+    runs = {Path(r).name: load_report(Path(r)) for r in args.runs}
+    print(compare_reports(runs))
+    base = load_report(Path(args.base)) if args.base else None
+    domains = next(iter(runs.values())).domain_names
+    if base is not None:
+        head = "| domain | base | " + " | ".join(f"{n} final | {n} vs base" for n in runs) + " |"
+        print("\nFinal perplexity per domain against the base's:\n\n" + head)
+        print("|---|---:|" + "---:|---:|" * len(runs))
+        b = base.final
+        for d in domains:
+            cells = " | ".join(f"{r.final[d]:.2f} | {100 * (r.final[d] / b[d] - 1):+.1f}%"
+                               for r in runs.values())
+            print(f"| {d} | {b[d]:.2f} | {cells} |")
+    if base is not None:
+        print("\nbase:\n" + format_table(base))
+    for name, r in runs.items():
+        print(f"\n{name}:\n" + format_table(r))
+
+
+def cmd_probe(args: argparse.Namespace) -> None:
+    """Where the base's knowledge was lost: each stage export as trained, and with the base's
+    embeddings put back (DAS masks heads and FFN units only; embeddings, norms and the tied LM
+    head train freely). Writes the hybrids under ``--out`` and evaluates every model on the
+    config's domains (``cltk.report.evaluate_models``: rows in the order given)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from cltk.config import load_config
+    from cltk.report import evaluate_models
+
+    cfg = load_config(args.config)
+    out = Path(args.out)
+    base = load_file(str(Path(args.base) / "model.safetensors"))
+    rows: list[tuple[str, Path, str]] = []  # (row name, model directory, its domain)
+    for m in map(Path, args.models):
+        domain = json.loads((m / "stage.json").read_text())["domain"]
+        label = f"{m.parent.parent.name}-{m.name}"  # RUN-NN-domain
+        hybrid = out / "models" / f"{label}+base-embed"
+        if hybrid.exists():
+            shutil.rmtree(hybrid)
+        shutil.copytree(m, hybrid)
+        weights = load_file(str(m / "model.safetensors"))
+        swapped = [k for k in weights if "embed_tokens" in k or "lm_head" in k]
+        weights.update({k: base[k] for k in swapped})
+        save_file(weights, str(hybrid / "model.safetensors"), metadata={"format": "pt"})
+        print(f"{hybrid.name}: base values for {', '.join(swapped)}")
+        rows += [(label, m, domain), (hybrid.name, hybrid, domain)]
+    named = []
+    for i, (label, d, _) in enumerate(rows):  # report rows are named after the directories
+        link = out / "rows" / f"{i:02d}-{label}"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(d.resolve())
+        named.append(link)
+    domains = [r[2] for r in rows]
+    evaluate_models(cfg, named, out, stage_domains=domains)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("speed", help="step time with update / grad / no masks; importance time")
+    s.add_argument("--config", default=str(ROOT / "examples" / "quickstart.yaml"))
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--steps", type=int, default=4, help="steps per arm per round")
+    s.add_argument("--rounds", type=int, default=8, help="timed rounds (after one warm-up round)")
+    s.add_argument("--importance-seqs", type=int, default=128)
+    s.add_argument("--importance-rounds", type=int, default=3)
+    s.add_argument("--hook-reps", type=int, default=50)
+    s.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process (0: torch's default); 1 keeps OpenMP from "
+                   "spinning against the other processes of a shared machine")
+    s.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    c = sub.add_parser("compare", help="tables of the quality runs (after training them)")
+    c.add_argument("runs", nargs="+", help="run output directories (forgetting.json inside)")
+    c.add_argument("--base", default=None, help="the base run's directory: its final row")
+    r = sub.add_parser("probe", help="stage exports with the base's embeddings put back")
+    r.add_argument("models", nargs="+", help="stage exports (RUN/stages/NN-domain)")
+    r.add_argument("--base", required=True, help="the base model directory")
+    r.add_argument("--config", required=True, help="a run config: domains, tokenizer, eval")
+    r.add_argument("--out", required=True)
+    args = p.parse_args()
+    {"speed": cmd_speed, "compare": cmd_compare, "probe": cmd_probe}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
