@@ -43,3 +43,28 @@ def test_bf16_nccl_run_on_one_gpu(tmp_path, zero):
     report = json.loads((tmp_path / "out" / "forgetting.json").read_text())
     assert all(1 < v < 1000 for row in report["perplexity"] for v in row)
     assert "backend nccl, device cuda:0" in proc.stderr
+
+
+@pytest.mark.parametrize("mask", ["update", "grad"])
+def test_das_two_stages_on_one_gpu(tmp_path, mask):
+    # stage 2 registers grad hooks on the CPU model before DeepSpeed moves it to the GPU
+    cfg = write_tiny_run(tmp_path, das={"importance_samples": 8, "mask": mask})
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(29510 + len(mask)),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "cltk", "train", "--config", str(cfg)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert all(
+        (d / "importance.safetensors").is_file() for d in (tmp_path / "out" / "stages").iterdir()
+    )
