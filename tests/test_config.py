@@ -68,7 +68,11 @@ def test_valid_config_loads_with_types_and_relative_paths(tmp_path):
         ({"deepspeed": "nothere.json"}, "deepspeed", "not found"),
         ({"replay": {"share": 1.0}}, "replay.share", "[0, 1)"),
         ({"blocks": {"k": 2, "p": 1.5}}, "blocks.p", "(0, 1]"),
-        ({"blocks": {"k": 2, "p": 0.5, "one_hot_below": 0.6}}, "blocks.one_hot_below", "must not exceed"),
+        (
+            {"blocks": {"k": 2, "p": 0.5, "one_hot_below": 0.6}},
+            "blocks.one_hot_below",
+            "must not exceed",
+        ),
         ({"distill": {"temperature": 0}}, "distill", "temperature must be > 0"),
         ({"blocks": {"k": 3}, "distill": {}}, "distill", "choose one"),
         ({"das": {}, "lora": {"base": "frozen"}}, "das", "frozen"),
@@ -140,3 +144,18 @@ def test_reference_lists_every_section():
     keys = [row[0] for row in describe()]
     for k in ("train.lr", "blocks.p", "das.mask", "lora.per", "replay.share", "domains"):
         assert k in keys
+
+
+def test_docs_config_reference_is_current():
+    import subprocess
+    import sys
+
+    table = subprocess.run(
+        [sys.executable, "-m", "cltk", "config-reference"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert table.strip() in (ROOT / "docs" / "config.md").read_text(), (
+        "docs/config.md is stale: regenerate it with `cltk config-reference`"
+    )
