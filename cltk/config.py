@@ -1,8 +1,8 @@
 """Typed run configuration, loaded from one YAML file and validated before any work starts.
 
-Every error names the offending key (``train.micro_batch_size``) and says how to fix it. The DeepSpeed JSON
-(``deepspeed:``) owns ZeRO and precision; cltk owns the optimizer, LR schedule and batch sizes, which it
-writes into the DeepSpeed config it hands to ``deepspeed.initialize`` (see :func:`deepspeed_config`).
+Every error names the offending key (``train.micro_batch_size``) and says how to fix it. The checks of a
+config as a whole, and the DeepSpeed config cltk hands to ``deepspeed.initialize``, are in
+:mod:`cltk.validate`.
 """
 
 from __future__ import annotations
@@ -148,6 +148,12 @@ class DistillConfig:
 
 
 @dataclass
+class ContrastiveConfig:
+    weight: float = _help("weight of the DAS contrastive term added to the loss", 0.1)
+    temperature: float = _help("temperature of the contrastive softmax", 0.05)
+
+
+@dataclass
 class DasConfig:
     importance_samples: int = _help(
         "sequences of each domain used to estimate unit importance", 256
@@ -155,6 +161,11 @@ class DasConfig:
     proxy_dropout: float = _help("dropout of the two passes of the first domain's proxy KL", 0.1)
     mask: Literal["update", "grad"] = _help(
         "mask the optimizer update (holds under Adam) or the grad", "update"
+    )
+    contrastive: ContrastiveConfig | None = _help(
+        "DAS contrastive term: two dropout views as positives, the importance-gated view as hard "
+        "negative",
+        None,
     )
 
 
@@ -351,192 +362,10 @@ def load_config(
         _set_override(raw, o)
     cfg = _build(RunConfig, raw)
     cfg.base_dir = str(base)
+    from cltk.validate import validate
+
     validate(cfg, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
     return cfg
-
-
-# ----- validation ------------------------------------------------------------------------------------
-
-
-def _positive(value: float, key: str, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
-def validate(cfg: RunConfig, world_size: int = 1) -> None:
-    """Check a config as a whole; raise :class:`ConfigError` naming the key and the fix."""
-    from cltk.data.corpora import CorpusError, check_source
-    from cltk.data.tokenizer import MIN_VOCAB_SIZE
-    from cltk.losses import check_distillation_args, check_soft_target_args
-
-    m = cfg.model
-    given = [k for k in ("init_from", "gguf", "config") if getattr(m, k)]
-    if len(given) != 1:
-        raise ConfigError(
-            "model", f"give exactly one of init_from, gguf or config (got {given or 'none'})"
-        )
-    for key in ("init_from", "gguf"):
-        val = getattr(m, key)
-        if val and not cfg.resolve(val).exists():  # type: ignore[union-attr]
-            raise ConfigError(f"model.{key}", f"{cfg.resolve(val)} does not exist")
-    if m.config is not None and "model_type" not in m.config:
-        raise ConfigError(
-            "model.config.model_type", "an inline config needs model_type (e.g. llama)"
-        )
-    tok = cfg.tokenizer
-    if tok.path and tok.train:
-        raise ConfigError("tokenizer", "give either path or train, not both")
-    if tok.path and not cfg.resolve(tok.path).exists():  # type: ignore[union-attr]
-        raise ConfigError("tokenizer.path", f"{cfg.resolve(tok.path)} does not exist")
-    if m.config is not None and not (tok.path or tok.train):
-        raise ConfigError(
-            "tokenizer",
-            "a model built from an inline config needs tokenizer.path or "
-            "tokenizer.train: {vocab_size: N}",
-        )
-    if tok.train and tok.train.vocab_size < MIN_VOCAB_SIZE:
-        raise ConfigError(
-            "tokenizer.train.vocab_size",
-            f"must be >= {MIN_VOCAB_SIZE} (specials and the 256 "
-            f"byte tokens need room), got {tok.train.vocab_size}",
-        )
-
-    if not cfg.domains:
-        raise ConfigError(
-            "domains", "list at least one domain: [{name: code, source: {builtin: stdlib}}]"
-        )
-    seen = set()
-    for i, d in enumerate(cfg.domains):
-        key = f"domains[{i}]"
-        if not d.name or not d.name.replace("-", "").replace("_", "").isalnum():
-            raise ConfigError(
-                f"{key}.name", f"needs a name of letters, digits, - and _, got {d.name!r}"
-            )
-        if d.name in seen:
-            raise ConfigError(f"{key}.name", f"domain name {d.name!r} is used twice")
-        seen.add(d.name)
-        try:
-            check_source(d.source, domain=d.name)
-        except CorpusError as e:
-            raise ConfigError(f"{key}.source", str(e)) from e
-    if not cfg.train_domains():
-        raise ConfigError("domains", "every domain is eval_only: nothing to train")
-
-    _positive(cfg.data.seq_len, "data.seq_len")
-    _positive(cfg.data.eval_sequences, "data.eval_sequences")
-    t = cfg.train
-    _positive(t.micro_batch_size, "train.micro_batch_size")
-    _positive(t.gradient_accumulation_steps, "train.gradient_accumulation_steps")
-    _positive(t.lr, "train.lr")
-    _positive(t.epochs, "train.epochs")
-    _positive(t.warmup_steps, "train.warmup_steps", allow_zero=True)
-    _positive(t.checkpoint_every, "train.checkpoint_every", allow_zero=True)
-    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
-        raise ConfigError("train.betas", f"must be two numbers in [0, 1), got {t.betas}")
-    if not 0 <= t.min_lr_ratio <= 1:
-        raise ConfigError("train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
-    expected = cfg.global_batch(world_size)
-    if t.train_batch_size is not None and t.train_batch_size != expected:
-        raise ConfigError(
-            "train.train_batch_size",
-            f"{t.train_batch_size} != micro_batch_size {t.micro_batch_size} x "
-            f"gradient_accumulation_steps {t.gradient_accumulation_steps} x world size {world_size} "
-            f"= {expected}; change one of them or drop train_batch_size",
-        )
-    if not 0 <= cfg.replay.share < 1:
-        raise ConfigError("replay.share", f"must be in [0, 1), got {cfg.replay.share}")
-
-    if not cfg.deepspeed:
-        raise ConfigError(
-            "deepspeed", "name a DeepSpeed JSON, e.g. deepspeed: ds_configs/zero2.json"
-        )
-    ds_path = cfg.resolve(cfg.deepspeed)
-    if not ds_path.is_file():  # type: ignore[union-attr]
-        raise ConfigError("deepspeed", f"{ds_path} not found (ship one of ds_configs/zero*.json)")
-    ds = load_deepspeed_json(ds_path)  # type: ignore[arg-type]
-    for k, ours in (
-        ("train_micro_batch_size_per_gpu", t.micro_batch_size),
-        ("gradient_accumulation_steps", t.gradient_accumulation_steps),
-        ("train_batch_size", expected),
-    ):
-        if k in ds and ds[k] != "auto" and ds[k] != ours:
-            raise ConfigError(
-                "deepspeed",
-                f"{ds_path} sets {k}={ds[k]} but the run config gives {ours}; "
-                f'batch sizes belong in the run config\'s train section: remove {k} or set it to "auto"',
-            )
-    for k in ("optimizer", "scheduler"):
-        if k in ds:
-            raise ConfigError(
-                "deepspeed",
-                f"{ds_path} has a '{k}' section; cltk owns the optimizer and "
-                "LR schedule (train.lr, train.schedule...): remove it",
-            )
-
-    b = cfg.blocks
-    if b is not None:
-        _positive(b.k, "blocks.k")
-        try:
-            check_soft_target_args(b.p, b.one_hot_below)
-        except ValueError as e:
-            key = "blocks.p" if "soft target p" in str(e) else "blocks.one_hot_below"
-            raise ConfigError(key, str(e)) from e
-        _positive(b.topk, "blocks.topk")
-    if cfg.distill is not None:
-        d = cfg.distill
-        try:
-            check_distillation_args(d.alpha, d.beta, d.temperature)
-        except ValueError as e:
-            raise ConfigError("distill", str(e)) from e
-        if b is not None and b.k > 1:
-            raise ConfigError(
-                "distill",
-                "soft-target blocks and distillation both replace the loss "
-                "with a teacher's; choose one (blocks.k > 1 or distill)",
-            )
-    if cfg.das is not None:
-        _positive(cfg.das.importance_samples, "das.importance_samples")
-        if not 0 < cfg.das.proxy_dropout < 1:
-            raise ConfigError(
-                "das.proxy_dropout", f"must be in (0, 1), got {cfg.das.proxy_dropout}"
-            )
-        if cfg.lora is not None and cfg.lora.base == "frozen":
-            raise ConfigError(
-                "das",
-                "DAS masks updates of the base weights, but lora.base: frozen never "
-                "updates them; drop das or use lora.base: merged",
-            )
-
-
-def load_deepspeed_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError("deepspeed", f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError("deepspeed", f"{path} must hold a JSON object")
-    return data
-
-
-def deepspeed_config(cfg: RunConfig, world_size: int, bf16_available: bool) -> dict[str, Any]:
-    """The DeepSpeed config handed to ``deepspeed.initialize``: the JSON plus cltk's batch sizes.
-
-    ``"bf16": {"enabled": "auto"}`` resolves to enabled where bf16 runs natively (a CUDA GPU with bf16
-    support) and disabled elsewhere (CPU trains in fp32).
-    """
-    ds = load_deepspeed_json(cfg.resolve(cfg.deepspeed))  # type: ignore[arg-type]
-    ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
-    ds["gradient_accumulation_steps"] = cfg.train.gradient_accumulation_steps
-    ds["train_batch_size"] = cfg.global_batch(world_size)
-    if cfg.train.grad_clip > 0:
-        ds["gradient_clipping"] = cfg.train.grad_clip
-    for prec in ("bf16", "fp16"):
-        sec = ds.get(prec)
-        if isinstance(sec, dict) and sec.get("enabled") == "auto":
-            sec["enabled"] = bool(bf16_available) if prec == "bf16" else False
-    ds.setdefault("steps_per_print", 10**9)  # cltk logs itself
-    ds.setdefault("wall_clock_breakdown", False)
-    return ds
 
 
 def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:

@@ -14,9 +14,10 @@ import deepspeed
 import torch
 
 from cltk import distributed as dist
-from cltk.config import RunConfig, deepspeed_config
+from cltk.config import RunConfig
 from cltk.losses import causal_lm_loss
 from cltk.methods.base import Method, StageContext
+from cltk.validate import deepspeed_config
 
 
 class NonFiniteLossError(RuntimeError):

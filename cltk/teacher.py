@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from cltk import distributed as dist
-from cltk.config import RunConfig, deepspeed_config
+from cltk.config import RunConfig
 from cltk.engine import next_token_logits
 from cltk.tracking import log
+from cltk.validate import deepspeed_config
 
 __all__ = [
     "OnlineTeacher",

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cltk.config import ConfigError, deepspeed_config, describe, load_config
+from cltk.config import ConfigError, describe, load_config
+from cltk.validate import deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
