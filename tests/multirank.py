@@ -64,3 +64,12 @@ def run_ranks(
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-6000:]}")
     return result
+
+
+def run_one(
+    cfg: str | os.PathLike, *args: str, env: dict[str, str] | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess:
+    """``python -m cltk train --config CFG [args]`` as one process (a process group of one)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "cltk", "train", "--config", str(cfg), *args]
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)

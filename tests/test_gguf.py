@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.multirank import run_one
 from tests.tiny_run import write_tiny_run
 
 pytestmark = pytest.mark.slow
@@ -47,14 +45,7 @@ def test_gguf_model_trains_and_exports_as_safetensors(tmp_path):
         },
         eval={"batch_size": 2},
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "cltk", "train", "--config", str(cfg)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = run_one(cfg, env={"OMP_NUM_THREADS": "2"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "134,515,008 of 134,515,008 parameters trainable" in proc.stderr
     stage = tmp_path / "out" / "stages" / "00-code"

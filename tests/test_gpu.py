@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from tests.multirank import run_one
 from tests.tiny_run import write_tiny_run
 
 pytestmark = [
@@ -20,22 +18,7 @@ pytestmark = [
 
 @pytest.mark.parametrize("zero", [2, 3])
 def test_bf16_nccl_run_on_one_gpu(tmp_path, zero):
-    cfg = write_tiny_run(tmp_path, zero_stage=zero)
-    env = {
-        **os.environ,
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(29500 + zero),
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "cltk", "train", "--config", str(cfg)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = run_one(write_tiny_run(tmp_path, zero_stage=zero))
     assert proc.returncode == 0, proc.stderr[-4000:]
     stages = sorted((tmp_path / "out" / "stages").iterdir())
     record = json.loads((stages[-1] / "stage.json").read_text())
@@ -48,22 +31,7 @@ def test_bf16_nccl_run_on_one_gpu(tmp_path, zero):
 @pytest.mark.parametrize("mask", ["update", "grad"])
 def test_das_two_stages_on_one_gpu(tmp_path, mask):
     # stage 2 registers grad hooks on the CPU model before DeepSpeed moves it to the GPU
-    cfg = write_tiny_run(tmp_path, das={"importance_samples": 8, "mask": mask})
-    env = {
-        **os.environ,
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(29510 + len(mask)),
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "cltk", "train", "--config", str(cfg)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = run_one(write_tiny_run(tmp_path, das={"importance_samples": 8, "mask": mask}))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert all(
         (d / "importance.safetensors").is_file() for d in (tmp_path / "out" / "stages").iterdir()

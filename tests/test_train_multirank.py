@@ -7,15 +7,12 @@ interrupted ones must reproduce.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.multirank import run_ranks
+from tests.multirank import run_one, run_ranks
 from tests.tiny_run import write_tiny_run
 
 pytestmark = pytest.mark.multirank
@@ -134,20 +131,7 @@ def test_resume_at_another_world_size_through_a_universal_checkpoint(tmp_path, c
     cut = write_tiny_run(tmp_path, cache_dir=cache, train=SETTINGS)
     assert train(cut, env={"CLTK_KILL_AT": "0:3"}, check=False).returncode != 0
     # 2 ranks x accumulation 2 -> 1 rank x accumulation 4: the same global batch and data order
-    cmd = [
-        sys.executable,
-        "-m",
-        "cltk",
-        "train",
-        "--config",
-        str(cut),
-        "--resume",
-        "--set",
-        "train.gradient_accumulation_steps=4",
-    ]
-    one = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    one = run_one(cut, "--resume", "--set", "train.gradient_accumulation_steps=4", timeout=600)
     assert one.returncode == 0, one.stderr[-4000:]
     assert "s00-step000002-universal" in one.stderr
     for ra, rb in zip(report(reference)["perplexity"], report(cut)["perplexity"]):
