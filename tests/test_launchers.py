@@ -50,8 +50,15 @@ def test_zero_config_holds_only_zero_and_precision(name, stage):
     assert cfg["zero_optimization"]["stage"] == stage
     assert cfg["bf16"] == {"enabled": "auto"}
     # cltk owns these; a value here would fight the run config.
-    owned = {"optimizer", "scheduler", "train_batch_size", "train_micro_batch_size_per_gpu",
-             "gradient_accumulation_steps", "gradient_clipping", "fp16"}
+    owned = {
+        "optimizer",
+        "scheduler",
+        "train_batch_size",
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "gradient_clipping",
+        "fp16",
+    }
     assert not owned & cfg.keys()
     offload = "offload" in name
     for part in ("offload_optimizer", "offload_param"):
@@ -63,9 +70,12 @@ def test_local_sh_runs_two_ranks_and_every_zero_config_trains(tmp_path):
     out = tmp_path / "out"
     configs = [f"ds_configs/{n}" for n in CONFIGS]
     res = subprocess.run(
-        ["launch/local.sh", "2", "--out", str(out), "--ds-configs", *configs], cwd=ROOT,
+        ["launch/local.sh", "2", "--out", str(out), "--ds-configs", *configs],
+        cwd=ROOT,
         env=launch_env(CLTK_CMD=PROBE, MASTER_PORT=str(free_port())),
-        capture_output=True, text=True, timeout=400,
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     recs = records(out)
@@ -88,9 +98,14 @@ def test_multinode_sh_no_ssh_joins_two_launchers(tmp_path):
     out = tmp_path / "out"
     common = dict(CLTK_CMD=PROBE, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     procs = [
-        subprocess.Popen(["launch/multinode.sh", str(hostfile), "--out", str(out)], cwd=ROOT,
-                         env=launch_env(NODE_RANK=str(i), **common), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            ["launch/multinode.sh", str(hostfile), "--out", str(out)],
+            cwd=ROOT,
+            env=launch_env(NODE_RANK=str(i), **common),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for i in (0, 1)
     ]
     logs = [p.communicate(timeout=300)[0] for p in procs]

@@ -65,21 +65,31 @@ def test_causal_lm_loss_matches_cross_entropy_and_token_nll():
     assert torch.allclose(causal_lm_loss(logits, labels, num_tokens=100), nll / 100, atol=1e-6)
 
 
-@pytest.mark.parametrize("loss_fn", [
-    lambda lg, lb, t, n: soft_target_loss(lg, lb, t, p=0.6, num_tokens=n),
-    lambda lg, lb, t, n: distillation_loss(lg, lb, t, temperature=2.0, num_tokens=n),
-    lambda lg, lb, t, n: causal_lm_loss(lg, lb, num_tokens=n),
-])
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        lambda lg, lb, t, n: soft_target_loss(lg, lb, t, p=0.6, num_tokens=n),
+        lambda lg, lb, t, n: distillation_loss(lg, lb, t, temperature=2.0, num_tokens=n),
+        lambda lg, lb, t, n: causal_lm_loss(lg, lb, num_tokens=n),
+    ],
+)
 def test_micro_batches_with_global_count_equal_whole_batch(loss_fn):
     logits, labels, teacher = _inputs(seed=10)
     labels[1, 2:] = -100  # uneven token counts per micro-batch
     whole = loss_fn(logits, labels, teacher, None)
     n = (labels != -100).sum()
-    parts = sum(loss_fn(logits[i:i + 1], labels[i:i + 1], teacher[i:i + 1], n) for i in range(B))
+    parts = sum(
+        loss_fn(logits[i : i + 1], labels[i : i + 1], teacher[i : i + 1], n) for i in range(B)
+    )
     assert torch.allclose(whole, parts, atol=1e-6)
     # while the mean of per-micro-batch means is a different number
-    means = sum(loss_fn(logits[i:i + 1], labels[i:i + 1], teacher[i:i + 1], None)
-                for i in range(B)) / B
+    means = (
+        sum(
+            loss_fn(logits[i : i + 1], labels[i : i + 1], teacher[i : i + 1], None)
+            for i in range(B)
+        )
+        / B
+    )
     assert not torch.allclose(whole, means, atol=1e-3)
 
 
@@ -92,8 +102,9 @@ def test_all_ignored_gives_zero_not_nan():
     assert loss.item() == 0.0 and torch.all(logits.grad == 0)
 
 
-@pytest.mark.parametrize("p,one_hot_below,sharp", [(0.9, None, 1.0), (0.5, 0.1, 1.0),
-                                                   (0.3, None, 6.0), (1.0, None, 1.0)])
+@pytest.mark.parametrize(
+    "p,one_hot_below,sharp", [(0.9, None, 1.0), (0.5, 0.1, 1.0), (0.3, None, 6.0), (1.0, None, 1.0)]
+)
 def test_soft_target_matches_direct_construction(p, one_hot_below, sharp):
     logits, labels, teacher = _inputs(seed=1, sharp=sharp)
     q_y = teacher.exp().gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
@@ -256,10 +267,15 @@ def test_distillation_of_teacher_itself_is_zero_kl():
     assert abs(got.item()) < 1e-5
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"p": 0.0}, "p must be in"), ({"p": 1.5}, "p must be in"),
-    ({"one_hot_below": -0.1}, "one_hot_below"), ({"p": 0.5, "one_hot_below": 0.6}, "exceed"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"p": 0.0}, "p must be in"),
+        ({"p": 1.5}, "p must be in"),
+        ({"one_hot_below": -0.1}, "one_hot_below"),
+        ({"p": 0.5, "one_hot_below": 0.6}, "exceed"),
+    ],
+)
 def test_soft_target_rejects_bad_arguments(kwargs, match):
     logits, labels, teacher = _inputs()
     with pytest.raises(ValueError, match=match):

@@ -21,8 +21,15 @@ L, H, KV, FFN = 2, 4, 2, 48
 
 def tiny() -> torch.nn.Module:
     torch.manual_seed(0)
-    config = T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=FFN, num_hidden_layers=L,
-                           num_attention_heads=H, num_key_value_heads=KV, attention_bias=True)
+    config = T.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=FFN,
+        num_hidden_layers=L,
+        num_attention_heads=H,
+        num_key_value_heads=KV,
+        attention_bias=True,
+    )
     return T.AutoModelForCausalLM.from_config(config)
 
 
@@ -38,14 +45,16 @@ def test_masks_cover_units_only_and_broadcast():
     model = tiny()
     masks = param_masks(model, importance(heads=[(0, 1, 0.5)], ffn=[(1, 3, 0.9)]))
     params = dict(model.named_parameters())
-    assert not any("embed" in n or "norm" in n or "lm_head" in n or "o_proj.bias" in n
-                   for n in masks)
+    assert not any(
+        "embed" in n or "norm" in n or "lm_head" in n or "o_proj.bias" in n for n in masks
+    )
     for name, m in masks.items():
         assert m.expand(params[name].shape).shape == params[name].shape
-    q = masks["model.layers.0.self_attn.q_proj.weight"].expand(params[
-        "model.layers.0.self_attn.q_proj.weight"].shape)
+    q = masks["model.layers.0.self_attn.q_proj.weight"].expand(
+        params["model.layers.0.self_attn.q_proj.weight"].shape
+    )
     d = 32 // H
-    assert bool((q[d: 2 * d] == 0.5).all()) and int((q != 1).sum()) == d * 32
+    assert bool((q[d : 2 * d] == 0.5).all()) and int((q != 1).sum()) == d * 32
     down = masks["model.layers.1.mlp.down_proj.weight"]
     assert down.shape == (1, FFN) and torch.isclose(down[0, 3], torch.tensor(0.1))
     assert int((down != 1).sum()) == 1
@@ -110,7 +119,7 @@ def test_flat_values_equal_the_expanded_mask(monkeypatch, shape, mask_shape):
     full = mask.expand(shape).flatten()
     for start, n in [(0, full.numel()), (3, 7), (full.numel() - 2, 2)]:
         got = masking._flat_values(mask, torch.Size(shape), start, n)
-        assert torch.equal(got, full[start: start + n])
+        assert torch.equal(got, full[start : start + n])
     with pytest.raises(ValueError, match="outside"):
         masking._flat_values(mask, torch.Size(shape), full.numel() - 1, 2)
 
@@ -118,8 +127,10 @@ def test_flat_values_equal_the_expanded_mask(monkeypatch, shape, mask_shape):
 def test_update_masks_on_a_plain_optimizer():
     """ZeRO stage 0 in fp32: the engine's optimizer is the torch optimizer over module params."""
     model = tiny()
-    imp = importance(heads=[(0, 0, 0.9), (1, 2, 1.0)], ffn=[(0, i, 0.9) for i in range(16)]
-                     + [(1, i, 1.0) for i in range(8)])
+    imp = importance(
+        heads=[(0, 0, 0.9), (1, 2, 1.0)],
+        ffn=[(0, i, 0.9) for i in range(16)] + [(1, i, 1.0) for i in range(8)],
+    )
     masks = param_masks(model, imp)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     handle = attach_update_masks(SimpleNamespace(module=model, optimizer=opt), masks)
@@ -170,16 +181,22 @@ LAYOUT = {0: "plain", 1: "zero1/2", 2: "zero1/2", 3: "zero3"}
 @pytest.mark.multirank
 def test_masks_hold_under_zero_on_two_ranks(tmp_path):
     out = tmp_path / "masking.json"
-    run = run_ranks([SCRIPT, "--out", out, "--stages", "0", "1", "2", "3", "--runs", *PLAN],
-                    world_size=2, timeout=400, env={"PYTHONPATH": str(SCRIPT.parents[2])})
+    run = run_ranks(
+        [SCRIPT, "--out", out, "--stages", "0", "1", "2", "3", "--runs", *PLAN],
+        world_size=2,
+        timeout=400,
+        env={"PYTHONPATH": str(SCRIPT.parents[2])},
+    )
     report = json.loads(out.read_text())
     assert report["world"] == 2
     seen = set()
     for r in report["results"]:
         seen.add((r["stage"], r["run"]))
-        print(f"ZeRO {r['stage']} {r['run']:14s} ratio {r['ratio']:.3f} (pooled "
-              f"{r['pooled_ratio']:.3f}, worst param {r['worst_param_ratio']:.3f}), "
-              f"importance-1 max move {r['one_max']:.1e}")
+        print(
+            f"ZeRO {r['stage']} {r['run']:14s} ratio {r['ratio']:.3f} (pooled "
+            f"{r['pooled_ratio']:.3f}, worst param {r['worst_param_ratio']:.3f}), "
+            f"importance-1 max move {r['one_max']:.1e}"
+        )
         if r["run"] == "grad_adamw":
             continue  # expected to fail to protect: printed, not asserted
         assert r["counts"][1] > 0 and r["counts"][2] > 0 and r["zero_mean"] > 0

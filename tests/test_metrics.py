@@ -23,9 +23,9 @@ STAGE_DOMAINS = ["code", "code", "bible", "law"]
 DOMAINS = ["code", "bible", "law", "web"]
 MATRIX = [
     # code  bible  law   web
-    [9.0, 30.0, 40.0, 20.0],   # after s0
-    [8.0, 31.0, 41.0, 21.0],   # after s1: last code stage -> plasticity code = 8
-    [8.5, 12.0, 39.0, 22.0],   # after s2: bible plasticity = 12
+    [9.0, 30.0, 40.0, 20.0],  # after s0
+    [8.0, 31.0, 41.0, 21.0],  # after s1: last code stage -> plasticity code = 8
+    [8.5, 12.0, 39.0, 22.0],  # after s2: bible plasticity = 12
     [10.0, 13.5, 11.0, 25.0],  # after s3 (final): law plasticity = 11
 ]
 
@@ -53,9 +53,12 @@ def test_figures_of_a_full_run():
 
 def test_scattered_blocks_take_the_last_one():
     # code trained at s0 and again at s2: plasticity is measured after s2
-    r = forgetting_report([[5.0, 50.0], [7.0, 9.0], [4.0, 10.0], [4.5, 8.0]],
-                          ["a", "b", "c", "d"], ["code", "bible"],
-                          ["code", "bible", "code", "bible"])
+    r = forgetting_report(
+        [[5.0, 50.0], [7.0, 9.0], [4.0, 10.0], [4.5, 8.0]],
+        ["a", "b", "c", "d"],
+        ["code", "bible"],
+        ["code", "bible", "code", "bible"],
+    )
     assert r.plasticity == {"code": 4.0, "bible": 8.0}
     assert r.forgetting == pytest.approx({"code": 0.5})
     assert r.mean_forgetting == pytest.approx(0.5)
@@ -81,8 +84,11 @@ def test_dict_roundtrip_and_files(tmp_path):
     r = _full()
     assert ForgettingReport.from_dict(json.loads(json.dumps(r.to_dict()))) == r
     paths = save_report(r, tmp_path / "out")
-    assert {p.name for p in paths.values()} == {"forgetting.json", "forgetting.csv",
-                                                 "forgetting.png"}
+    assert {p.name for p in paths.values()} == {
+        "forgetting.json",
+        "forgetting.csv",
+        "forgetting.png",
+    }
     assert load_report(tmp_path / "out") == r
     assert load_report(paths["json"]) == r
     with paths["csv"].open() as fh:
@@ -113,8 +119,9 @@ def test_format_table_shows_matrix_and_headline():
 
 def test_compare_reports_markdown():
     a = _full()
-    b = forgetting_report([[9.0, 30.0], [9.5, 12.0]], ["x", "y"], ["code", "bible"],
-                          ["code", "bible"])
+    b = forgetting_report(
+        [[9.0, 30.0], [9.5, 12.0]], ["x", "y"], ["code", "bible"], ["code", "bible"]
+    )
     md = compare_reports({"finetune": a, "soft-target": b}).splitlines()
     assert md[0].startswith("| method | avg final ppl | forgetting |")
     assert md[2] == "| finetune | 11.50 | +1.75 | +18.8% | 10.33 |"
@@ -124,16 +131,19 @@ def test_compare_reports_markdown():
         compare_reports({})
 
 
-@pytest.mark.parametrize("args,match", [
-    (([[1.0, 2.0]], ["a"], ["x"], ["x"]), "row 0"),
-    (([[1.0]], ["a"], ["x"], ["y"]), "not in domain_names"),
-    (([[1.0]], ["a", "a"], ["x"], ["x", "x"]), "stage_names must be unique"),
-    (([[1.0]], ["a", "b"], ["x"], ["x"]), "stage_domains has 1"),
-    (([[1.0], [1.0]], ["a"], ["x"], ["x"]), "2 rows but only 1"),
-    (([], ["a"], ["x"], ["x"]), "no rows"),
-    (([[float("nan")]], ["a"], ["x"], ["x"]), "perplexities are > 0"),
-    (([[0.0]], ["a"], ["x"], ["x"]), "perplexities are > 0"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (([[1.0, 2.0]], ["a"], ["x"], ["x"]), "row 0"),
+        (([[1.0]], ["a"], ["x"], ["y"]), "not in domain_names"),
+        (([[1.0]], ["a", "a"], ["x"], ["x", "x"]), "stage_names must be unique"),
+        (([[1.0]], ["a", "b"], ["x"], ["x"]), "stage_domains has 1"),
+        (([[1.0], [1.0]], ["a"], ["x"], ["x"]), "2 rows but only 1"),
+        (([], ["a"], ["x"], ["x"]), "no rows"),
+        (([[float("nan")]], ["a"], ["x"], ["x"]), "perplexities are > 0"),
+        (([[0.0]], ["a"], ["x"], ["x"]), "perplexities are > 0"),
+    ],
+)
 def test_rejects_bad_inputs(args, match):
     with pytest.raises(ValueError, match=match):
         forgetting_report(*args)

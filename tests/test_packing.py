@@ -86,8 +86,9 @@ def test_second_call_loads_the_cache_without_tokenising(tok, tmp_path, monkeypat
     for change in ({"seq_len": 17}, {"eval_sequences": 2}, {"seed": 9}, {"docs": docs[:-1]}):
         args = {"docs": docs, "seq_len": 16, "eval_sequences": 3, "seed": 0, **change}
         with pytest.raises(AssertionError, match="tokenised on a cache hit"):
-            pack_domain("prose", args.pop("docs"), tok, args.pop("seq_len"),
-                        cache_dir=tmp_path, **args)
+            pack_domain(
+                "prose", args.pop("docs"), tok, args.pop("seq_len"), cache_dir=tmp_path, **args
+            )
 
 
 def test_cache_key_covers_every_input():
@@ -171,8 +172,11 @@ def test_packed_fingerprint_tracks_every_token():
     train = np.arange(16, dtype=np.int32).reshape(4, 4)
 
     def domain(tr: np.ndarray, ev: np.ndarray) -> PackedDomain:
-        return PackedDomain("d", datasets.Dataset.from_dict({"input_ids": tr}, features=feats),
-                            datasets.Dataset.from_dict({"input_ids": ev}, features=feats))
+        return PackedDomain(
+            "d",
+            datasets.Dataset.from_dict({"input_ids": tr}, features=feats),
+            datasets.Dataset.from_dict({"input_ids": ev}, features=feats),
+        )
 
     fp = packed_fingerprint(domain(train, train[:1]))
     assert fp == packed_fingerprint(domain(train.copy(), train[:1].copy()))
@@ -181,7 +185,8 @@ def test_packed_fingerprint_tracks_every_token():
     assert packed_fingerprint(domain(bumped, train[:1])) != fp
     assert packed_fingerprint(domain(train[1:], train[:1])) != fp  # a row moved out of train
     assert packed_fingerprint(domain(train[:3], train[3:])) != packed_fingerprint(
-        domain(train[:2], train[2:]))
+        domain(train[:2], train[2:])
+    )
 
 
 @pytest.mark.parametrize("builtin", ["kjv", "stdlib"])

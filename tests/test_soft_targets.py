@@ -46,8 +46,9 @@ def _cfg(tmp_path: Path, **sections):
 
 
 def _ctx(cfg, index: int, block: int, prev: Path | None) -> StageContext:
-    stage = Stage(index, "bible" if index >= 2 else "code", 1 if index >= 2 else 0, block, 2,
-                  np.arange(4))
+    stage = Stage(
+        index, "bible" if index >= 2 else "code", 1 if index >= 2 else 0, block, 2, np.arange(4)
+    )
     return StageContext(cfg, stage, [stage], {}, None, Path("/nonexistent"), prev)
 
 
@@ -115,8 +116,9 @@ def test_distillation_loss_from_the_second_stage(tmp_path):
     assert m.loss(_ctx(cfg, 0, 0, None), batch, logits, labels) is None
     m.teacher = FakeTeacher()
     loss, _ = m.loss(_ctx(cfg, 1, 0, Path("/prev")), batch, logits, labels)
-    ref = distillation_loss(logits, labels, m.teacher.logprobs(batch["input_ids"]),
-                            alpha=0.7, beta=0.3, temperature=2.0)
+    ref = distillation_loss(
+        logits, labels, m.teacher.logprobs(batch["input_ids"]), alpha=0.7, beta=0.3, temperature=2.0
+    )
     assert torch.allclose(loss, ref, rtol=1e-6)
     with pytest.raises(ValueError, match="distill section"):
         DistillMethod(_cfg(tmp_path / "none"))
@@ -138,8 +140,14 @@ class FakeEngine:
 
 def test_teacher_is_partitioned_only_under_zero3_and_follows_the_student_precision(tmp_path):
     cfg = _cfg(tmp_path, blocks={"k": 2})
-    ds3 = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
-                                 "offload_param": {"device": "cpu"}}, "bf16": {"enabled": "auto"}}
+    ds3 = {
+        "zero_optimization": {
+            "stage": 3,
+            "offload_optimizer": {"device": "cpu"},
+            "offload_param": {"device": "cpu"},
+        },
+        "bf16": {"enabled": "auto"},
+    }
     (tmp_path / "ds3.json").write_text(json.dumps(ds3))
     cfg.deepspeed = "ds3.json"
     z3 = teacher_ds_config(cfg, FakeEngine(3, bf16=True))

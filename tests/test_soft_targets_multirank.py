@@ -55,8 +55,9 @@ def _check_soft_target_run(cfg: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def online_zero2(tmp_path_factory, cache):
-    cfg = write_tiny_run(tmp_path_factory.mktemp("z2"), zero_stage=2, cache_dir=cache,
-                         blocks=BLOCKS, **COMMON)
+    cfg = write_tiny_run(
+        tmp_path_factory.mktemp("z2"), zero_stage=2, cache_dir=cache, blocks=BLOCKS, **COMMON
+    )
     _train(cfg)
     return cfg
 
@@ -75,8 +76,13 @@ def test_online_teacher_under_zero2_and_zero3(tmp_path, cache, online_zero2):
 
 
 def test_offline_cache_with_full_vocab_reproduces_the_online_losses(tmp_path, cache, online_zero2):
-    cfg = write_tiny_run(tmp_path, zero_stage=2, cache_dir=cache,
-                         blocks={**BLOCKS, "teacher": "offline", "topk": 100000}, **COMMON)
+    cfg = write_tiny_run(
+        tmp_path,
+        zero_stage=2,
+        cache_dir=cache,
+        blocks={**BLOCKS, "teacher": "offline", "topk": 100000},
+        **COMMON,
+    )
     _train(cfg)
     rows = _check_soft_target_run(cfg)
     online = _metrics(online_zero2)
@@ -96,8 +102,13 @@ def test_offline_cache_with_full_vocab_reproduces_the_online_losses(tmp_path, ca
 
 
 def test_distillation_run(tmp_path, cache):
-    cfg = write_tiny_run(tmp_path, zero_stage=3, cache_dir=cache,
-                         distill={"alpha": 0.5, "beta": 0.5, "temperature": 2.0}, **COMMON)
+    cfg = write_tiny_run(
+        tmp_path,
+        zero_stage=3,
+        cache_dir=cache,
+        distill={"alpha": 0.5, "beta": 0.5, "temperature": 2.0},
+        **COMMON,
+    )
     _train(cfg)
     rows = _metrics(cfg)
     assert {r["stage_name"] for r in rows} == {"code", "bible"}

@@ -45,8 +45,9 @@ def _ids(n: int = 7, seed: int = 1) -> np.ndarray:
 
 
 def _keys(ids: np.ndarray, topk: int = 8, dtype: str = "float16") -> CacheKeys:
-    return CacheKeys(teacher="t" * 64, data=data_key(ids), topk=topk, seq_len=T, vocab=V,
-                     logprob_dtype=dtype)
+    return CacheKeys(
+        teacher="t" * 64, data=data_key(ids), topk=topk, seq_len=T, vocab=V, logprob_dtype=dtype
+    )
 
 
 def _build(tmp, ids, keys, shards=2, batch=2, scorer=None):

@@ -90,7 +90,10 @@ def test_training_is_deterministic_across_processes(texts, tmp_path):
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     subprocess.run(
         [sys.executable, "-c", script, str(tmp_path / "texts.json"), str(tmp_path / "there")],
-        env=env, cwd=Path(__file__).resolve().parents[1], check=True, timeout=180,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        check=True,
+        timeout=180,
     )
     train_tokenizer(texts[:150], 1024, tmp_path / "here")
     assert (tmp_path / "here" / "tokenizer.json").read_bytes() == (
@@ -121,8 +124,11 @@ def test_max_chars_trains_on_a_seeded_sample(tmp_path):
 
     def learned_words(seed: int) -> set[str]:
         tok = train_tokenizer(texts, 512, tmp_path / f"s{seed}", seed=seed, max_chars=5 * per_text)
-        return {w for w in (t.strip("▁") for t in tok.get_vocab())
-                if len(w) == 4 and w.startswith("wa") and w.endswith("q")}
+        return {
+            w
+            for w in (t.strip("▁") for t in tok.get_vocab())
+            if len(w) == 4 and w.startswith("wa") and w.endswith("q")
+        }
 
     first = learned_words(1)
     assert len(first) == 5 and first == learned_words(1)

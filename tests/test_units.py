@@ -10,23 +10,55 @@ from cltk.units import attach_gates, build_unit_map
 
 V, E, FFN, H = 64, 32, 48, 4
 CONFIGS = {
-    "llama": lambda: T.LlamaConfig(vocab_size=V, hidden_size=E, intermediate_size=FFN,
-                                   num_hidden_layers=2, num_attention_heads=H,
-                                   num_key_value_heads=2),
-    "mistral": lambda: T.MistralConfig(vocab_size=V, hidden_size=E, intermediate_size=FFN,
-                                       num_hidden_layers=2, num_attention_heads=H,
-                                       num_key_value_heads=2),
-    "qwen2": lambda: T.Qwen2Config(vocab_size=V, hidden_size=E, intermediate_size=FFN,
-                                   num_hidden_layers=2, num_attention_heads=H,
-                                   num_key_value_heads=2),
-    "gpt2": lambda: T.GPT2Config(vocab_size=V, n_embd=E, n_layer=2, n_head=H, n_inner=FFN,
-                                 bos_token_id=0, eos_token_id=0),
-    "gpt_neox": lambda: T.GPTNeoXConfig(vocab_size=V, hidden_size=E, intermediate_size=FFN,
-                                        num_hidden_layers=2, num_attention_heads=H),
-    "opt": lambda: T.OPTConfig(vocab_size=V, hidden_size=E, ffn_dim=FFN, num_hidden_layers=2,
-                               num_attention_heads=H, word_embed_proj_dim=E),
-    "phi": lambda: T.PhiConfig(vocab_size=V, hidden_size=E, intermediate_size=FFN,
-                               num_hidden_layers=2, num_attention_heads=H),
+    "llama": lambda: T.LlamaConfig(
+        vocab_size=V,
+        hidden_size=E,
+        intermediate_size=FFN,
+        num_hidden_layers=2,
+        num_attention_heads=H,
+        num_key_value_heads=2,
+    ),
+    "mistral": lambda: T.MistralConfig(
+        vocab_size=V,
+        hidden_size=E,
+        intermediate_size=FFN,
+        num_hidden_layers=2,
+        num_attention_heads=H,
+        num_key_value_heads=2,
+    ),
+    "qwen2": lambda: T.Qwen2Config(
+        vocab_size=V,
+        hidden_size=E,
+        intermediate_size=FFN,
+        num_hidden_layers=2,
+        num_attention_heads=H,
+        num_key_value_heads=2,
+    ),
+    "gpt2": lambda: T.GPT2Config(
+        vocab_size=V, n_embd=E, n_layer=2, n_head=H, n_inner=FFN, bos_token_id=0, eos_token_id=0
+    ),
+    "gpt_neox": lambda: T.GPTNeoXConfig(
+        vocab_size=V,
+        hidden_size=E,
+        intermediate_size=FFN,
+        num_hidden_layers=2,
+        num_attention_heads=H,
+    ),
+    "opt": lambda: T.OPTConfig(
+        vocab_size=V,
+        hidden_size=E,
+        ffn_dim=FFN,
+        num_hidden_layers=2,
+        num_attention_heads=H,
+        word_embed_proj_dim=E,
+    ),
+    "phi": lambda: T.PhiConfig(
+        vocab_size=V,
+        hidden_size=E,
+        intermediate_size=FFN,
+        num_hidden_layers=2,
+        num_attention_heads=H,
+    ),
 }
 
 
@@ -89,9 +121,12 @@ def capture_gate_inputs(model, umap, layer: int) -> dict[str, torch.Tensor]:
     seen: dict[str, torch.Tensor] = {}
     handles = [
         model.get_submodule(name).register_forward_pre_hook(
-            lambda mod, args, key=key: seen.__setitem__(key, args[0].detach().clone()))
-        for key, name in (("heads", umap.layers[layer].head_gate),
-                          ("ffn", umap.layers[layer].ffn_gate))
+            lambda mod, args, key=key: seen.__setitem__(key, args[0].detach().clone())
+        )
+        for key, name in (
+            ("heads", umap.layers[layer].head_gate),
+            ("ffn", umap.layers[layer].ffn_gate),
+        )
     ]
     with torch.no_grad():
         model(ids())
@@ -142,7 +177,8 @@ def test_peft_wrapped_model_maps_to_the_same_tensors():
     gates = {"heads": torch.rand(2, H), "ffn": torch.rand(2, FFN)}
     want = logits(plain, **gates)
     wrapped = peft.get_peft_model(
-        plain, peft.LoraConfig(r=2, target_modules=["q_proj", "o_proj", "down_proj"]))
+        plain, peft.LoraConfig(r=2, target_modules=["q_proj", "o_proj", "down_proj"])
+    )
     wmap = build_unit_map(wrapped)
     wparams = dict(wrapped.named_parameters())
     for (_, _, a), (_, _, b) in zip(wmap.slices(), plain_map.slices(), strict=True):
@@ -154,7 +190,8 @@ def test_peft_wrapped_model_maps_to_the_same_tensors():
 
 def test_unsupported_model_lists_modules_and_fix():
     model = T.AutoModelForCausalLM.from_config(
-        T.BloomConfig(vocab_size=V, hidden_size=E, n_layer=1, n_head=H))
+        T.BloomConfig(vocab_size=V, hidden_size=E, n_layer=1, n_head=H)
+    )
     with pytest.raises(ValueError, match=r"(?s)'bloom'.*query_key_value.*register_architecture"):
         build_unit_map(model)
 

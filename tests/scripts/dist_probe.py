@@ -28,8 +28,12 @@ def ds_steps(path: str) -> dict:
     cfg = json.loads(Path(path).read_text())
     cfg["bf16"]["enabled"] = False
     # The keys cltk writes into every config it hands DeepSpeed.
-    cfg.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1,
-               train_batch_size=4 * dist.get_world_size(), gradient_clipping=1.0)
+    cfg.update(
+        train_micro_batch_size_per_gpu=4,
+        gradient_accumulation_steps=1,
+        train_batch_size=4 * dist.get_world_size(),
+        gradient_clipping=1.0,
+    )
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -18,12 +18,19 @@ NUM_BATCHES, LM_SAMPLES = 8, 11
 def build() -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
     """The tiny dropout-free Llama and the batches both sides of the test use."""
     torch.manual_seed(0)
-    config = T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2)
+    config = T.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = T.AutoModelForCausalLM.from_config(config)
     gen = torch.Generator().manual_seed(0)
-    batches = [{"input_ids": torch.randint(0, 64, (2, 12), generator=gen)}
-               for _ in range(NUM_BATCHES)]
+    batches = [
+        {"input_ids": torch.randint(0, 64, (2, 12), generator=gen)} for _ in range(NUM_BATCHES)
+    ]
     return model, batches
 
 
@@ -33,8 +40,12 @@ def scores(model, batches) -> dict[str, torch.Tensor]:
 
     proxy = estimate_importance(model, batches, mode="proxy", proxy_dropout=0.1)
     lm = estimate_importance(model, batches, mode="lm", num_samples=LM_SAMPLES)
-    return {"proxy_heads": proxy["heads"], "proxy_ffn": proxy["ffn"],
-            "lm_heads": lm["heads"], "lm_ffn": lm["ffn"]}
+    return {
+        "proxy_heads": proxy["heads"],
+        "proxy_ffn": proxy["ffn"],
+        "lm_heads": lm["heads"],
+        "lm_ffn": lm["ffn"],
+    }
 
 
 def main(out: str) -> None:

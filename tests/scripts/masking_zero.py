@@ -33,9 +33,17 @@ RUNS = ("update", "update_client", "update_bf16", "grad_sgd", "grad_adamw")
 def tiny_llama() -> torch.nn.Module:
     torch.manual_seed(0)
     # head_dim != hidden / heads, and biases of odd length (45): ZeRO 3 pads them on 2 ranks.
-    config = T.LlamaConfig(vocab_size=64, hidden_size=36, head_dim=10, intermediate_size=45,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           attention_bias=True, mlp_bias=True)
+    config = T.LlamaConfig(
+        vocab_size=64,
+        hidden_size=36,
+        head_dim=10,
+        intermediate_size=45,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_bias=True,
+        mlp_bias=True,
+    )
     return T.AutoModelForCausalLM.from_config(config)
 
 
@@ -46,20 +54,26 @@ def pattern(layers: int, heads: int, inter: int) -> dict[str, torch.Tensor]:
     for i in range(layers):
         perm = torch.randperm(inter, generator=gen)
         ffn[i, perm[: inter // 3]] = 0.9
-        ffn[i, perm[inter // 3: inter // 2]] = 1.0
+        ffn[i, perm[inter // 3 : inter // 2]] = 1.0
     h = torch.tensor([[0.9, 0.9, 0.0, 0.0], [1.0, 0.0, 0.9, 0.0]])[:layers, :heads]
     return {"heads": h, "ffn": ffn}
 
 
 def ds_config(stage: int, client: bool, bf16: bool = False) -> dict:
-    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
-           "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-           "steps_per_print": 10**9}
+    cfg = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
     if bf16:  # ZeRO 1 + bf16 + fp32 gradient accumulation: DeepSpeed's BF16_Optimizer
         cfg.update(bf16={"enabled": True}, data_types={"grad_accum_dtype": "fp32"})
     if not client:
-        cfg["optimizer"] = {"type": "AdamW", "params": {"torch_adam": True, "lr": LR,
-                                                        "weight_decay": WD}}
+        cfg["optimizer"] = {
+            "type": "AdamW",
+            "params": {"torch_adam": True, "lr": LR, "weight_decay": WD},
+        }
     return cfg
 
 
@@ -102,10 +116,15 @@ def moves(before, after, masks) -> dict:
             weights[name] = n.numel()
     zero, nine, one = (torch.cat(x) for x in (zero, nine, one))
     ratio = sum(per_param[k] * weights[k] for k in per_param) / sum(weights.values())
-    return {"ratio": ratio, "pooled_ratio": (nine.mean() / zero.mean()).item(),
-            "worst_param_ratio": max(per_param.values()), "zero_mean": zero.mean().item(),
-            "one_max": one.max().item(), "counts": [zero.numel(), nine.numel(), one.numel()],
-            "per_param": per_param}
+    return {
+        "ratio": ratio,
+        "pooled_ratio": (nine.mean() / zero.mean()).item(),
+        "worst_param_ratio": max(per_param.values()),
+        "zero_mean": zero.mean().item(),
+        "one_max": one.max().item(),
+        "counts": [zero.numel(), nine.numel(), one.numel()],
+        "per_param": per_param,
+    }
 
 
 def probe(before, after, masks) -> dict:
@@ -145,8 +164,9 @@ def run(stage: int, kind: str, rank: int) -> dict:
     config = ds_config(stage, opt is not None, kind == "update_bf16")
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     if stage == 3:  # the map also reads a partitioned model (full shapes from ds_shape)
-        again = param_masks(engine.module, pattern(umap.num_layers, umap.num_heads,
-                                                   umap.intermediate))
+        again = param_masks(
+            engine.module, pattern(umap.num_layers, umap.num_heads, umap.intermediate)
+        )
         assert again.keys() == masks.keys() and all(torch.equal(again[k], masks[k]) for k in masks)
     handle = attach_update_masks(engine, masks) if kind.startswith("update") else None
     before = full_weights(engine, stage)
@@ -171,12 +191,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
-    parser.add_argument("--runs", nargs="+", default=list(RUNS),
-                        help="run kinds for every stage; 'S:kind' runs kind at stage S only")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=list(RUNS),
+        help="run kinds for every stage; 'S:kind' runs kind at stage S only",
+    )
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                       ("MASTER_ADDR", "127.0.0.1")):
+    for key, value in (
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+        ("MASTER_ADDR", "127.0.0.1"),
+    ):
         os.environ.setdefault(key, value)  # one plain process: a world of 1
     if "MASTER_PORT" not in os.environ:
         from tests.multirank import free_port
@@ -198,9 +226,12 @@ def main() -> None:
             res = run(stage, kind, rank)
             results.append(res)
             if rank == 0:
-                print(f"MASKING stage={stage} run={kind} ratio={res['ratio']:.3f} "
-                      f"pooled={res['pooled_ratio']:.3f} worst={res['worst_param_ratio']:.3f} "
-                      f"one_max={res['one_max']:.2e} zero_mean={res['zero_mean']:.2e}", flush=True)
+                print(
+                    f"MASKING stage={stage} run={kind} ratio={res['ratio']:.3f} "
+                    f"pooled={res['pooled_ratio']:.3f} worst={res['worst_param_ratio']:.3f} "
+                    f"one_max={res['one_max']:.2e} zero_mean={res['zero_mean']:.2e}",
+                    flush=True,
+                )
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump({"world": dist.get_world_size(), "results": results}, f, indent=1)
