@@ -158,12 +158,16 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
             raise ConfigError(
                 "das.proxy_dropout", f"must be in (0, 1), got {cfg.das.proxy_dropout}"
             )
-        if cfg.lora is not None and cfg.lora.base == "frozen":
+        if cfg.lora is not None:
             raise ConfigError(
                 "das",
-                "DAS masks updates of the base weights, but lora.base: frozen never "
-                "updates them; drop das or use lora.base: merged",
+                "DAS masks the updates of the base model's heads and FFN units, but with lora only "
+                "the adapters train, so the masks would protect nothing; use one of das or lora",
             )
+    if cfg.lora is not None:
+        from cltk.adapters import check_lora_config  # peft is imported only for LoRA runs
+
+        check_lora_config(cfg)
 
 
 def load_deepspeed_json(path: Path) -> dict[str, Any]:

@@ -76,7 +76,10 @@ def test_valid_config_loads_with_types_and_relative_paths(tmp_path):
         ),
         ({"distill": {"temperature": 0}}, "distill", "temperature must be > 0"),
         ({"blocks": {"k": 3}, "distill": {}}, "distill", "choose one"),
-        ({"das": {}, "lora": {"base": "frozen"}}, "das", "frozen"),
+        ({"das": {}, "lora": {"base": "frozen"}}, "das", "protect nothing"),
+        ({"das": {}, "lora": {"base": "merged"}}, "das", "protect nothing"),
+        ({"lora": {"r": 0}}, "lora.r", "positive"),
+        ({"lora": {"base": "frozen"}, "distill": {}}, "distill", "frozen"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, patch, key, words):
