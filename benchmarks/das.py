@@ -50,22 +50,12 @@ import sys
 import time
 from pathlib import Path
 
+from _common import VocabOnly  # noqa: E402  (benchmarks/ is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 ARMS = ("none", "update", "grad")
-
-
-class _Vocab:
-    """The tokenizer a model built from an inline config needs: only its length."""
-
-    eos_token_id = bos_token_id = pad_token_id = None
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
 
 
 def _sync() -> None:
@@ -96,8 +86,10 @@ def _quartiles(xs: list[float]) -> tuple[float, float, float]:
 
 def _spread(xs: list[float], fmt: str = "{:.3f}") -> str:
     lo, med, hi = _quartiles(xs)
-    return (f"{fmt.format(med)} (IQR {fmt.format(lo)}-{fmt.format(hi)}, "
-            f"range {fmt.format(min(xs))}-{fmt.format(max(xs))}, n={len(xs)})")
+    return (
+        f"{fmt.format(med)} (IQR {fmt.format(lo)}-{fmt.format(hi)}, "
+        f"range {fmt.format(min(xs))}-{fmt.format(max(xs))}, n={len(xs)})"
+    )
 
 
 # ----- cost ---------------------------------------------------------------------------------------
@@ -111,18 +103,18 @@ def _time_importance(cfg, vocab: int, args) -> tuple[dict[str, list[tuple[float,
     from cltk.importance import estimate_importance, normalize
     from cltk.models import build_model
 
-    model = build_model(cfg, _Vocab(vocab)).to(dist.device())
+    model = build_model(cfg, VocabOnly(vocab)).to(dist.device())
     bs, seq = cfg.train.micro_batch_size, cfg.data.seq_len
     n = args.importance_seqs
     mine = n // dist.world_size() + (1 if dist.rank() < n % dist.world_size() else 0)
     gen = torch.Generator().manual_seed(cfg.seed + 7919 * dist.rank())
     ids = torch.randint(0, vocab, (mine, seq), generator=gen)
-    batches = [{"input_ids": ids[i: i + bs]} for i in range(0, mine, bs)]
+    batches = [{"input_ids": ids[i : i + bs]} for i in range(0, mine, bs)]
     per_1k: dict[str, list[tuple[float, float]]] = {"proxy": [], "lm": []}
     imp = None
     modes = list(per_1k)
     for rnd in range(args.importance_rounds):
-        for mode in modes[rnd % 2:] + modes[: rnd % 2]:
+        for mode in modes[rnd % 2 :] + modes[: rnd % 2]:
             dist.barrier()
             start = _clock()
             raw = estimate_importance(model, batches, mode=mode, seed=cfg.seed)
@@ -146,7 +138,9 @@ def _engines(cfg, vocab: int, imp, total_steps: int) -> tuple[dict, object]:
     engines, handle = {}, None
     for arm in ARMS:
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg, _Vocab(vocab))  # seeded from cfg.seed: the same weights each time
+        model = build_model(
+            cfg, VocabOnly(vocab)
+        )  # seeded from cfg.seed: the same weights each time
         if arm == "grad":
             # On the device first: register_grad_masks moves each mask to the parameter's device
             # when it registers the hook (a CPU model with a GPU engine fails in backward).
@@ -225,8 +219,10 @@ def cmd_speed(args: argparse.Namespace) -> None:
     t = cfg.train
 
     def batches():
-        return [torch.as_tensor(rng.integers(0, vocab, (t.micro_batch_size, cfg.data.seq_len)))
-                for _ in range(t.gradient_accumulation_steps)]
+        return [
+            torch.as_tensor(rng.integers(0, vocab, (t.micro_batch_size, cfg.data.seq_len)))
+            for _ in range(t.gradient_accumulation_steps)
+        ]
 
     # per arm, per round: [(wall seconds, this process's CPU seconds) per step]
     times: dict[str, list[list[tuple[float, float]]]] = {k: [] for k in ARMS}
@@ -244,8 +240,9 @@ def cmd_speed(args: argparse.Namespace) -> None:
                 steps.append(_since(start))
             if rnd:
                 times[arm].append(steps)
-    hooks = [] if handle.layout == "zero3" else _time_hooks(engines["update"], handle,
-                                                            args.hook_reps)
+    hooks = (
+        [] if handle.layout == "zero3" else _time_hooks(engines["update"], handle, args.hook_reps)
+    )
     foreach = _time_foreach(handle, args.hook_reps)
     work = hooks or foreach
     slowest = dist.all_gather_object(statistics.median([h[0] for h in work]))
@@ -255,17 +252,23 @@ def cmd_speed(args: argparse.Namespace) -> None:
         return
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engines["none"].module.parameters())
     zero = engines["none"].zero_optimization_stage()
-    print(f"model: {n_params:,} parameters; {dist.world_size()} rank(s), ZeRO {zero}, "
-          f"{torch.get_num_threads()} torch thread(s), batch {cfg.global_batch(dist.world_size())} "
-          f"x {cfg.data.seq_len} tokens; update masks ({handle.layout}) span "
-          f"{handle.masked_numel:,} elements on rank 0")
-    print(f"\nimportance, seconds per 1,000 sequences ({args.importance_seqs} sequences a round, "
-          f"micro-batch {t.micro_batch_size}), wall | this process's CPU:")
+    print(
+        f"model: {n_params:,} parameters; {dist.world_size()} rank(s), ZeRO {zero}, "
+        f"{torch.get_num_threads()} torch thread(s), batch {cfg.global_batch(dist.world_size())} "
+        f"x {cfg.data.seq_len} tokens; update masks ({handle.layout}) span "
+        f"{handle.masked_numel:,} elements on rank 0"
+    )
+    print(
+        f"\nimportance, seconds per 1,000 sequences ({args.importance_seqs} sequences a round, "
+        f"micro-batch {t.micro_batch_size}), wall | this process's CPU:"
+    )
     for mode, xs in imp_times.items():
         print(f"  {mode:5s} wall {_spread([x[0] for x in xs], '{:.1f}')}")
         print(f"  {'':5s} CPU  {_spread([x[1] for x in xs], '{:.1f}')}")
-    print(f"\nstep time ({args.rounds} rounds x {args.steps} steps per arm, rotated order); ratio "
-          "to none = per round, median masked step / median unmasked step; then over rounds:")
+    print(
+        f"\nstep time ({args.rounds} rounds x {args.steps} steps per arm, rotated order); ratio "
+        "to none = per round, median masked step / median unmasked step; then over rounds:"
+    )
     print("| arm | clock | median step (s) | ratio to none: median (IQR, range) |")
     print("|---|---|---:|---|")
     for arm in ARMS:
@@ -273,14 +276,18 @@ def cmd_speed(args: argparse.Namespace) -> None:
             steps = [s[k] for r in times[arm] for s in r]
             cell = "1"
             if arm != "none":
-                med = [(statistics.median([x[k] for x in a]), statistics.median([x[k] for x in b]))
-                       for a, b in zip(times[arm], times["none"])]
+                med = [
+                    (statistics.median([x[k] for x in a]), statistics.median([x[k] for x in b]))
+                    for a, b in zip(times[arm], times["none"])
+                ]
                 ratios = [m / n for m, n in med]
                 cell = _spread(ratios)
             print(f"| {arm} | {clock} | {statistics.median(steps):.3f} | {cell} |")
     base = {k: statistics.median([s[k] for r in times["none"] for s in r]) for k in (0, 1)}
-    print(f"\nupdate-mask work alone, {args.hook_reps} calls, vs the unmasked median step "
-          f"({len(handle.targets)} target tensor(s)):")
+    print(
+        f"\nupdate-mask work alone, {args.hook_reps} calls, vs the unmasked median step "
+        f"({len(handle.targets)} target tensor(s)):"
+    )
     print("| what | clock | min (ms) | median (ms) | median / unmasked step |")
     print("|---|---|---:|---:|---:|")
     for what, xs2 in (("hooks (masking.py)", hooks), ("same work, torch._foreach_*", foreach)):
@@ -289,10 +296,15 @@ def cmd_speed(args: argparse.Namespace) -> None:
             continue
         for k, clock in enumerate(("wall", "CPU")):
             xs = [h[k] for h in xs2]
-            print(f"| {what} | {clock} | {min(xs) * 1e3:.2f} | {statistics.median(xs) * 1e3:.2f} "
-                  f"| {statistics.median(xs) / base[k] * 100:.2f}% |")
-    print(f"slowest rank's median mask work (wall): {max(slowest) * 1e3:.2f} ms; masked span "
-          f"{handle.masked_numel * 4 / 2**20:.1f} MiB fp32 on rank 0", flush=True)
+            print(
+                f"| {what} | {clock} | {min(xs) * 1e3:.2f} | {statistics.median(xs) * 1e3:.2f} "
+                f"| {statistics.median(xs) / base[k] * 100:.2f}% |"
+            )
+    print(
+        f"slowest rank's median mask work (wall): {max(slowest) * 1e3:.2f} ms; masked span "
+        f"{handle.masked_numel * 4 / 2**20:.1f} MiB fp32 on rank 0",
+        flush=True,
+    )
     dist.barrier()
 
 
@@ -312,8 +324,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
         print("|---|---:|" + "---:|---:|" * len(runs))
         b = base.final
         for d in domains:
-            cells = " | ".join(f"{r.final[d]:.2f} | {100 * (r.final[d] / b[d] - 1):+.1f}%"
-                               for r in runs.values())
+            cells = " | ".join(
+                f"{r.final[d]:.2f} | {100 * (r.final[d] / b[d] - 1):+.1f}%" for r in runs.values()
+            )
             print(f"| {d} | {b[d]:.2f} | {cells} |")
     if base is not None:
         print("\nbase:\n" + format_table(base))
@@ -375,9 +388,13 @@ def main() -> None:
     s.add_argument("--importance-seqs", type=int, default=128)
     s.add_argument("--importance-rounds", type=int, default=3)
     s.add_argument("--hook-reps", type=int, default=50)
-    s.add_argument("--threads", type=int, default=1,
-                   help="torch threads per process (0: torch's default); 1 keeps OpenMP from "
-                   "spinning against the other processes of a shared machine")
+    s.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per process (0: torch's default); 1 keeps OpenMP from "
+        "spinning against the other processes of a shared machine",
+    )
     s.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     c = sub.add_parser("compare", help="tables of the quality runs (after training them)")
     c.add_argument("runs", nargs="+", help="run output directories (forgetting.json inside)")

@@ -39,24 +39,13 @@ import time
 from pathlib import Path
 
 import yaml
+from _common import VocabOnly  # noqa: E402  (benchmarks/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
 # ----- step time ----------------------------------------------------------------------------------
-
-
-class _Vocab:
-    """The tokenizer a model built from an inline config needs: only its length."""
-
-    eos_token_id = bos_token_id = pad_token_id = None
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
 
 
 def _engine(cfg, lora: bool, total_steps: int):
@@ -67,7 +56,7 @@ def _engine(cfg, lora: bool, total_steps: int):
     from cltk.models import build_model
 
     vocab = int((cfg.model.config or {}).get("vocab_size") or cfg.tokenizer.train.vocab_size)
-    model = build_model(cfg, _Vocab(vocab))
+    model = build_model(cfg, VocabOnly(vocab))
     if lora:
         model = peft.get_peft_model(model, peft_config(cfg, model))
     return build_engine(cfg, model, total_steps), vocab
@@ -97,13 +86,15 @@ def cmd_steps(args: argparse.Namespace) -> None:
     t = cfg.train
 
     def batches():
-        return [torch.as_tensor(rng.integers(0, vocab, (t.micro_batch_size, cfg.data.seq_len)))
-                for _ in range(t.gradient_accumulation_steps)]
+        return [
+            torch.as_tensor(rng.integers(0, vocab, (t.micro_batch_size, cfg.data.seq_len)))
+            for _ in range(t.gradient_accumulation_steps)
+        ]
 
     times: dict[str, list[float]] = {k: [] for k in arms}
     order = list(arms)
     for rnd in range(args.rounds + 1):  # round 0 warms up and is not timed
-        for name in order[rnd % 2:] + order[: rnd % 2]:
+        for name in order[rnd % 2 :] + order[: rnd % 2]:
             ctx = StageContext(cfg, None, [], {}, None, Path("."), None, engine=arms[name])
             for _ in range(args.steps if rnd else 1):
                 t0 = time.perf_counter()
@@ -112,25 +103,37 @@ def cmd_steps(args: argparse.Namespace) -> None:
                     times[name].append(time.perf_counter() - t0)
     tmp = Path(dist.broadcast_object(tempfile.mkdtemp(prefix="cltk-lora-bench-")))
     merged, adapter = export_state_dicts(arms["lora"])
-    full_sd = (arms["full"]._zero3_consolidated_16bit_state_dict()
-               if arms["full"].zero_optimization_stage() == 3 else arms["full"].module.state_dict())
+    full_sd = (
+        arms["full"]._zero3_consolidated_16bit_state_dict()
+        if arms["full"].zero_optimization_stage() == 3
+        else arms["full"].module.state_dict()
+    )
     if dist.is_main():
         save_adapter(arms["lora"].module, adapter, tmp / "adapter", {"key": "bench"})
         export_pretrained(arms["full"].module, full_sd, None, tmp / "full")
-        sizes = {"lora": (tmp / "adapter" / "adapter_model.safetensors").stat().st_size,
-                 "full": (tmp / "full" / "model.safetensors").stat().st_size}
+        sizes = {
+            "lora": (tmp / "adapter" / "adapter_model.safetensors").stat().st_size,
+            "full": (tmp / "full" / "model.safetensors").stat().st_size,
+        }
         tokens = cfg.global_batch(dist.world_size()) * cfg.data.seq_len
-        rows = ["| arm | trainable parameters | median step (s) | tokens/s | saved per stage |",
-                "|---|---:|---:|---:|---:|"]
+        rows = [
+            "| arm | trainable parameters | median step (s) | tokens/s | saved per stage |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for name, engine in arms.items():
             trainable, total_params = parameter_counts(engine.module)
             med = statistics.median(times[name])
-            rows.append(f"| {name} | {trainable:,} of {total_params:,} | {med:.3f} | "
-                        f"{tokens / med:,.0f} | {sizes[name] / 1024:,.1f} KB |")
+            rows.append(
+                f"| {name} | {trainable:,} of {total_params:,} | {med:.3f} | "
+                f"{tokens / med:,.0f} | {sizes[name] / 1024:,.1f} KB |"
+            )
         ratio = statistics.median(times["lora"]) / statistics.median(times["full"])
-        print("\n".join(rows) + f"\n\nLoRA step time / full: {ratio:.2f} "
-              f"({args.rounds} rounds x {args.steps} steps each, {dist.world_size()} ranks, "
-              f"ZeRO {arms['full'].zero_optimization_stage()}, r={cfg.lora.r})", flush=True)
+        print(
+            "\n".join(rows) + f"\n\nLoRA step time / full: {ratio:.2f} "
+            f"({args.rounds} rounds x {args.steps} steps each, {dist.world_size()} ranks, "
+            f"ZeRO {arms['full'].zero_optimization_stage()}, r={cfg.lora.r})",
+            flush=True,
+        )
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
 
@@ -145,8 +148,10 @@ def cmd_arms(args: argparse.Namespace) -> None:
     raw = yaml.safe_load(src.read_text())
     base = Path(args.base).resolve()
     if not (base / "config.json").is_file():
-        raise ValueError(f"--base {base} is not a saved model directory (no config.json); give "
-                         "a stage export of a plain run, e.g. RUN/stages/00-code")
+        raise ValueError(
+            f"--base {base} is not a saved model directory (no config.json); give "
+            "a stage export of a plain run, e.g. RUN/stages/00-code"
+        )
     raw["model"] = {"init_from": str(base)}
     raw.pop("tokenizer", None)  # the base's own tokenizer
     raw["deepspeed"] = str((src.parent / raw["deepspeed"]).resolve())
@@ -180,14 +185,22 @@ def cmd_compare(args: argparse.Namespace) -> None:
     for run, rep in runs.items():
         if "views" in rep:
             print(f"\n{run}, tokens after the router's {rep['prefix_tokens']}-token prefix:")
-            print(compare_reports({k: ForgettingReport.from_dict(v)
-                                   for k, v in rep["views"].items()}))
-            print("router accuracy: " + ", ".join(f"after {r['stage']} {r['accuracy']:.3f}"
-                                                  for r in rep["router"]
-                                                  if r["accuracy"] is not None))
+            print(
+                compare_reports({k: ForgettingReport.from_dict(v) for k, v in rep["views"].items()})
+            )
+            print(
+                "router accuracy: "
+                + ", ".join(
+                    f"after {r['stage']} {r['accuracy']:.3f}"
+                    for r in rep["router"]
+                    if r["accuracy"] is not None
+                )
+            )
         for s in rep["stats"]:
-            print(f"{s['stage']}: {s['trainable_parameters']:,} of {s['total_parameters']:,} "
-                  f"trainable, adapter {s['adapter_bytes'] / 1024:.1f} KB")
+            print(
+                f"{s['stage']}: {s['trainable_parameters']:,} of {s['total_parameters']:,} "
+                f"trainable, adapter {s['adapter_bytes'] / 1024:.1f} KB"
+            )
     print("\nfull sequential training:\n" + format_table(full))
     for k, v in named.items():
         if k != "full sequential training" and args.matrices:

@@ -32,6 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from _common import VocabOnly  # noqa: E402  (benchmarks/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,18 +48,6 @@ def _mem_mib() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-class _Vocab:
-    """The tokenizer a model built from an inline config needs: only its length."""
-
-    eos_token_id = bos_token_id = pad_token_id = None
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
 
 
 class _StudentAs:
@@ -85,8 +74,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first")
     ap.add_argument("--topk", type=int, default=64, help="blocks.topk of the offline cache")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override, e.g. model.config.num_hidden_layers=8 (repeatable)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. model.config.num_hidden_layers=8 (repeatable)",
+    )
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -107,10 +101,18 @@ def main() -> None:
     dist.init()
     rank, world = dist.rank(), dist.world_size()
     tmp = Path(dist.broadcast_object(tempfile.mkdtemp(prefix="cltk-bench-") if rank == 0 else None))
-    cfg = load_config(args.config, world_size=world, overrides=[
-        f"output_dir={tmp / 'out'}", "blocks.k=2", f"blocks.topk={args.topk}", "blocks.p=0.9",
-        *args.set])
-    tok = _Vocab(args.vocab)
+    cfg = load_config(
+        args.config,
+        world_size=world,
+        overrides=[
+            f"output_dir={tmp / 'out'}",
+            "blocks.k=2",
+            f"blocks.topk={args.topk}",
+            "blocks.p=0.9",
+            *args.set,
+        ],
+    )
+    tok = VocabOnly(args.vocab)
     model = build_model(cfg, tok)
     if rank == 0:
         export_pretrained(model, None, None, tmp / "teacher")
@@ -125,8 +127,17 @@ def main() -> None:
     stage = Stage(1, name, 0, 1, 2, np.arange(len(ids)))
     engine = build_engine(cfg, model, len(sched))
     domains = {name: PackedDomain(name, train, train.select([]))}
-    ctx = StageContext(cfg, stage, [stage], domains, tok, tmp / "stage", tmp / "teacher",
-                       model=model, engine=engine)
+    ctx = StageContext(
+        cfg,
+        stage,
+        [stage],
+        domains,
+        tok,
+        tmp / "stage",
+        tmp / "teacher",
+        model=model,
+        engine=engine,
+    )
     ctx.extras["schedule"] = sched
 
     online = SoftTargetMethod(cfg)
@@ -140,8 +151,10 @@ def main() -> None:
     modes = {"plain CE": [], "online teacher": [online], "offline cache": [offline]}
 
     def batches(step: int) -> list[torch.Tensor]:
-        return [torch.as_tensor(ids[[i for _, i in m]].astype(np.int64))
-                for m in sched.micro_batches(step, rank, world, mb)]
+        return [
+            torch.as_tensor(ids[[i for _, i in m]].astype(np.int64))
+            for m in sched.micro_batches(step, rank, world, mb)
+        ]
 
     times: dict[str, list[float]] = {m: [] for m in modes}
     for step in range(args.warmup):
@@ -149,7 +162,7 @@ def main() -> None:
             train_step(ctx, methods, batches(step))
     order = list(modes)
     for r in range(args.rounds):
-        for mode in order[r % len(order):] + order[:r % len(order)]:
+        for mode in order[r % len(order) :] + order[: r % len(order)]:
             for s in range(args.steps):
                 step = args.warmup + r * args.steps + s
                 micro = batches(step)
@@ -186,21 +199,27 @@ def main() -> None:
         med = {m: statistics.median(t) for m, t in times.items()}
         n_params = sum(p.numel() for p in model.parameters())
         mc = cfg.model.config or {}
-        print(f"\nmodel: Llama, hidden {mc.get('hidden_size')}, "
-              f"{mc.get('num_hidden_layers')} layers, "
-              f"{n_params / 1e6:.2f}M parameters, vocab {args.vocab}; "
-              f"{world} ranks, ZeRO {engine.zero_optimization_stage()}, "
-              f"{'bf16' if engine.bfloat16_enabled() else 'fp32'}, device {engine.device}; "
-              f"global batch {gb} x {seq} tokens; {args.rounds} rounds x {args.steps} steps "
-              "per mode")
+        print(
+            f"\nmodel: Llama, hidden {mc.get('hidden_size')}, "
+            f"{mc.get('num_hidden_layers')} layers, "
+            f"{n_params / 1e6:.2f}M parameters, vocab {args.vocab}; "
+            f"{world} ranks, ZeRO {engine.zero_optimization_stage()}, "
+            f"{'bf16' if engine.bfloat16_enabled() else 'fp32'}, device {engine.device}; "
+            f"global batch {gb} x {seq} tokens; {args.rounds} rounds x {args.steps} steps "
+            "per mode"
+        )
         print("| mode | median step (s) | vs plain CE |\n|---|---:|---:|")
         for m in modes:
             print(f"| {m} | {med[m]:.3f} | {med[m] / med['plain CE']:.2f}x |")
-        print(f"teacher forward alone: {statistics.median(fwd):.3f} s per step "
-              f"({statistics.median(fwd) / med['plain CE']:.2f} of a plain CE step)")
-        print(f"offline cache: top-{keys.topk}, {bytes_per_token:.1f} bytes/token on disk "
-              f"({keys.bytes_per_token()} of data: fp16 log-probs + {keys.index_dtype().name} ids "
-              f"+ fp32 label log-prob); built in {build_s:.1f} s for {len(ids)} sequences")
+        print(
+            f"teacher forward alone: {statistics.median(fwd):.3f} s per step "
+            f"({statistics.median(fwd) / med['plain CE']:.2f} of a plain CE step)"
+        )
+        print(
+            f"offline cache: top-{keys.topk}, {bytes_per_token:.1f} bytes/token on disk "
+            f"({keys.bytes_per_token()} of data: fp16 log-probs + {keys.index_dtype().name} ids "
+            f"+ fp32 label log-prob); built in {build_s:.1f} s for {len(ids)} sequences"
+        )
         what = "CUDA memory" if torch.cuda.is_available() else "RSS"
         print(f"| rank | teacher | parameter bytes held | {what} growth at load (MiB) |")
         print("|---|---|---:|---:|")
