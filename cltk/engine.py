@@ -89,7 +89,7 @@ def compute_dtype(engine) -> torch.dtype:
     return torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
 
 
-def _keeps_logits(module: torch.nn.Module) -> bool:
+def keeps_logits(module: torch.nn.Module) -> bool:
     base = module.get_base_model() if hasattr(module, "get_base_model") else module  # PEFT
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
@@ -103,7 +103,7 @@ def next_token_logits(
     no [b, T, V] tensor is sliced and copied; models without ``logits_to_keep`` fall back to a slice.
     ``forward`` is the engine (or model) called; ``module`` the model inside it.
     """
-    if _keeps_logits(module):
+    if keeps_logits(module):
         keep = torch.arange(input_ids.shape[1] - 1, device=input_ids.device)
         return forward(input_ids=input_ids, logits_to_keep=keep).logits
     return forward(input_ids=input_ids).logits[:, :-1].contiguous()

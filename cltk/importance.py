@@ -108,8 +108,10 @@ def estimate_importance(
             count += ids.shape[0]
     total = _all_reduce(sums, count)
     if total == 0:
-        raise ValueError("no samples were scored: give estimate_importance at least one batch "
-                         "(on every rank, or num_samples >= 1 overall)")
+        raise ValueError(
+            "no samples were scored: give estimate_importance at least one batch "
+            "(on every rank, or num_samples >= 1 overall)"
+        )
     return {k: (s / total).float().cpu() for k, s in sums.items()}
 
 
@@ -127,12 +129,14 @@ def _all_reduce(sums: dict[str, torch.Tensor], count: int) -> int:
     first = next(iter(sums.values()))
     # gloo reduces CPU tensors; NCCL needs them on the GPU.
     dev = torch.device("cpu") if dist.get_backend() == "gloo" else first.device
-    flat = torch.cat([s.flatten().to(dev) for s in sums.values()]
-                     + [torch.tensor([float(count)], dtype=torch.float64, device=dev)])
+    flat = torch.cat(
+        [s.flatten().to(dev) for s in sums.values()]
+        + [torch.tensor([float(count)], dtype=torch.float64, device=dev)]
+    )
     dist.all_reduce(flat)
     offset = 0
     for s in sums.values():
-        s.copy_(flat[offset: offset + s.numel()].view_as(s))
+        s.copy_(flat[offset : offset + s.numel()].view_as(s))
         offset += s.numel()
     return int(round(flat[-1].item()))
 
@@ -158,7 +162,7 @@ def _scoring_state(model: nn.Module, mode: str, p: float) -> Iterator[None]:
             q.requires_grad_(False)
         model.train(mode == "proxy")
         if mode == "proxy" and p > 0:
-            handles = [b.register_forward_hook(_dropout_hook(p)) for b in block_modules(model)]
+            handles = [b.register_forward_hook(dropout_hook(p)) for b in block_modules(model)]
         yield
     finally:
         for h in handles:
@@ -168,7 +172,7 @@ def _scoring_state(model: nn.Module, mode: str, p: float) -> Iterator[None]:
         model.train(was_training)
 
 
-def _dropout_hook(p: float):
+def dropout_hook(p: float):
     def hook(module: nn.Module, args: tuple, output):
         if isinstance(output, torch.Tensor):
             return F.dropout(output, p, training=True)
@@ -187,8 +191,9 @@ def _batch_rng(ids: torch.Tensor, seed: int) -> Iterator[None]:
         yield
 
 
-def _proxy_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None,
-                seed: int) -> torch.Tensor:
+def _proxy_loss(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, seed: int
+) -> torch.Tensor:
     """KL(p1 || p2) between two dropout passes, mean over real tokens; grads flow through both."""
     with _batch_rng(ids, seed):
         logp1 = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
@@ -227,39 +232,51 @@ def normalize(raw: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def accumulate(prev: Mapping[str, torch.Tensor] | None,
-               new: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def accumulate(
+    prev: Mapping[str, torch.Tensor] | None, new: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Importance over stages: element-wise max (a unit stays as protected as it ever was)."""
     if prev is None:
         return {k: new[k].clone() for k in KEYS}
     for k in KEYS:
         if prev[k].shape != new[k].shape:
-            raise ValueError(f"importance[{k!r}] shapes differ: {tuple(prev[k].shape)} before, "
-                             f"{tuple(new[k].shape)} now: the model's units changed between stages")
+            raise ValueError(
+                f"importance[{k!r}] shapes differ: {tuple(prev[k].shape)} before, "
+                f"{tuple(new[k].shape)} now: the model's units changed between stages"
+            )
     return {k: torch.maximum(prev[k], new[k].to(prev[k])) for k in KEYS}
 
 
-def check_importance(imp: Mapping[str, torch.Tensor], umap: UnitMap | None = None,
-                     where: str = "importance") -> None:
+def check_importance(
+    imp: Mapping[str, torch.Tensor], umap: UnitMap | None = None, where: str = "importance"
+) -> None:
     """Raise ValueError unless ``imp`` holds finite ``heads``/``ffn`` in [0, 1] fitting ``umap``."""
     missing = [k for k in KEYS if k not in imp]
     if missing:
-        raise ValueError(f"{where} lacks {missing}: expected tensors 'heads' [layers, heads] and "
-                         "'ffn' [layers, intermediate]")
+        raise ValueError(
+            f"{where} lacks {missing}: expected tensors 'heads' [layers, heads] and "
+            "'ffn' [layers, intermediate]"
+        )
     for k in KEYS:
         t = imp[k]
         if t.dim() != 2 or not bool(torch.isfinite(t).all()):
             raise ValueError(f"{where}[{k!r}] must be a finite 2-D tensor, got {tuple(t.shape)}")
         if bool((t < 0).any() or (t > 1).any()):
-            raise ValueError(f"{where}[{k!r}] has values outside [0, 1]: pass raw scores through "
-                             "cltk.importance.normalize first")
+            raise ValueError(
+                f"{where}[{k!r}] has values outside [0, 1]: pass raw scores through "
+                "cltk.importance.normalize first"
+            )
     if umap is not None:
-        want = {"heads": (umap.num_layers, umap.num_heads),
-                "ffn": (umap.num_layers, umap.intermediate)}
+        want = {
+            "heads": (umap.num_layers, umap.num_heads),
+            "ffn": (umap.num_layers, umap.intermediate),
+        }
         for k in KEYS:
             if tuple(imp[k].shape) != want[k]:
-                raise ValueError(f"{where}[{k!r}] is {tuple(imp[k].shape)} but the model "
-                                 f"({umap.arch}) has {want[k]}: it was computed for another model")
+                raise ValueError(
+                    f"{where}[{k!r}] is {tuple(imp[k].shape)} but the model "
+                    f"({umap.arch}) has {want[k]}: it was computed for another model"
+                )
 
 
 def save_importance(path: str | os.PathLike, imp: Mapping[str, torch.Tensor]) -> None:
@@ -270,8 +287,9 @@ def save_importance(path: str | os.PathLike, imp: Mapping[str, torch.Tensor]) ->
     os.replace(tmp, path)
 
 
-def load_importance(path: str | os.PathLike, model: nn.Module | None = None,
-                    unit_map: UnitMap | None = None) -> dict[str, torch.Tensor]:
+def load_importance(
+    path: str | os.PathLike, model: nn.Module | None = None, unit_map: UnitMap | None = None
+) -> dict[str, torch.Tensor]:
     """Read importance written by :func:`save_importance`, checked against the model's units.
 
     Raises:
@@ -279,8 +297,10 @@ def load_importance(path: str | os.PathLike, model: nn.Module | None = None,
         ValueError: missing tensors, values outside [0, 1], or shapes that do not fit the model.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no importance file at {os.fspath(path)!r}: it is written by "
-                                "save_importance at the end of a DAS stage; check the path")
+        raise FileNotFoundError(
+            f"no importance file at {os.fspath(path)!r}: it is written by "
+            "save_importance at the end of a DAS stage; check the path"
+        )
     imp = load_file(os.fspath(path))
     if unit_map is None and model is not None:
         unit_map = build_unit_map(model)

@@ -18,8 +18,11 @@ import torch
 
 from cltk import distributed as dist
 from cltk.config import RunConfig
+from cltk.contrastive import contrastive_loss, gather_with_grad, mean_pool
+from cltk.engine import keeps_logits
 from cltk.importance import (
     accumulate,
+    dropout_hook,
     estimate_importance,
     load_importance,
     normalize,
@@ -29,6 +32,7 @@ from cltk.masking import attach_update_masks, param_masks, register_grad_masks
 from cltk.methods.base import Method, StageContext
 from cltk.models import build_model
 from cltk.tracking import log
+from cltk.units import UnitMap, attach_gates, block_modules, build_unit_map
 
 IMPORTANCE_FILE = "importance.safetensors"
 
@@ -41,6 +45,7 @@ class DasMethod(Method):
         self.cfg, self.das = cfg, cfg.das
         self.importance: dict[str, torch.Tensor] | None = None
         self.handles: list[Any] = []
+        self._umap: UnitMap | None = None  # of ctx.engine.module, for the contrastive gated pass
 
     # ----- scoring ----------------------------------------------------------------------------------
     def _batches(self, ctx: StageContext, domain: str):
@@ -83,6 +88,69 @@ class DasMethod(Method):
             assert self.importance is not None
             masks = param_masks(ctx.engine.module, self.importance)
             self.handles = [attach_update_masks(ctx.engine, masks)]
+
+    def extra_loss(
+        self,
+        ctx: StageContext,
+        batch: dict[str, torch.Tensor],
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """The DAS contrastive term (``das.contrastive``), see :mod:`cltk.contrastive`.
+
+        Three extra forwards of the micro-batch through ``ctx.engine`` (the same number on every
+        rank, as ZeRO-3 needs): two with dropout ``proxy_dropout`` on every block's output (the
+        positive pair), one with the units gated by the accumulated importance (the hard negative;
+        dropout on as well, as in the reference, where all passes run in train mode). Each pass is
+        mean-pooled over the last hidden state; the pools of all ranks are gathered, so every
+        rank computes the same loss over the global micro-batch.
+        """
+        c = self.das.contrastive
+        if c is None or c.weight <= 0 or self.importance is None:
+            return {}
+        engine = ctx.engine
+        module = engine.module
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        kwargs: dict[str, Any] = {"input_ids": ids, "output_hidden_states": True}
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+        if keeps_logits(module):  # only the hidden states are needed: one logits row suffices
+            kwargs["logits_to_keep"] = 1
+
+        def pooled() -> torch.Tensor:
+            return mean_pool(engine(**kwargs).hidden_states[-1], mask)
+
+        drop = [
+            b.register_forward_hook(dropout_hook(self.das.proxy_dropout))
+            for b in block_modules(module)
+        ]
+        try:
+            view1, view2 = pooled(), pooled()
+            if self._umap is None:
+                self._umap = build_unit_map(module)
+            dev = ids.device
+            gates = attach_gates(
+                module,
+                self._umap,
+                heads=self.importance["heads"].to(dev, torch.float32),
+                ffn=self.importance["ffn"].to(dev, torch.float32),
+            )
+            try:
+                gated = pooled()
+            finally:
+                for h in gates:
+                    h.remove()
+        finally:
+            for h in drop:
+                h.remove()
+        loss = contrastive_loss(
+            gather_with_grad(view1),
+            gather_with_grad(view2),
+            gather_with_grad(gated),
+            c.temperature,
+        )
+        return {"das_contrastive": c.weight * loss}
 
     def on_stage_end(self, ctx: StageContext) -> None:
         for h in self.handles:
