@@ -43,7 +43,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -90,12 +90,12 @@ def save(engine, root: Path, tag: str, state: dict[str, Any], keep: int) -> None
     torch.save(rng_state(), root / tmp_tag / f"rng_rank{dist.rank()}.pt")
     dist.barrier()
     if dist.is_main():
-        _write_atomic(root / tmp_tag / STATE_FILE, json.dumps(state, indent=1))
+        write_atomic(root / tmp_tag / STATE_FILE, json.dumps(state, indent=1))
         final = root / tag
         if final.exists():
             shutil.rmtree(final)
         os.replace(root / tmp_tag, final)
-        _write_atomic(root / LATEST, tag)
+        write_atomic(root / LATEST, tag)
         _prune(root, keep)
     dist.barrier()
 

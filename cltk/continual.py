@@ -175,6 +175,14 @@ class ContinualRun:
 
     def run_stage(self, stage: Stage, tag: str | None, state: dict | None) -> list[float]:
         c = self.cfg
+        if tag is not None and state.get("global_batch") != c.global_batch(dist.world_size()):
+            raise ValueError(
+                f"checkpoint {tag} was written with a global batch of {state.get('global_batch')} "
+                f"sequences (world size {state.get('world_size')}); resuming with "
+                f"{c.global_batch(dist.world_size())} would change the data position and LR schedule. "
+                "Keep micro_batch_size x gradient_accumulation_steps x world size the same (e.g. scale "
+                "train.gradient_accumulation_steps when the world size changes)"
+            )
         prev = self.stage_dir(self.stages[stage.index - 1]) if stage.index > 0 else None
         ctx = StageContext(
             c, stage, self.stages, self.domains, self.tokenizer, self.stage_dir(stage), prev
@@ -190,18 +198,8 @@ class ContinualRun:
         ctx.model = model
         for m in self.methods:
             m.on_stage_start(ctx)
-        universal = (
-            tag is not None
-            and state is not None
-            and state.get("world_size", 1) != dist.world_size()
-        )
+        universal = tag is not None and state.get("world_size", 1) != dist.world_size()
         if universal:
-            if state.get("global_batch") != c.global_batch(dist.world_size()):
-                raise ValueError(
-                    f"resuming at world size {dist.world_size()} (checkpoint written at {state['world_size']}) "
-                    f"needs the same global batch ({state.get('global_batch')}) for the same data position and LR "
-                    f"schedule; now {c.global_batch(dist.world_size())}: scale train.gradient_accumulation_steps"
-                )
             tag = checkpoint.to_universal(self.ckpt_root, tag)
         engine = build_engine(c, model, len(schedule), load_universal=universal)
         ctx.engine = engine
@@ -250,7 +248,7 @@ class ContinualRun:
                 "world_size": dist.world_size(),
                 "methods": {m.name: m.state_dict() for m in self.methods},
             }
-            checkpoint._write_atomic(ctx.stage_dir / STAGE_FILE, json.dumps(record, indent=1))
+            checkpoint.write_atomic(ctx.stage_dir / STAGE_FILE, json.dumps(record, indent=1))
         dist.barrier()
         engine.destroy()
         del engine, ctx, model

@@ -26,6 +26,7 @@ def test_import_cltk_train_nan_guard_resume_and_evaluate(tmp_path):
     assert "non-finite loss at stage code step 3" in lines["NAN-STOPPED"]
     assert "the last checkpoint is intact" in lines["NAN-STOPPED"]
     assert lines["LATEST"] == "s00-step000002"  # the NaN step never reached a checkpoint
+    assert "global batch of 4 sequences" in lines["BATCH-REFUSED"]
     assert "pass --resume" in lines["REFUSED"] and "Nothing was changed" in lines["REFUSED"]
     trained, evaluated = json.loads(lines["TRAINED"]), json.loads(lines["EVALUATED"])
     assert len(trained) == 2

@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.tiny_run import write_tiny_run  # noqa: E402
 
 tmp = Path(sys.argv[1])
-cfg = cltk.load_config(write_tiny_run(tmp, cache_dir=tmp / "cache", train={"checkpoint_every": 2}))
+path = write_tiny_run(tmp, cache_dir=tmp / "cache", train={"checkpoint_every": 2})
+cfg = cltk.load_config(path)
 
 
 class NanAtStep3(Method):
@@ -39,6 +40,11 @@ try:
     raise SystemExit("a fresh start overwrote an existing run")
 except cltk.continual.RunExistsError as e:
     print("REFUSED:", e)
+try:  # resuming with another global batch would silently shift the data position
+    cltk.train(cltk.load_config(path, overrides=["train.micro_batch_size=1"]), resume=True)
+    raise SystemExit("a resume with another global batch was accepted")
+except ValueError as e:
+    print("BATCH-REFUSED:", e)
 result = cltk.train(cfg, resume=True)
 print("TRAINED:", json.dumps(result.report.perplexity))
 again = cltk.evaluate(cfg, out_dir=tmp / "eval")
