@@ -84,6 +84,29 @@ def init(timeout_minutes: float | None = None) -> None:
     deepspeed.init_distributed(
         dist_backend=backend(), timeout=datetime.timedelta(minutes=minutes), verbose=False
     )
+    _release_shm_names()
+
+
+def _release_shm_names() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer name once every rank has mapped every buffer.
+
+    DeepSpeed's shm all-reduce (CPU) creates a named shared-memory buffer per rank
+    (``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``, tens of MB) and never unlinks
+    it, so every run, and always a killed one, leaves it behind until /dev/shm fills the machine's memory.
+    Each rank maps all buffers during ``init_distributed``; after a barrier the names are no longer needed,
+    and the memory is freed when the last rank exits, however it exits.
+    """
+    if torch.cuda.is_available():
+        return
+    name = (
+        f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+        f"{os.environ.get('MASTER_PORT', '')}_{rank()}"
+    )
+    barrier()
+    try:
+        os.unlink(name)
+    except FileNotFoundError:  # no shm op (another accelerator or DeepSpeed version): nothing to do
+        pass
 
 
 def quiet_libraries() -> None:

@@ -19,6 +19,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _remove_shm_buffers(port: str) -> None:
+    """Remove DeepSpeed CPU all-reduce buffers a launch on ``port`` left in /dev/shm (a killed rank
+    cannot clean up), so a long test session does not fill the machine's memory."""
+    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        f.unlink(missing_ok=True)
+
+
 def deepspeed_bin() -> str:
     return str(Path(sys.executable).parent / "deepspeed")
 
@@ -58,6 +65,7 @@ def run_ranks(
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
             raise
+        _remove_shm_buffers(cmd[4])
         if proc.returncode == 0 or "EADDRINUSE" not in out or attempt == 2:
             break
     result = subprocess.CompletedProcess(cmd, proc.returncode, out, "")
