@@ -50,7 +50,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import VocabOnly  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import VocabOnly, random_batches  # noqa: E402  (benchmarks/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -219,10 +219,7 @@ def cmd_speed(args: argparse.Namespace) -> None:
     t = cfg.train
 
     def batches():
-        return [
-            torch.as_tensor(rng.integers(0, vocab, (t.micro_batch_size, cfg.data.seq_len)))
-            for _ in range(t.gradient_accumulation_steps)
-        ]
+        return random_batches(rng, vocab, cfg)
 
     # per arm, per round: [(wall seconds, this process's CPU seconds) per step]
     times: dict[str, list[list[tuple[float, float]]]] = {k: [] for k in ARMS}

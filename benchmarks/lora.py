@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 import yaml
-from _common import VocabOnly  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import VocabOnly, random_batches  # noqa: E402  (benchmarks/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -83,13 +83,9 @@ def cmd_steps(args: argparse.Namespace) -> None:
         torch.manual_seed(cfg.seed)
         arms[name], vocab = _engine(cfg, name == "lora", total)
     rng = np.random.default_rng(cfg.seed + dist.rank())
-    t = cfg.train
 
     def batches():
-        return [
-            torch.as_tensor(rng.integers(0, vocab, (t.micro_batch_size, cfg.data.seq_len)))
-            for _ in range(t.gradient_accumulation_steps)
-        ]
+        return random_batches(rng, vocab, cfg)
 
     times: dict[str, list[float]] = {k: [] for k in arms}
     order = list(arms)
