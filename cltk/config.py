@@ -19,8 +19,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from cltk.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A run config that cannot run; the message names the key and the fix."""
 
     def __init__(self, key: str, message: str):

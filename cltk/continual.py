@@ -28,6 +28,7 @@ from cltk.config import RunConfig
 from cltk.data.prepare import prepare
 from cltk.data.sampler import Pool, StageSchedule
 from cltk.engine import build_engine, train_step
+from cltk.errors import UserError
 from cltk.methods import build_methods
 from cltk.methods.base import Method, StageContext
 from cltk.metrics import ForgettingReport, forgetting_report, format_table, save_report
@@ -39,7 +40,7 @@ from cltk.tracking import Tracker, log
 STAGE_FILE = "stage.json"
 
 
-class RunExistsError(RuntimeError):
+class RunExistsError(UserError):
     """Starting afresh would overwrite an existing run's checkpoints."""
 
 

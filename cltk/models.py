@@ -14,11 +14,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from cltk.config import RunConfig
+from cltk.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model that cannot be loaded or does not fit the tokenizer."""
 
 

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from cltk import distributed as dist
+from cltk.errors import UserError
 
 __all__ = [
     "MANIFEST",
@@ -59,7 +60,7 @@ _FILES = ("keys", "topk_logprobs", "topk_indices", "label_logprobs")
 _TORCH = {"float16": torch.float16, "float32": torch.float32}
 
 
-class StaleCacheError(ValueError):
+class StaleCacheError(UserError):
     """A cache built for another teacher, other data or another layout than the one asked for."""
 
 

@@ -28,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from cltk.errors import UserError
+
 MAX_DOC_CHARS = 8000
 
 # Options each source kind accepts besides its kind key (all optional).
@@ -47,7 +49,7 @@ _STDLIB_SKIP_DIRS = frozenset(
 _MANPAGES_APT = "apt-get install -y --no-install-recommends manpages groff-base"
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError):
     """A domain's source cannot be loaded; the message names the domain and the fix."""
 
 

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cltk.data.tokenizer import tokenizer_fingerprint
+from cltk.errors import UserError
 
 # Bump when the packed layout or the split rule changes: old caches then miss instead of lying.
 PACK_FORMAT_VERSION = 1
@@ -35,7 +36,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _META = "meta.json"
 
 
-class PackingError(ValueError):
+class PackingError(UserError):
     """A domain cannot be packed; the message names the domain and what it needs."""
 
 

@@ -22,6 +22,8 @@ from typing import Any
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from cltk.errors import UserError
+
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 _SPECIALS = (UNK, BOS, EOS)
 _BYTES = tuple(f"<0x{b:02X}>" for b in range(256))
@@ -34,7 +36,7 @@ _SPLIT = r"'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}{1,3}| ?[^\s\p{L}\p{N}]+|\s+(?!\
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer cannot be trained or loaded; the message names the cause and the fix."""
 
 
