@@ -154,7 +154,7 @@ def test_files_errors_name_the_domain_and_the_fix(tmp_path):
     with pytest.raises(CorpusError, match=r"is a directory.*\*\*/\*\.txt"):
         load_documents({"files": str(tmp_path)}, domain="code")
     (tmp_path / "bin.dat").write_bytes(b"\xff\xfe\x00bad")
-    with pytest.raises(CorpusError, match="bin.dat is not UTF-8"):
+    with pytest.raises(CorpusError, match=r"bin.dat is not UTF-8 text: line 1 holds a NUL byte"):
         load_documents({"files": str(tmp_path / "bin.dat")}, domain="code")
 
 

@@ -1,11 +1,10 @@
-"""Packing: document-level held-out split, EOS-joined windows, the on-disk cache and its keys."""
+"""Packing: document-level held-out split, EOS-joined windows, memory-mapped token files, the cache."""
 
 from __future__ import annotations
 
 import random
 import re
 
-import datasets
 import numpy as np
 import pytest
 
@@ -13,6 +12,7 @@ from cltk.data import packing
 from cltk.data.corpora import load_documents
 from cltk.data.packing import PackedDomain, PackingError, cache_key, pack_domain, packed_fingerprint
 from cltk.data.tokenizer import load_tokenizer, train_tokenizer
+from cltk.data.windows import TokenWindows
 
 WORDS = ["the", "of", "and", "to", "in", "that", "is", "was", "he", "for", "it", "with", "as"]
 
@@ -31,7 +31,7 @@ def marked_docs(n: int, seed: int = 0) -> list[str]:
     return [f"DOC{i:03d} " + " ".join(rng.choices(WORDS, k=rng.randint(20, 120))) for i in range(n)]
 
 
-def rows(ds: datasets.Dataset) -> np.ndarray:
+def rows(ds) -> np.ndarray:
     return np.asarray(ds.with_format("numpy")["input_ids"])
 
 
@@ -44,13 +44,19 @@ def test_windows_are_eos_joined_documents_with_whole_documents_held_out(tok, tmp
     p = pack_domain("prose", docs, tok, 32, eval_sequences=6, cache_dir=tmp_path)
     train, evals = rows(p.train), rows(p.eval)
     assert train.shape[1] == evals.shape[1] == 32 and evals.shape[0] == 6
-    assert p.train.features["input_ids"].length == 32
+    assert p.train.seq_len == 32
+    # The train split is a map of the token file, not an array in memory.
+    assert isinstance(p.train._parts[0].tokens, np.memmap)
+    assert p.train._parts[0].tokens.dtype == np.uint16  # vocabulary 1024 fits 16 bits
 
     def markers(windows: np.ndarray) -> list[int]:
         return [int(m) for m in re.findall(r"DOC(\d{3})", tok.decode(windows.ravel()))]
 
     eval_docs, train_docs = markers(evals), markers(train)
     assert eval_docs and not set(eval_docs) & set(train_docs)
+    held = packing.read_manifest(next(tmp_path.iterdir()))["sources"][0]["held_out"]
+    assert eval_docs == held[: len(eval_docs)]  # the manifest records the held-out documents
+    eval_docs = held
     # Eval is the held-out documents, EOS-joined, cut to eval_sequences windows.
     stream = [t for i in eval_docs for t in encoded(tok, docs[i])]
     assert evals.ravel().tolist() == stream[: evals.size]
@@ -102,34 +108,51 @@ def test_cache_key_covers_every_input():
     assert len(keys) == 7 and cache_key(*base) == cache_key(*base)
 
 
-def test_a_crash_mid_write_leaves_no_cache(tok, tmp_path, monkeypatch):
+def test_a_crash_mid_write_leaves_no_cache(tok, tmp_path):
     docs = marked_docs(60)
-    real_save = datasets.Dataset.save_to_disk
 
-    def crash_on_eval(self, path, *args, **kwargs):
-        if path.endswith("eval"):
-            raise OSError("disk full")
-        return real_save(self, path, *args, **kwargs)
+    def crashing():
+        yield from docs[:30]
+        raise OSError("disk full")
 
-    monkeypatch.setattr(datasets.Dataset, "save_to_disk", crash_on_eval)
     with pytest.raises(OSError, match="disk full"):
-        pack_domain("prose", docs, tok, 16, eval_sequences=3, cache_dir=tmp_path)
+        packing.write_packed(tmp_path / "prose-x", "prose", [packing.SourceSpec(crashing())], tok,
+                             16, 3, 0, {"key": "x"})
     assert list(tmp_path.iterdir()) == []  # no final dir, no temp dir left behind
-    monkeypatch.undo()
     p = pack_domain("prose", docs, tok, 16, eval_sequences=3, cache_dir=tmp_path)
     assert len(p.eval) == 3
 
 
-def test_losing_a_rename_race_is_harmless(tmp_path):
+def test_a_killed_writer_temp_dir_is_never_trusted_and_is_cleaned(tok, tmp_path):
+    docs = marked_docs(60)
+    key = cache_key(docs, packing.tokenizer_fingerprint(tok), 16, 3, 0)
+    # What a SIGKILLed prepare leaves: a temp dir holding token files but no manifest, whose pid is gone.
+    dead = tmp_path / f".prose-{key}.tmp-{packing.socket.gethostname()}-999999999-abcdef"
+    dead.mkdir()
+    (dead / "s0.tokens").write_bytes(b"\0" * 64)
+    p = pack_domain("prose", docs, tok, 16, eval_sequences=3, cache_dir=tmp_path)
+    assert sorted(x.name for x in tmp_path.iterdir()) == [f"prose-{key}"] and len(p.eval) == 3
+
+
+def test_losing_a_rename_race_is_harmless(tok, tmp_path):
+    docs = marked_docs(40)
     final = tmp_path / "prose-0123456789abcdef"
-    train = np.arange(64, dtype=np.int32).reshape(4, 16)
-    evals = train[:1]
     meta = {"key": "0123456789abcdef"}
-    packing._write_cache(final, train, evals, meta)
-    packing._write_cache(final, train, evals, meta)  # the other rank: its rename loses
+    for _ in range(2):  # the second writer's rename loses
+        packing.write_packed(final, "prose", [packing.SourceSpec(docs)], tok, 16, 2, 0, meta)
     assert sorted(p.name for p in tmp_path.iterdir()) == [final.name]
-    loaded = packing._load_cache(final, "prose", "0123456789abcdef")
-    assert rows(loaded.train).tolist() == train.tolist()
+    loaded = packing.load_packed(final, "prose", "0123456789abcdef")
+    assert rows(loaded.eval).shape == (2, 16)
+
+
+def test_a_truncated_cache_file_is_refused(tok, tmp_path):
+    p = pack_domain("prose", marked_docs(40), tok, 16, eval_sequences=2, cache_dir=tmp_path)
+    final = next(tmp_path.iterdir())
+    with open(final / "s0.tokens", "r+b") as f:
+        f.truncate(100)
+    del p
+    with pytest.raises(PackingError, match=r"s0\.tokens holds 100 bytes.*delete"):
+        packing.load_packed(final, "prose")
 
 
 def test_too_little_text_says_how_much_is_needed(tok, tmp_path):
@@ -168,15 +191,10 @@ def test_zero_eval_sequences_keeps_everything_for_training(tok, tmp_path):
 
 
 def test_packed_fingerprint_tracks_every_token():
-    feats = packing._features(4)
     train = np.arange(16, dtype=np.int32).reshape(4, 4)
 
     def domain(tr: np.ndarray, ev: np.ndarray) -> PackedDomain:
-        return PackedDomain(
-            "d",
-            datasets.Dataset.from_dict({"input_ids": tr}, features=feats),
-            datasets.Dataset.from_dict({"input_ids": ev}, features=feats),
-        )
+        return PackedDomain("d", TokenWindows.from_array(tr), TokenWindows.from_array(ev))
 
     fp = packed_fingerprint(domain(train, train[:1]))
     assert fp == packed_fingerprint(domain(train.copy(), train[:1].copy()))

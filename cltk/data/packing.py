@@ -1,11 +1,19 @@
-"""Tokenise a domain's documents and pack them into fixed-length sequences, cached on disk.
+"""Tokenise a domain into memory-mapped token files and read it as fixed-length windows.
 
-Each document is tokenised with EOS appended; the documents are concatenated and cut into
-``seq_len`` windows (the remainder is dropped), so a window may span a document boundary (the EOS
-marks it). The held-out split takes whole documents, so no document is in both train and eval.
+Each document is tokenised with EOS appended; a source's documents are written end to end to a flat
+token file (uint16 or uint32), with a document index of their end offsets. The held-out split takes
+whole documents (a seeded choice), so no document is in both train and eval: eval is those documents
+EOS-joined and cut into ``eval_sequences`` windows (a small file of its own); train is every other
+document, in corpus order, read from the token file around the held-out ones and cut into ``seq_len``
+windows (the remainder dropped). A window may span a document boundary (the EOS marks it).
 
-The result is saved under ``cache_dir/<name>-<key>/`` where the key hashes everything that decides
-the token ids; a second call with the same inputs loads the cache without tokenising.
+A domain may mix several sources with weights: each source gets its own token file and its own train
+windows (``TokenWindows.sources``), so a sampler can draw them in proportion; eval windows are shared out
+by weight.
+
+The result lives under ``cache_dir/<name>-<key>/``: ``s<j>.tokens``, ``s<j>.docs``, ``eval.tokens`` and
+``manifest.json``, all written to a temp dir that is renamed into place, the manifest last: a directory
+with a manifest is complete, and nothing else is ever trusted.
 """
 
 from __future__ import annotations
@@ -13,27 +21,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
+import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
+from cltk.data.encode import encode_stream, open_tokens, token_dtype
 from cltk.data.tokenizer import tokenizer_fingerprint
+from cltk.data.windows import Part, TokenWindows
 from cltk.errors import UserError
 
 # Bump when the packed layout or the split rule changes: old caches then miss instead of lying.
-PACK_FORMAT_VERSION = 1
+PACK_FORMAT_VERSION = 2
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_META = "meta.json"
+MANIFEST = "manifest.json"
 
 
 class PackingError(UserError):
@@ -46,14 +53,23 @@ class PackedDomain:
 
     Attributes:
         name: Domain name.
-        train: Dataset with one column ``input_ids``: ``seq_len`` token ids per row, stored as
-            int32 (``with_format("torch")`` yields int64 tensors).
-        eval: Held-out rows in the same layout, from documents not in ``train``.
+        train: ``TokenWindows``: ``len()``, ``train[i]["input_ids"]`` (``seq_len`` int64 ids), read
+            from memory-mapped files; ``train.sources`` are the row ranges of a mixture's parts.
+        eval: Held-out windows in the same layout, from documents not in ``train``.
     """
 
     name: str
-    train: datasets.Dataset
-    eval: datasets.Dataset
+    train: Any
+    eval: Any
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One part of a domain to pack: its documents (an iterable read once), weight and label."""
+
+    docs: Iterable[str]
+    weight: float = 1.0
+    label: str = "docs"
 
 
 def pack_domain(
@@ -66,7 +82,9 @@ def pack_domain(
     cache_dir: str | Path,
     seed: int = 0,
 ) -> PackedDomain:
-    """Tokenise, split and pack one domain, or load it from the cache.
+    """Tokenise, split and pack one domain held as a list of documents, or load it from the cache.
+
+    (Runs stream their sources instead: ``cltk.data.prepare``.)
 
     Args:
         name: Domain name (letters, digits, ``_.-``); names the cache directory.
@@ -77,57 +95,54 @@ def pack_domain(
         cache_dir: Where packed domains are cached.
         seed: Seed of the choice of held-out documents.
 
-    Returns:
-        The packed domain; its datasets are memory-mapped from the cache.
-
     Raises:
         PackingError: A bad argument, a tokenizer without EOS, or too little text for one train
             sequence plus the requested eval sequences.
     """
-    _check_args(name, docs, seq_len, eval_sequences)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        raise PackingError(f"domain {name!r}: the tokenizer has no EOS token; set eos_token on it")
+    check_args(name, seq_len, eval_sequences)
+    if isinstance(docs, str) or not all(isinstance(d, str) for d in docs):
+        raise PackingError(f"domain {name!r}: docs must be a list of strings")
     key = cache_key(docs, tokenizer_fingerprint(tokenizer), seq_len, eval_sequences, seed)
     final = Path(cache_dir) / f"{name}-{key}"
-    if not (final / _META).is_file():
-        train_ids, eval_ids, meta = _tokenise_and_pack(
-            name, docs, tokenizer, eos, seq_len, eval_sequences, seed
-        )
-        _write_cache(final, train_ids, eval_ids, {**meta, "key": key, "name": name})
-    return _load_cache(final, name, key)
+    if not (final / MANIFEST).is_file():
+        write_packed(final, name, [SourceSpec(docs)], tokenizer, seq_len, eval_sequences, seed,
+                     {"key": key})
+    return load_packed(final, name, key)
 
 
 def cache_key(
     docs: Sequence[str], tokenizer_fp: str, seq_len: int, eval_sequences: int, seed: int
 ) -> str:
-    """Hash of everything that decides a packed domain's token ids (16 hex characters)."""
+    """Hash of everything that decides a packed list of documents' token ids (16 hex characters)."""
     h = hashlib.sha256()
     for doc in docs:
         raw = doc.encode("utf-8", errors="surrogatepass")
         h.update(len(raw).to_bytes(8, "little"))  # length-prefixed: ["ab","c"] != ["a","bc"]
         h.update(raw)
-    params = json.dumps(
-        {"docs": h.hexdigest(), "tokenizer": tokenizer_fp, "seq_len": seq_len,
-         "eval_sequences": eval_sequences, "seed": seed, "format": PACK_FORMAT_VERSION},
-        sort_keys=True,
-    )
-    return hashlib.sha256(params.encode()).hexdigest()[:16]
+    return settings_key({"docs": h.hexdigest(), "tokenizer": tokenizer_fp, "seq_len": seq_len,
+                         "eval_sequences": eval_sequences, "seed": seed})
+
+
+def settings_key(settings: dict[str, Any]) -> str:
+    """16 hex characters of SHA-256 over ``settings`` (JSON) and the format version."""
+    blob = json.dumps({**settings, "format": PACK_FORMAT_VERSION}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def packed_fingerprint(domain: PackedDomain) -> str:
     """Hash of the train and eval token ids (16 hex characters), e.g. to check ranks agree."""
     h = hashlib.sha256()
     for split in (domain.train, domain.eval):
+        split = split.with_format("numpy")
         h.update(b"split")
         h.update(len(split).to_bytes(8, "little"))
-        for batch in split.with_format("numpy", columns=["input_ids"]).iter(batch_size=8192):
-            ids = np.ascontiguousarray(np.asarray(batch["input_ids"], dtype="<i8"))
-            h.update(ids.tobytes())
+        for a in range(0, len(split), 8192):
+            rows = split[a : min(a + 8192, len(split))]["input_ids"]
+            h.update(np.ascontiguousarray(np.asarray(rows, dtype="<i8")).tobytes())
     return h.hexdigest()[:16]
 
 
-def _check_args(name: str, docs: Sequence[str], seq_len: int, eval_sequences: int) -> None:
+def check_args(name: str, seq_len: int, eval_sequences: int) -> None:
     if not isinstance(name, str) or not _NAME.match(name):
         raise PackingError(
             f"domain name {name!r} must be letters, digits, '_', '.' or '-' (it names a cache dir)"
@@ -135,124 +150,203 @@ def _check_args(name: str, docs: Sequence[str], seq_len: int, eval_sequences: in
     for label, value, low in (("seq_len", seq_len, 2), ("eval_sequences", eval_sequences, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise PackingError(f"domain {name!r}: {label} must be an integer >= {low}, got {value!r}")
-    if isinstance(docs, str) or not all(isinstance(d, str) for d in docs):
-        raise PackingError(f"domain {name!r}: docs must be a list of strings")
 
 
-def _tokenise_and_pack(
+def apportion(weights: Sequence[float], total: int) -> list[int]:
+    """Integers summing to ``total`` in proportion to ``weights`` (largest remainders, ties to the
+    earlier part)."""
+    w = np.asarray(weights, dtype=np.float64)
+    exact = w / w.sum() * total
+    out = np.floor(exact).astype(np.int64)
+    rest = exact - out
+    for i in sorted(range(len(w)), key=lambda i: (-rest[i], i))[: total - int(out.sum())]:
+        out[i] += 1
+    return out.tolist()
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+def write_packed(
+    final: Path,
     name: str,
-    docs: Sequence[str],
+    sources: list[SourceSpec],
     tokenizer: Any,
-    eos: int,
     seq_len: int,
     eval_sequences: int,
     seed: int,
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Token id windows for train and eval, shapes ``[n, seq_len]``, plus stats for the cache."""
+    meta: dict[str, Any],
+) -> dict[str, Any]:
+    """Stream every source through the tokenizer into ``final`` (see the module docstring).
 
-    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-        # No BOS/specials from the tokenizer: the only separator is the EOS appended here.
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        return {"ids": [x + [eos] for x in ids]}
+    Writes to a private temp dir renamed into place: a crash leaves only a temp dir (removed here, or
+    by the next prepare on this host), never a half cache at ``final``. When two writers race, the
+    first rename wins and the other's data (the same) is dropped.
 
-    texts = [d for d in docs if d]
-    table = datasets.Dataset.from_dict({"text": texts or [""]}).map(
-        encode, batched=True, batch_size=256, remove_columns=["text"],
-        # A fresh fingerprint skips hashing the tokenizer (slow, and it warns when it cannot).
-        new_fingerprint=f"cltk-encode-{uuid.uuid4().hex}",
-        desc=f"tokenise {name}",
-    )
-    ids = table.data.column("ids")
-    lengths = pc.list_value_length(ids).to_numpy().astype(np.int64)
-    if not texts:  # the placeholder row above only keeps the column typed
-        lengths[:] = 0
-    total, need_eval = int(lengths.sum()), eval_sequences * seq_len
-    if total < need_eval + seq_len:
-        raise PackingError(
-            f"domain {name!r}: {total:,} tokens in {len(texts)} documents, but {eval_sequences} "
-            f"eval + 1 train sequence of {seq_len} tokens need {need_eval + seq_len:,}; add text "
-            "(raise max_chars) or lower eval_sequences or seq_len"
-        )
-    # Held-out documents: whole documents in a seeded order until they fill the eval sequences.
-    order = list(range(len(texts)))
-    random.Random(seed).shuffle(order)
-    eval_docs: list[int] = []
-    eval_tokens = 0
-    for i in order:
-        if eval_tokens >= need_eval:
-            break
-        eval_docs.append(i)
-        eval_tokens += int(lengths[i])
-    held = set(eval_docs)
-    train_docs = [i for i in range(len(texts)) if i not in held]
-    train_tokens = int(lengths[train_docs].sum()) if train_docs else 0
-    if train_tokens < seq_len:
-        raise PackingError(
-            f"domain {name!r}: after holding out {len(eval_docs)} whole documents "
-            f"({eval_tokens:,} tokens) for {eval_sequences} eval sequences, {train_tokens:,} "
-            f"train tokens remain, fewer than one sequence of {seq_len}; add text, or lower "
-            "eval_sequences or seq_len"
-        )
-    train = _windows(ids, train_docs, seq_len)
-    evals = _windows(ids, eval_docs, seq_len)[:eval_sequences]
-    meta = {"documents": len(texts), "tokens": total, "train_documents": len(train_docs),
-            "eval_documents": len(eval_docs), "train_sequences": len(train),
-            "eval_sequences": len(evals), "seq_len": seq_len, "seed": seed,
-            "format": PACK_FORMAT_VERSION}
-    return train, evals, meta
-
-
-def _windows(ids: pa.ChunkedArray, docs: list[int], seq_len: int) -> np.ndarray:
-    """Concatenate the chosen documents' ids in the given order and cut ``[n, seq_len]`` windows."""
-    if not docs:
-        return np.zeros((0, seq_len), dtype=np.int32)
-    flat = pc.list_flatten(ids.take(pa.array(docs, type=pa.int64()))).to_numpy()
-    n = len(flat) // seq_len
-    return flat[: n * seq_len].astype(np.int32).reshape(n, seq_len)
-
-
-def _features(seq_len: int) -> datasets.Features:
-    return datasets.Features(
-        {"input_ids": datasets.Sequence(datasets.Value("int32"), length=seq_len)}
-    )
-
-
-def _write_cache(
-    final: Path, train: np.ndarray, evals: np.ndarray, meta: dict[str, Any]
-) -> None:
-    """Save to a private temp dir, then rename it into place in one step.
-
-    A crash leaves only a temp dir (never a half cache at ``final``). When ranks race, each writes
-    its own temp dir; the first rename wins and a later one fails because ``final`` exists, which
-    is fine: both hold the same data.
+    Returns:
+        The manifest.
     """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise PackingError(f"domain {name!r}: the tokenizer has no EOS token; set eos_token on it")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    _remove_dead_temps(final)
+    tmp = final.parent / f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    tmp.mkdir()
     try:
-        features = _features(train.shape[1])
-        for split, rows in (("train", train), ("eval", evals)):
-            ds = datasets.Dataset.from_dict({"input_ids": rows}, features=features)
-            # An empty split needs one explicit shard: with zero shards it cannot be loaded back.
-            ds.save_to_disk(str(tmp / split), num_shards=1 if len(ds) == 0 else None)
-        (tmp / _META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        dtype = token_dtype(tokenizer)
+        parts = []
+        for j, spec in enumerate(sources):
+            with open(tmp / f"s{j}.tokens", "wb") as tok_f, open(tmp / f"s{j}.docs", "wb") as idx_f:
+                idx_f.write(np.zeros(1, np.int64).tobytes())
+                enc = encode_stream(spec.docs, tokenizer, eos, tok_f, idx_f)
+            parts.append({"label": spec.label, "weight": spec.weight, "tokens": enc.tokens,
+                          "documents": enc.documents, "content_sha256": enc.sha256})
+        shares = apportion([s.weight for s in sources], eval_sequences)
+        with open(tmp / "eval.tokens", "wb") as eval_f:
+            for j, (part, share) in enumerate(zip(parts, shares)):
+                part.update(_split(tmp, j, part, dtype, share, seq_len, seed, name, eval_f))
+        manifest = {
+            **meta, "name": name, "format": PACK_FORMAT_VERSION, "dtype": dtype.name,
+            "seq_len": seq_len, "seed": seed, "eval_sequences": eval_sequences,
+            "tokenizer": tokenizer_fingerprint(tokenizer), "sources": parts,
+            "train_sequences": sum(p["train_sequences"] for p in parts),
+            "tokens": sum(p["tokens"] for p in parts),
+            "documents": sum(p["documents"] for p in parts),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         try:
             os.rename(tmp, final)
         except OSError:
-            if not (final / _META).is_file():  # not a lost race: a real failure
+            if not (final / MANIFEST).is_file():  # not a lost race: a real failure
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
 
 
-def _load_cache(final: Path, name: str, key: str) -> PackedDomain:
-    meta = json.loads((final / _META).read_text())
-    if meta.get("key") != key:
+def _split(
+    tmp: Path, j: int, part: dict, dtype: np.dtype, eval_windows: int, seq_len: int, seed: int,
+    name: str, eval_f: Any,
+) -> dict[str, Any]:
+    """Hold out whole documents of source ``j`` for ``eval_windows`` windows; append them to
+    ``eval_f``. Returns what the manifest records: the kept token ranges and the counts."""
+    label = f"domain {name!r}" + (f" source {part['label']!r}" if j or part["label"] != "docs" else "")
+    total, n_docs = part["tokens"], part["documents"]
+    need = eval_windows * seq_len
+    if total < need + seq_len:
         raise PackingError(
-            f"domain {name!r}: cache {final} was written for key {meta.get('key')!r}, not {key!r}; "
-            "delete that directory"
+            f"{label}: {total:,} tokens in {n_docs} documents, but {eval_windows} eval + 1 train "
+            f"sequence of {seq_len} tokens need {need + seq_len:,}; add text (raise max_chars) or "
+            "lower eval_sequences or seq_len"
         )
+    ends = np.memmap(tmp / f"s{j}.docs", dtype=np.int64, mode="r", shape=(n_docs + 1,))
+    tokens = open_tokens(tmp / f"s{j}.tokens", dtype, total)
+    held = _hold_out(ends, need, np.random.default_rng([seed, j, 0xE7A1]))
+    held_tokens = 0
+    written = 0
+    for d in held:  # the held-out documents in their seeded order, EOS-joined, cut to `need` tokens
+        a, b = int(ends[d]), int(ends[d + 1])
+        held_tokens += b - a
+        take = min(b - a, need - written)
+        if take > 0:
+            eval_f.write(np.asarray(tokens[a : a + take]).tobytes())
+            written += take
+    train_tokens = total - held_tokens
+    if train_tokens < seq_len:
+        raise PackingError(
+            f"{label}: after holding out {len(held)} whole documents ({held_tokens:,} tokens) for "
+            f"{eval_windows} eval sequences, {train_tokens:,} train tokens remain, fewer than one "
+            f"sequence of {seq_len}; add text, or lower eval_sequences or seq_len"
+        )
+    keep, at = [], 0
+    for d in sorted(held):
+        a, b = int(ends[d]), int(ends[d + 1])
+        if a > at:
+            keep.append([at, a])
+        at = b
+    if total > at:
+        keep.append([at, total])
+    del ends, tokens
+    return {"keep": keep, "train_sequences": train_tokens // seq_len, "eval_sequences": eval_windows,
+            "train_documents": n_docs - len(held), "eval_documents": len(held), "held_out": held}
+
+
+def _hold_out(ends: np.ndarray, need: int, rng: np.random.Generator) -> list[int]:
+    """Documents in a seeded random order until they hold ``need`` tokens (the caller checked that the
+    source has that many). Draws ids one batch at a time: no permutation of every document."""
+    n = len(ends) - 1
+    chosen: list[int] = []
+    seen: set[int] = set()
+    tokens = 0
+    if n <= 65536:
+        candidates = iter(rng.permutation(n).tolist())
+    else:
+        candidates = (int(i) for _ in iter(int, 1) for i in rng.integers(0, n, 1024))
+    while tokens < need:
+        d = next(candidates)
+        if d in seen:
+            continue
+        seen.add(d)
+        chosen.append(d)
+        tokens += int(ends[d + 1] - ends[d])
+    return chosen
+
+
+def _remove_dead_temps(final: Path) -> None:
+    """Remove temp dirs that a killed writer on this host left for ``final`` (its pid is gone)."""
+    host = socket.gethostname()
+    for tmp in final.parent.glob(f".{final.name}.tmp-{host}-*"):
+        pid = tmp.name[len(f".{final.name}.tmp-{host}-"):].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+def read_manifest(final: Path) -> dict[str, Any] | None:
+    """The manifest of a complete packed directory, or None."""
+    path = final / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_packed(final: Path, name: str, key: str | None = None) -> PackedDomain:
+    """Map a packed directory's token files (nothing is read into memory).
+
+    Raises:
+        PackingError: the directory was written for another key, or a token file's size is not what
+            the manifest says (a truncated or replaced cache file).
+    """
+    manifest = read_manifest(final)
+    if manifest is None:
+        raise PackingError(f"domain {name!r}: {final} is not a complete packed domain (no {MANIFEST})")
+    if key is not None and manifest.get("key") != key:
+        raise PackingError(
+            f"domain {name!r}: cache {final} was written for key {manifest.get('key')!r}, not "
+            f"{key!r}; delete that directory"
+        )
+    dtype, seq_len = np.dtype(manifest["dtype"]), manifest["seq_len"]
+
+    def tokens(file: str, count: int) -> np.ndarray:
+        path = final / file
+        size = path.stat().st_size if path.is_file() else -1
+        if size != count * dtype.itemsize:
+            raise PackingError(
+                f"domain {name!r}: {path} holds {size} bytes, the manifest says "
+                f"{count * dtype.itemsize}; the cache is damaged: delete {final} and prepare again"
+            )
+        return open_tokens(path, dtype, count)
+
+    train_parts = []
+    for j, s in enumerate(manifest["sources"]):
+        keep = np.asarray(s["keep"], dtype=np.int64).reshape(-1, 2)
+        train_parts.append(Part(tokens(f"s{j}.tokens", s["tokens"]), keep, s["train_sequences"]))
+    n_eval = sum(s["eval_sequences"] for s in manifest["sources"])
+    ev = tokens("eval.tokens", n_eval * seq_len)
+    eval_part = Part(ev, np.array([[0, ev.size]], dtype=np.int64), n_eval)
     return PackedDomain(
         name=name,
-        train=datasets.load_from_disk(str(final / "train")),
-        eval=datasets.load_from_disk(str(final / "eval")),
+        train=TokenWindows(train_parts, seq_len, [s["weight"] for s in manifest["sources"]]),
+        eval=TokenWindows([eval_part], seq_len),
     )
