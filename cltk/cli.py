@@ -3,6 +3,7 @@
 cltk train --config RUN.yaml [--resume] [--set train.lr=1e-4 ...]
 deepspeed --num_gpus 2 --module cltk train --config RUN.yaml      # N ranks (any deepspeed launch)
 cltk eval --config RUN.yaml [--models DIR ...] [--out DIR]
+cltk prepare --config RUN.yaml                                    # tokenise every domain ahead of a run
 cltk config-reference                                             # every config key, as markdown
 """
 
@@ -36,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="write forgetting.{json,csv,png} here")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    pr = sub.add_parser("prepare", help="tokenise every domain into the cache (train does it if needed)")
+    pr.add_argument("--config", required=True, help="run config YAML")
+    pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sub.add_parser("config-reference", help="print every run-config key as a markdown table")
     return p
 
@@ -55,6 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"cltk: config error: {e}", file=sys.stderr)
         return 2
+    if args.command == "prepare":
+        from cltk.data.prepare import prepare
+        from cltk.errors import UserError
+
+        try:
+            prepare(cfg)
+        except UserError as e:
+            print(f"cltk: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "train":
         from cltk.continual import ContinualRun, RunExistsError
 

@@ -25,7 +25,7 @@ import re
 import shutil
 import socket
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,8 +176,12 @@ def write_packed(
     eval_sequences: int,
     seed: int,
     meta: dict[str, Any],
+    before_commit: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Stream every source through the tokenizer into ``final`` (see the module docstring).
+
+    ``before_commit`` runs just before the rename (e.g. to check the sources did not change meanwhile);
+    an error there leaves nothing behind.
 
     Writes to a private temp dir renamed into place: a crash leaves only a temp dir (removed here, or
     by the next prepare on this host), never a half cache at ``final``. When two writers race, the
@@ -215,6 +219,8 @@ def write_packed(
             "documents": sum(p["documents"] for p in parts),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if before_commit is not None:
+            before_commit()
         try:
             os.rename(tmp, final)
         except OSError:

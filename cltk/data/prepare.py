@@ -1,33 +1,78 @@
 """Everything a run needs from its data before training: the tokenizer and every domain packed.
 
-Rank 0 does the work first (trains the tokenizer, tokenises, fills the cache); the other ranks wait, then
-load the same results from disk, so no rank tokenises twice and every rank sees identical data.
+``cltk prepare --config RUN.yaml`` does it ahead of a run; ``cltk train`` does what is missing. Rank 0
+does the work (trains the tokenizer, streams each source once through it into memory-mapped token
+files); the other ranks wait, then map the same files, so no rank tokenises twice and every rank sees
+identical data. A failure on rank 0 (a bad file, say) is raised on every rank, so none hangs.
+
+A domain's cache key is cheap: the source spec, ``max_chars``, the (path, size, mtime) of every file it
+reads, the tokenizer's fingerprint and the packing settings (no content is read to compute it). The
+content hash computed during the pass is recorded in the manifest. A source file that changed since it
+was prepared gives a new key, so it is prepared again and the log names the file; a resumed run whose data
+changed is refused (``OUT/data.json`` records what it trained on); a file that changes during the pass
+is refused.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from cltk import distributed as dist
-from cltk.config import RunConfig
-from cltk.data.corpora import load_documents
-from cltk.data.packing import PackedDomain, pack_domain
-from cltk.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
+from cltk.config import DomainConfig, RunConfig
+from cltk.data.corpora import iter_documents, source_units
+from cltk.data.packing import (
+    PackedDomain,
+    SourceSpec,
+    apportion,
+    check_args,
+    load_packed,
+    read_manifest,
+    settings_key,
+    write_packed,
+)
+from cltk.data.reading import CorpusError, file_stats, source_items
+from cltk.data.tokenizer import (
+    TokenizerError,
+    load_tokenizer,
+    tokenizer_fingerprint,
+    train_tokenizer,
+)
+from cltk.errors import UserError
+from cltk.tracking import log
+
+RUN_DATA = "data.json"
 
 
-def _documents(cfg: RunConfig) -> dict[str, list[str]]:
-    return {
-        d.name: load_documents(d.source, max_chars=d.max_chars, seed=cfg.seed, domain=d.name)
-        for d in cfg.domains
-    }
+class StaleDataError(UserError):
+    """A resumed run's data changed since the run started."""
 
 
 def prepare(cfg: RunConfig) -> tuple[Any, dict[str, PackedDomain]]:
-    """The run's tokenizer and every domain packed, reading each corpus once."""
-    docs = _documents(cfg)
-    tokenizer = prepare_tokenizer(cfg, docs)
-    return tokenizer, prepare_domains(cfg, tokenizer, docs)
+    """The run's tokenizer and every domain packed and memory-mapped, preparing what is missing."""
+    tokenizer = prepare_tokenizer(cfg)
+    return tokenizer, prepare_domains(cfg, tokenizer)
+
+
+def _on_main(fn, *args):
+    """``fn(*args)`` on rank 0; its result (or its error, re-raised) on every rank."""
+    result: Any = None
+    if dist.is_main():
+        try:
+            result = ("ok", fn(*args))
+        except UserError as e:
+            result = ("error", e)
+            if dist.world_size() == 1:
+                raise
+        except BaseException as e:  # a bug: every rank stops, rank 0 with the traceback
+            if dist.world_size() > 1:
+                dist.broadcast_object(("error", RuntimeError(f"rank 0 failed preparing data: {e!r}")))
+            raise
+    status, value = dist.broadcast_object(result)
+    if status == "error":
+        raise value
+    return value
 
 
 def _configured_tokenizer(cfg: RunConfig) -> Any:
@@ -41,65 +86,173 @@ def _configured_tokenizer(cfg: RunConfig) -> Any:
     return load_tokenizer(cfg.resolve(cfg.model.init_from))
 
 
-def prepare_tokenizer(cfg: RunConfig, docs: dict[str, list[str]]) -> Any:
+def prepare_tokenizer(cfg: RunConfig) -> Any:
     """The run's tokenizer: ``tokenizer.path``, the model's own, or one trained on the corpora.
 
-    It is saved to ``OUT/tokenizer`` once (rank 0); a resumed run reuses it and refuses a configured
-    tokenizer that differs from it.
+    A trained one reads only ``tokenizer.train.max_chars_per_domain`` characters of each training
+    domain (streamed). It is saved to ``OUT/tokenizer`` once (rank 0); a resumed run reuses it and
+    refuses a configured tokenizer that differs from it.
     """
-    t = cfg.tokenizer
     out = cfg.out / "tokenizer"
-    saved = (out / "tokenizer_config.json").is_file()
-    if t.train is None:
+    if cfg.tokenizer.train is None:
         tok = _configured_tokenizer(cfg)
-        if saved:
-            check_cached_tokenizer(cfg.out, tok)
-        elif dist.is_main():
-            tok.save_pretrained(str(out))
-        dist.barrier()
+        _on_main(_save_or_check, out, tok)
         return tok
-    if dist.is_main() and not saved:
-        budget = t.train.max_chars_per_domain
-
-        def texts():
-            for d in cfg.train_domains():
-                used = 0
-                for doc in docs[d.name]:
-                    if used >= budget:
-                        break
-                    yield doc[: budget - used]
-                    used += len(doc)
-
-        train_tokenizer(texts(), t.train.vocab_size, out, seed=cfg.seed)
-    dist.barrier()
+    _on_main(_train_if_missing, cfg, out)
     return load_tokenizer(out)
 
 
-def prepare_domains(
-    cfg: RunConfig, tokenizer: Any, docs: dict[str, list[str]]
-) -> dict[str, PackedDomain]:
+def _save_or_check(out: Path, tok: Any) -> None:
+    if (out / "tokenizer_config.json").is_file():
+        check_cached_tokenizer(out.parent, tok)
+    else:
+        tok.save_pretrained(str(out))
+
+
+def _train_if_missing(cfg: RunConfig, out: Path) -> None:
+    if not (out / "tokenizer_config.json").is_file():
+        train_tokenizer(_tokenizer_texts(cfg), cfg.tokenizer.train.vocab_size, out, seed=cfg.seed)
+
+
+def _tokenizer_texts(cfg: RunConfig):
+    budget = cfg.tokenizer.train.max_chars_per_domain
+    for d in cfg.train_domains():
+        items = source_items(d.source)
+        shares = apportion([w for w, _ in items], budget)
+        for (_, part), share in zip(items, shares):
+            used = 0
+            docs = iter_documents(part, max_chars=d.max_chars, seed=cfg.seed, domain=d.name)
+            for doc in docs:
+                if used >= share:
+                    docs.close()  # stop reading: the rest of the source is not needed
+                    break
+                yield doc[: share - used]
+                used += len(doc)
+
+
+def _parts(cfg: RunConfig, d: DomainConfig) -> list[tuple[float, dict, int | None, list]]:
+    """``(weight, source, max_chars, [path, size, mtime_ns] of its files)`` of each part of a domain."""
+    items = source_items(d.source)
+    budgets = (
+        [None] * len(items) if d.max_chars is None
+        else apportion([w for w, _ in items], d.max_chars)
+    )
+    out = []
+    for (w, part), budget in zip(items, budgets):
+        units = source_units(part, domain=d.name)
+        out.append((w, dict(part), budget, file_stats(p for u in units for p in u.paths)))
+    return out
+
+
+def domain_key(cfg: RunConfig, d: DomainConfig, tokenizer_fp: str, parts: list) -> str:
+    """The cache key of a domain: everything that decides its token ids, read without the content."""
+    return settings_key({
+        "parts": [[w, src, budget, stats] for w, src, budget, stats in parts],
+        "tokenizer": tokenizer_fp, "seq_len": cfg.data.seq_len,
+        "eval_sequences": cfg.data.eval_sequences, "seed": cfg.seed,
+    })
+
+
+def changed_files(old: list, new: list) -> list[str]:
+    """What differs between two ``[path, size, mtime_ns]`` lists, one line per file."""
+    before, after = {p: (s, m) for p, s, m in old}, {p: (s, m) for p, s, m in new}
+    lines = []
+    for p in sorted(before.keys() | after.keys()):
+        if p not in after:
+            lines.append(f"{p} is gone")
+        elif p not in before:
+            lines.append(f"{p} is new")
+        elif before[p] != after[p]:
+            s0, s1 = before[p][0], after[p][0]
+            what = f"size {s0:,} -> {s1:,} bytes" if s0 != s1 else "modified (same size)"
+            lines.append(f"{p} changed: {what}" + (" (truncated?)" if s1 < s0 else ""))
+    return lines
+
+
+def _prepare_domain(cfg: RunConfig, d: DomainConfig, tokenizer: Any, fp: str) -> str:
+    """Pack one domain into the cache unless it is there; returns its directory."""
+    check_args(d.name, cfg.data.seq_len, cfg.data.eval_sequences)
+    parts = _parts(cfg, d)
+    key = domain_key(cfg, d, fp, parts)
+    final = cfg.cache_dir / f"{d.name}-{key}"
+    if read_manifest(final) is not None:
+        return str(final)
+    files = [f for *_, stats in parts for f in stats]
+    pointer = cfg.cache_dir / f"{d.name}.latest.json"
+    if pointer.is_file():
+        changes = changed_files(json.loads(pointer.read_text())["files"], files)
+        if changes:
+            log(f"domain {d.name}: source changed since it was last prepared ({'; '.join(changes[:5])}"
+                f"{'; ...' if len(changes) > 5 else ''}); preparing it again")
+    log(f"domain {d.name}: preparing (tokenising {len(files)} file(s) into {final})")
+
+    def unchanged() -> None:
+        now = [f for *_, stats in _parts(cfg, d) for f in stats]
+        changes = changed_files(files, now)
+        if changes:
+            raise CorpusError(
+                f"domain {d.name!r}: a source file changed while it was being prepared "
+                f"({'; '.join(changes[:5])}); prepare again once the files are stable"
+            )
+
+    specs = [
+        SourceSpec(iter_documents(src, max_chars=budget, seed=cfg.seed, domain=d.name), w,
+                   _label(src))
+        for w, src, budget, _ in parts
+    ]
+    manifest = write_packed(final, d.name, specs, tokenizer, cfg.data.seq_len,
+                            cfg.data.eval_sequences, cfg.seed,
+                            {"key": key, "files": files, "source": d.source,
+                             "max_chars": d.max_chars}, before_commit=unchanged)
+    pointer.write_text(json.dumps({"key": key, "files": files}))
+    log(f"domain {d.name}: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens, "
+        f"{manifest['train_sequences']:,} train sequences")
+    return str(final)
+
+
+def _label(src: dict) -> str:
+    kind = next(k for k in src if k in ("builtin", "files", "jsonl", "hf_dataset"))
+    return f"{kind}:{src[kind]}"
+
+
+def prepare_domains(cfg: RunConfig, tokenizer: Any) -> dict[str, PackedDomain]:
     """Every domain (training and eval-only) packed, in config order; cached across runs."""
 
-    def pack() -> dict[str, PackedDomain]:
-        return {
-            d.name: pack_domain(
-                d.name,
-                docs[d.name],
-                tokenizer,
-                cfg.data.seq_len,
-                eval_sequences=cfg.data.eval_sequences,
-                cache_dir=cfg.cache_dir,
-                seed=cfg.seed,
-            )
-            for d in cfg.domains
-        }
+    def work() -> dict[str, str]:
+        fp = tokenizer_fingerprint(tokenizer)
+        dirs = {d.name: _prepare_domain(cfg, d, tokenizer, fp) for d in cfg.domains}
+        _check_run_data(cfg, dirs)
+        return dirs
 
-    if dist.is_main():
-        packed = pack()
-    dist.barrier()
-    if not dist.is_main():
-        packed = pack()  # cache hits: rank 0 wrote them
-    return packed
+    dirs = _on_main(work)
+    return {name: load_packed(Path(path), name) for name, path in dirs.items()}
+
+
+def _check_run_data(cfg: RunConfig, dirs: dict[str, str]) -> None:
+    """Refuse to go on with a run that trained on other data; record the data of a new run."""
+    record = {}
+    for name, path in dirs.items():
+        m = read_manifest(Path(path))
+        record[name] = {"key": m["key"], "files": m["files"],
+                        "content_sha256": [s["content_sha256"] for s in m["sources"]]}
+    path = cfg.out / RUN_DATA
+    started = (cfg.out / "checkpoints").is_dir() or any((cfg.out / "stages").glob("*/stage.json"))
+    if path.is_file() and started:
+        old = json.loads(path.read_text())
+        for name, now in record.items():
+            if name in old and old[name]["key"] != now["key"]:
+                what = changed_files(old[name]["files"], now["files"]) or [
+                    "the tokenizer or packing settings changed"]
+                raise StaleDataError(
+                    f"domain {name!r}: its data changed since this run trained on it "
+                    f"({'; '.join(what[:5])}); restore the files, or start a new run in another "
+                    "output_dir"
+                )
+        record = {**old, **record}
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
 
 
 def check_cached_tokenizer(out: Path, tokenizer: Any) -> None:
@@ -107,7 +260,7 @@ def check_cached_tokenizer(out: Path, tokenizer: Any) -> None:
     saved = out / "tokenizer"
     if (saved / "tokenizer_config.json").is_file():
         if tokenizer_fingerprint(load_tokenizer(saved)) != tokenizer_fingerprint(tokenizer):
-            raise ValueError(
+            raise TokenizerError(
                 f"tokenizer: {saved} (saved by this run) differs from the configured tokenizer; a resumed "
                 "run must keep its tokenizer. Use a new output_dir to start over"
             )
