@@ -38,7 +38,12 @@ def is_main() -> bool:
 
 def barrier() -> None:
     if is_initialized():
-        dist.barrier()
+        # NCCL's barrier guesses the rank's GPU from the rank number unless it is told (a wrong guess
+        # hangs or warns on multi-GPU nodes)
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
 
 
 def device() -> torch.device:
@@ -126,16 +131,52 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
 
+def comm_device() -> torch.device:
+    """The device the process group's backend reduces on: the rank's GPU under NCCL, the CPU under gloo.
+
+    NCCL serves CUDA tensors only ("No backend type associated with device type cpu"), even in a group of
+    one, and gloo here serves CPU tensors, so every collective in cltk puts its tensor on this device.
+    """
+    name = dist.get_backend() if is_initialized() else backend()
+    if name == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks in place (no-op in one process); returns it."""
-    if is_initialized() and world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    """Sum ``t`` over ranks, in place, and return it; ``t`` may live on any device.
+
+    The collective runs whenever a process group exists, at any world size (a group of one included), so
+    that a single-GPU run exercises the same NCCL path as a multi-GPU one; without a group it is a no-op.
+    The tensor goes to :func:`comm_device` for the reduction and the result is copied back.
+    """
+    if not is_initialized():
+        return t
+    dev = comm_device()
+    work = t if t.device == dev and t.is_contiguous() else t.to(dev).contiguous()
+    dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    if work is not t:
+        t.copy_(work)
     return t
+
+
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """``[n, ...]`` on each rank -> ``[world * n, ...]`` (rank 0's rows first) on ``x``'s device.
+
+    Every rank passes the same shape. Not differentiable (see :mod:`cltk.contrastive` for that).
+    """
+    if not is_initialized():
+        return x
+    dev = comm_device()
+    work = x.to(dev).contiguous()
+    parts = [torch.empty_like(work) for _ in range(world_size())]
+    dist.all_gather(parts, work)
+    return torch.cat(parts).to(x.device)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s object on every rank."""
-    if not is_initialized() or world_size() == 1:
+    if not is_initialized():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
@@ -143,7 +184,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def all_gather_object(obj: Any) -> list[Any]:
-    if not is_initialized() or world_size() == 1:
+    if not is_initialized():
         return [obj]
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)

@@ -28,6 +28,7 @@ import torch
 from cltk import distributed as dist
 from cltk.config import RunConfig
 from cltk.losses import (
+    IGNORE_INDEX,
     check_distillation_args,
     check_soft_target_args,
     distillation_loss,
@@ -60,10 +61,13 @@ def cache_dir(ctx: StageContext):
     return ctx.cfg.out / "teacher_cache" / ctx.stage.dirname
 
 
-def _mean_label_prob(label_logprobs: torch.Tensor) -> torch.Tensor:
-    """The teacher's mean probability of the label, a 0-dim tensor: the loop reads it after its own
-    synchronisation, so no extra wait on the GPU is added here."""
-    return label_logprobs.detach().float().exp().mean()
+def _mean_label_prob(label_logprobs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The teacher's mean probability of the label over the trained positions (``labels`` not
+    ignored), a 0-dim tensor: the loop reads it after its own synchronisation, so no extra wait on the
+    GPU is added here."""
+    valid = labels != IGNORE_INDEX
+    probs = label_logprobs.detach().float().exp()
+    return (probs * valid).sum() / valid.sum().clamp_min(1)
 
 
 def _label_logprobs(teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -127,13 +131,14 @@ class SoftTargetMethod(Method):
             t = self.teacher.logits(batch["input_ids"]).to(logits.device)
             loss = soft_target_loss(logits, labels, t, p=self.b.p,
                                     one_hot_below=self.b.one_hot_below)
-            return loss, {"teacher_p_label": _mean_label_prob(_label_logprobs(t, labels))}
+            label_lp = _label_logprobs(t, labels.clamp_min(0))
+            return loss, {"teacher_p_label": _mean_label_prob(label_lp, labels)}
         if self.cache is not None:
             top_lp, top_ix, label_lp = self.cache.lookup(batch["input_ids"])
             loss = soft_target_loss_topk(logits, labels, top_lp.to(logits.device),
                                          top_ix.to(logits.device), label_lp.to(logits.device),
                                          p=self.b.p, one_hot_below=self.b.one_hot_below)
-            return loss, {"teacher_p_label": _mean_label_prob(label_lp)}
+            return loss, {"teacher_p_label": _mean_label_prob(label_lp, labels)}
         return None
 
     def on_stage_end(self, ctx: StageContext) -> None:
@@ -203,7 +208,8 @@ class DistillMethod(Method):
         t = self.teacher.logits(batch["input_ids"]).to(logits.device)
         loss = distillation_loss(logits, labels, t, alpha=self.d.alpha, beta=self.d.beta,
                                  temperature=self.d.temperature)
-        return loss, {"teacher_p_label": _mean_label_prob(_label_logprobs(t, labels))}
+        label_lp = _label_logprobs(t, labels.clamp_min(0))
+        return loss, {"teacher_p_label": _mean_label_prob(label_lp, labels)}
 
     def on_stage_end(self, ctx: StageContext) -> None:
         if self.teacher is not None:
