@@ -20,6 +20,7 @@ mean probability of the correct token, in ``metrics.csv`` (``extra``; rank 0's m
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,7 @@ from cltk.losses import (
 from cltk.methods.base import Method, StageContext
 from cltk.tracking import log
 
-__all__ = ["DistillMethod", "SoftTargetMethod", "cache_dir", "stage_rows"]
+__all__ = ["DistillMethod", "SoftTargetMethod", "audit_teacher", "cache_dir", "stage_rows"]
 
 
 def stage_rows(ctx: StageContext) -> np.ndarray:
@@ -59,6 +60,20 @@ def cache_dir(ctx: StageContext):
     """``OUT/teacher_cache/<stage dir name>``: outside the stage directory, which the stage's export
     replaces whole."""
     return ctx.cfg.out / "teacher_cache" / ctx.stage.dirname
+
+
+def audit_teacher(ctx: StageContext, teacher: Any, when: str) -> None:
+    """With ``train.log_sequence_ids`` (the audit log), record which weights the stage's teacher held
+    at ``when`` ("start" or "end") in ``<stage dir>/teacher.json``: the teacher's directory and the
+    sha256 of its in-memory parameters (see :meth:`cltk.teacher.OnlineTeacher.weights_sha256`)."""
+    if not ctx.cfg.train.log_sequence_ids:
+        return
+    digest = teacher.weights_sha256()
+    record = ctx.extras.setdefault("teacher_audit", {"teacher_dir": str(teacher.model_dir)})
+    record[f"sha256_{when}"] = digest
+    if when == "end" and dist.is_main():
+        ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+        (ctx.stage_dir / "teacher.json").write_text(json.dumps(record, indent=1))
 
 
 def _mean_label_prob(label_logprobs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -117,6 +132,7 @@ class SoftTargetMethod(Method):
 
         if self.b.teacher == "online":
             self.teacher = OnlineTeacher(ctx.prev_stage_dir, self.cfg, ctx.engine)
+            audit_teacher(ctx, self.teacher, "start")
             log(f"stage {ctx.stage.dirname}: soft targets (p={self.b.p}) from online teacher "
                 f"{ctx.prev_stage_dir.name} (ZeRO {self.teacher.zero_stage})")
             return
@@ -143,6 +159,7 @@ class SoftTargetMethod(Method):
 
     def on_stage_end(self, ctx: StageContext) -> None:
         if self.teacher is not None:
+            audit_teacher(ctx, self.teacher, "end")
             self.teacher.close()
         self.teacher = self.cache = None
 
@@ -197,6 +214,7 @@ class DistillMethod(Method):
         from cltk.teacher import OnlineTeacher
 
         self.teacher = OnlineTeacher(ctx.prev_stage_dir, self.cfg, ctx.engine)
+        audit_teacher(ctx, self.teacher, "start")
         log(f"stage {ctx.stage.dirname}: distillation (alpha={self.d.alpha}, beta={self.d.beta}, "
             f"T={self.d.temperature}) from {ctx.prev_stage_dir.name} "
             f"(ZeRO {self.teacher.zero_stage})")
@@ -213,5 +231,6 @@ class DistillMethod(Method):
 
     def on_stage_end(self, ctx: StageContext) -> None:
         if self.teacher is not None:
+            audit_teacher(ctx, self.teacher, "end")
             self.teacher.close()
         self.teacher = None
