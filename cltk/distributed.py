@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from cltk.extensions import check_build_locks
+
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -84,22 +86,27 @@ def init(timeout_minutes: float | None = None) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     minutes = timeout_minutes or float(os.environ.get("DEEPSPEED_TIMEOUT", "30"))
+    # DeepSpeed JIT-builds ops from here on (the CPU shm all-reduce at once): a lock left by a killed
+    # build would hang this launch forever
+    check_build_locks()
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
     deepspeed.init_distributed(
         dist_backend=backend(), timeout=datetime.timedelta(minutes=minutes), verbose=False
     )
-    _release_shm_names()
+    release_shm_names()
 
 
-def _release_shm_names() -> None:
+def release_shm_names() -> None:
     """Unlink this rank's DeepSpeed CPU all-reduce buffer name once every rank has mapped every buffer.
 
     DeepSpeed's shm all-reduce (CPU) creates a named shared-memory buffer per rank
     (``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``, tens of MB) and never unlinks
     it, so every run, and always a killed one, leaves it behind until /dev/shm fills the machine's memory.
     Each rank maps all buffers during ``init_distributed``; after a barrier the names are no longer needed,
-    and the memory is freed when the last rank exits, however it exits.
+    and the memory is freed when the last rank exits, however it exits. Collective: call it on every rank
+    right after the first ``deepspeed.init_distributed`` / ``deepspeed.initialize`` of a process
+    (:func:`init` does; scripts that set up DeepSpeed themselves call it too).
     """
     if torch.cuda.is_available():
         return

@@ -15,6 +15,7 @@ import torch
 
 from cltk import distributed as dist
 from cltk.config import RunConfig
+from cltk.extensions import check_build_locks
 from cltk.losses import IGNORE_INDEX, causal_lm_loss
 from cltk.methods.base import Method, StageContext
 from cltk.validate import deepspeed_config
@@ -71,6 +72,7 @@ def build_engine(
         # torch's there (compiled on first use, like the shm op)
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+        check_build_locks()
         optimizer = DeepSpeedCPUAdam(
             groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, adamw_mode=True
         )
