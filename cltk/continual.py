@@ -279,7 +279,17 @@ class ContinualRun:
                 step, dist.rank(), dist.world_size(), c.train.micro_batch_size
             )
             self.tracker.sequence_ids(stage.index, step, [list(x) for mb in micro for x in mb])
-            metrics = train_step(ctx, self.methods, [self._tensor(mb) for mb in micro])
+            # a short last step: pad each micro-batch to full size with a row of the step whose loss
+            # is ignored, so every rank runs the same shapes (ZeRO 3 and gathered terms need that)
+            pad = schedule.global_step(step)[:1]
+            size = c.train.micro_batch_size
+            metrics = train_step(
+                ctx,
+                self.methods,
+                [self._tensor(mb + pad * (size - len(mb))) for mb in micro],
+                valid_rows=[len(mb) for mb in micro],
+                step_rows=schedule.step_size(step),
+            )
             seconds = time.perf_counter() - t0
             self.tracker.step(stage.index, stage.name, step, metrics, tokens_per_step, seconds)
             bar.update(1)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cltk import distributed as cdist
 from cltk.units import UnitMap, attach_gates, block_modules, build_unit_map
 
 KEYS = ("heads", "ffn")
@@ -124,16 +125,14 @@ def _rank_share(num_samples: int) -> int:
 
 def _all_reduce(sums: dict[str, torch.Tensor], count: int) -> int:
     """Sum ``sums`` (in place) and ``count`` over ranks; returns the global count."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not cdist.is_initialized():
         return count
     first = next(iter(sums.values()))
-    # gloo reduces CPU tensors; NCCL needs them on the GPU.
-    dev = torch.device("cpu") if dist.get_backend() == "gloo" else first.device
     flat = torch.cat(
-        [s.flatten().to(dev) for s in sums.values()]
-        + [torch.tensor([float(count)], dtype=torch.float64, device=dev)]
+        [s.flatten() for s in sums.values()]
+        + [torch.tensor([float(count)], dtype=torch.float64, device=first.device)]
     )
-    dist.all_reduce(flat)
+    cdist.all_reduce_sum(flat)  # on the backend's device (NCCL needs the GPU)
     offset = 0
     for s in sums.values():
         s.copy_(flat[offset : offset + s.numel()].view_as(s))

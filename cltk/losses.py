@@ -44,6 +44,7 @@ __all__ = [
     "CHUNK_ELEMENTS",
 ]
 
+IGNORE_INDEX = -100  # label of a position left out of every loss and of its token count
 # Vocabulary entries per chunk: chunk temporaries stay near 64 MiB each in fp32.
 CHUNK_ELEMENTS = 1 << 24
 
