@@ -26,7 +26,7 @@ from cltk import checkpoint
 from cltk import distributed as dist
 from cltk.config import RunConfig
 from cltk.data.prepare import prepare
-from cltk.data.sampler import Pool, StageSchedule
+from cltk.data.sampler import Pool, StageSchedule, mixture_pool
 from cltk.engine import build_engine, train_step
 from cltk.errors import UserError
 from cltk.methods import build_methods
@@ -164,7 +164,7 @@ class ContinualRun:
         earlier = {s.domain_index for s in self.stages[: stage.index] if s.domain != stage.domain}
         replay = [Pool(i, np.arange(len(self.train_arrays[i]))) for i in sorted(earlier)]
         return StageSchedule(
-            Pool(stage.domain_index, stage.indices),
+            mixture_pool(stage.domain_index, stage.indices, *_parts(self.train_arrays[stage.domain_index])),
             replay,
             c.replay.share,
             c.global_batch(dist.world_size()),
@@ -336,6 +336,11 @@ class ContinualRun:
         if dist.is_main():
             export_pretrained(engine.module, state_dict, self.tokenizer, ctx.stage_dir)
         dist.barrier()
+
+
+def _parts(train) -> tuple[list, list]:
+    """The row ranges and weights of a domain's mixture parts (one part unless it mixes sources)."""
+    return getattr(train, "sources", [(0, len(train))]), getattr(train, "weights", [1.0])
 
 
 def _fault_injection(out: Path, stage: int, steps_done: int) -> None:

@@ -84,3 +84,28 @@ def test_every_sequence_trains_exactly_once_per_epoch_whatever_the_batch(
         assert all(len(m) == batch // (world * micro) for m in mbs)  # same accumulation everywhere
         flat = [x for m in mbs for mb in m for x in mb]
         assert sorted(flat) == sorted(step) and all(len(mb) <= micro for m in mbs for mb in m)
+
+
+def test_a_mixture_draws_each_part_in_proportion_every_step():
+    from cltk.data.sampler import mixture_pool
+
+    a, b = np.arange(0, 50), np.arange(50, 450)  # rows of part A (small, upsampled) and part B
+    pool = mixture_pool(0, np.arange(450), [(0, 50), (50, 450)], [0.7, 0.3])
+    s = StageSchedule(pool, [Pool(1, np.arange(30))], 0.2, 10, 1.0, 12, seed=3, stage=1)
+    assert len(s) == 12
+    steps = [s.global_step(t) for t in range(len(s))]
+    for items in steps:
+        new = [i for d, i in items if d == 0]
+        # 8 new sequences a step (2 replayed): round(0.7 x 8) = 6 from A, 2 from B, every step
+        assert sum(i < 50 for i in new) == 6 and sum(i >= 50 for i in new) == 2
+        assert sum(d == 1 for d, _ in items) == 2
+    # each part walks its own seeded epochs: A's first 50 draws are A once each
+    a_draws = [i for items in steps for d, i in items if d == 0 and i < 50]
+    assert sorted(a_draws[:48]) == sorted(set(a_draws[:48])) and set(a_draws) <= set(a.tolist())
+    # the order is a function of the step alone (resume), and ranks get disjoint slices
+    again = StageSchedule(pool, [Pool(1, np.arange(30))], 0.2, 10, 1.0, 12, seed=3, stage=1)
+    assert [again.global_step(t) for t in reversed(range(12))][::-1] == steps
+    per_rank = [again.micro_batches(5, r, 2, 5) for r in range(2)]
+    assert sorted(x for mbs in per_rank for mb in mbs for x in mb) == sorted(steps[5])
+    # a single part (or a block holding one part only) is a plain pool
+    assert mixture_pool(0, b, [(0, 50), (50, 450)], [0.7, 0.3]).parts == ()

@@ -34,7 +34,7 @@ import numpy as np
 
 from cltk.data.encode import encode_stream, open_tokens, token_dtype
 from cltk.data.tokenizer import tokenizer_fingerprint
-from cltk.data.windows import Part, TokenWindows
+from cltk.data.windows import Part, TokenWindows, apportion
 from cltk.errors import UserError
 
 # Bump when the packed layout or the split rule changes: old caches then miss instead of lying.
@@ -150,18 +150,6 @@ def check_args(name: str, seq_len: int, eval_sequences: int) -> None:
     for label, value, low in (("seq_len", seq_len, 2), ("eval_sequences", eval_sequences, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise PackingError(f"domain {name!r}: {label} must be an integer >= {low}, got {value!r}")
-
-
-def apportion(weights: Sequence[float], total: int) -> list[int]:
-    """Integers summing to ``total`` in proportion to ``weights`` (largest remainders, ties to the
-    earlier part)."""
-    w = np.asarray(weights, dtype=np.float64)
-    exact = w / w.sum() * total
-    out = np.floor(exact).astype(np.int64)
-    rest = exact - out
-    for i in sorted(range(len(w)), key=lambda i: (-rest[i], i))[: total - int(out.sum())]:
-        out[i] += 1
-    return out.tolist()
 
 
 # --- writing ----------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from cltk.data.corpora import iter_documents, source_units
 from cltk.data.packing import (
     PackedDomain,
     SourceSpec,
-    apportion,
     check_args,
     load_packed,
     read_manifest,
@@ -39,6 +38,7 @@ from cltk.data.tokenizer import (
     tokenizer_fingerprint,
     train_tokenizer,
 )
+from cltk.data.windows import apportion
 from cltk.errors import UserError
 from cltk.tracking import log
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cltk.data.windows import apportion
+
 
 def split_blocks(n: int, k: int, seed: int) -> list[np.ndarray]:
     """Split ``range(n)`` into ``k`` disjoint, seeded random blocks of near-equal size (sorted inside).
@@ -33,10 +35,28 @@ def split_blocks(n: int, k: int, seed: int) -> list[np.ndarray]:
 
 @dataclass(frozen=True)
 class Pool:
-    """Training sequences of one domain that a stage may draw: ``indices`` into that domain's train set."""
+    """Training sequences of one domain that a stage may draw: ``indices`` into that domain's train set.
+
+    A domain that mixes sources has ``parts`` (the indices of each source, together ``indices``) and
+    ``weights``: every step then draws each part's share of its new sequences (see ``mixture_pool``).
+    """
 
     domain: int
     indices: np.ndarray
+    parts: tuple[np.ndarray, ...] = ()
+    weights: tuple[float, ...] = ()
+
+
+def mixture_pool(
+    domain: int, indices: np.ndarray, sources: list[tuple[int, int]], weights: list[float]
+) -> Pool:
+    """``Pool(domain, indices)`` split by the row ranges ``sources`` of a mixture's parts (one range:
+    a plain pool). Parts with no sequence in ``indices`` or a zero weight are left out."""
+    parts = [(indices[(indices >= a) & (indices < b)], w) for (a, b), w in zip(sources, weights)]
+    parts = [(p, w) for p, w in parts if len(p) and w > 0]
+    if len(parts) < 2:
+        return Pool(domain, indices)
+    return Pool(domain, indices, tuple(p for p, _ in parts), tuple(w for _, w in parts))
 
 
 class StageSchedule:
@@ -86,6 +106,7 @@ class StageSchedule:
         steps = math.ceil(self.new_total / self.n_new)
         self.steps = max(1, steps if max_steps is None else min(steps, max_steps))
         self._epoch_cache: dict[int, np.ndarray] = {}
+        self._part_orders: dict[int, tuple[int, np.ndarray]] = {}
         self._replay_flat = (
             np.concatenate(
                 [np.stack([np.full(len(p.indices), p.domain), p.indices], 1) for p in self.replay]
@@ -123,9 +144,9 @@ class StageSchedule:
         if not 0 <= step < self.steps:
             raise IndexError(f"step {step} outside stage of {self.steps} steps")
         n = len(self.new.indices)
-        out = []
+        out = self._mixed(step) if self.new.parts else []
         start = step * self.n_new
-        for pos in range(start, start + self.new_in_step(step)):
+        for pos in range(start, start + (0 if self.new.parts else self.new_in_step(step))):
             epoch, i = divmod(pos, n)
             out.append((self.new.domain, int(self._epoch_order(epoch)[i])))
         n_replay = self.replay_in_step(step)
@@ -145,6 +166,22 @@ class StageSchedule:
                 )
             ]
         return out
+
+    def _mixed(self, step: int) -> list[tuple[int, int]]:
+        """A mixture's new sequences of ``step``: each part's share (``apportion`` of the step's count by
+        weight), each part walking its own seeded epochs; shuffled so parts spread over ranks."""
+        full = apportion(self.new.weights, self.n_new)
+        counts = apportion(self.new.weights, self.new_in_step(step))
+        out = []
+        for j, (part, k) in enumerate(zip(self.new.parts, counts)):
+            for pos in range(step * full[j], step * full[j] + k):
+                epoch, i = divmod(pos, len(part))
+                if self._part_orders.get(j, (None,))[0] != epoch:  # keep one epoch's order per part
+                    rng = np.random.default_rng([self.seed, self.stage, epoch, j + 1])
+                    self._part_orders[j] = (epoch, rng.permutation(len(part)))
+                out.append((self.new.domain, int(part[self._part_orders[j][1][i]])))
+        perm = np.random.default_rng([self.seed, self.stage, step, 11]).permutation(len(out))
+        return [out[i] for i in perm]
 
     def micro_batches(
         self, step: int, rank: int, world_size: int, micro_batch: int

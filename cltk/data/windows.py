@@ -134,3 +134,15 @@ class _Column(Sequence):
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         rows = self._w.rows(range(len(self._w)))
         return rows if dtype is None else rows.astype(dtype)
+
+
+def apportion(weights: Sequence[float], total: int) -> list[int]:
+    """Integers summing to ``total`` in proportion to ``weights`` (largest remainders; ties go to the
+    earlier part): how a mixture shares out a batch, a budget or the eval windows."""
+    w = np.asarray(weights, dtype=np.float64)
+    exact = w / w.sum() * total
+    out = np.floor(exact).astype(np.int64)
+    rest = exact - out
+    for i in sorted(range(len(w)), key=lambda i: (-rest[i], i))[: total - int(out.sum())]:
+        out[i] += 1
+    return out.tolist()
