@@ -26,7 +26,7 @@ def _text(rng: random.Random, n: int) -> str:
 
 def _corpus(tmp_path):
     rng = random.Random(0)
-    (tmp_path / "a").mkdir()
+    (tmp_path / "a").mkdir(parents=True)
     for i in range(4):
         (tmp_path / "a" / f"f{i}.txt").write_text(_text(rng, 40))
     with open(tmp_path / "b.jsonl", "w") as f:
@@ -179,3 +179,44 @@ def test_cltk_prepare_command(tmp_path, capsys):
     (tmp_path / "a" / "f1.txt").write_bytes(b"\x00\x01binary")
     assert main(["prepare", "--config", path]) == 2
     assert "f1.txt is not UTF-8 text: line 1 holds a NUL byte" in capsys.readouterr().err
+
+
+@pytest.mark.multirank
+def test_two_ranks_prepare_once_and_train_a_mixture_in_proportion(tmp_path):
+    """One 2-rank launch: a bad file fails on both ranks; rank 0 alone tokenises; both map the same
+    data; a 0.75 / 0.25 mixture trains 6 + 2 of every global batch of 8, ranks disjoint."""
+    from pathlib import Path
+
+    from tests.multirank import run_ranks
+
+    cfg = _cfg(tmp_path / "good")
+    src = {"mix": [{"files": str(tmp_path / "good" / "a" / "*.txt"), "weight": 0.75},
+                   {"jsonl": str(tmp_path / "good" / "b.jsonl"), "weight": 0.25}]}
+    good = write_tiny_run(
+        tmp_path / "good", domains=[{"name": "web", "source": src}],
+        data={"seq_len": 16, "eval_sequences": 8},
+        train={"max_steps_per_stage": 4, "log_sequence_ids": True},
+        tokenizer={"train": {"vocab_size": 400, "max_chars_per_domain": 20000}},
+    )
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.jsonl").write_text('{"text": "fine"}\n{"text": 3}\n')
+    bad = write_tiny_run(tmp_path / "bad", domains=[{"name": "web", "source": {
+        "jsonl": str(tmp_path / "bad" / "x.jsonl")}}])
+    script = Path(__file__).parent / "scripts" / "data_ranks.py"
+    run_ranks([script, good, bad, tmp_path], timeout=600)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert "CorpusError" in r["error"] and "x.jsonl:2 field 'text' is not a string" in r["error"]
+    assert ranks[0]["encoded"] == 2 and ranks[1]["encoded"] == 0  # two parts, tokenised by rank 0
+    assert ranks[0]["fingerprints"] == ranks[1]["fingerprints"]
+    m = read_manifest(next(cfg.cache_dir.glob("web-*")))
+    split = m["sources"][0]["train_sequences"]  # rows below it are part A (files)
+    out = tmp_path / "good" / "out"
+    audits = [[json.loads(x) for x in (out / "sequence_ids" / f"rank{r}.jsonl").read_text().splitlines()]
+              for r in (0, 1)]
+    assert len(audits[0]) == len(audits[1]) == 4
+    for a, b in zip(*audits):
+        ids = [tuple(x) for x in a["ids"] + b["ids"]]
+        assert len(ids) == 8 and not {tuple(x) for x in a["ids"]} & {tuple(x) for x in b["ids"]}
+        assert sum(i < split for _, i in ids) == 6 and sum(i >= split for _, i in ids) == 2
+    assert json.loads((out / "forgetting.json").read_text())["perplexity"][0][0] > 1
