@@ -73,11 +73,12 @@ class TokenizerConfig:
 class DomainConfig:
     name: str = _help("domain name (unique; used in file names and the forgetting matrix)", "")
     source: dict[str, Any] = _help(
-        "one of {builtin: NAME}, {files: GLOB}, {jsonl: PATH, field: text}, {hf_dataset: DIR, field}",
+        "one of {builtin: NAME}, {files: GLOB}, {jsonl: PATH, field: text}, {hf_dataset: DIR, field}, "
+        "or a mixture {mix: [{files: A, weight: 0.7}, {jsonl: B, weight: 0.3}]}",
         factory=dict,
     )
     max_chars: int | None = _help(
-        "read at most this many characters (seeded sample of documents)", None
+        "read at most this many characters (a seeded sample of the source's files or 1 MiB pieces)", None
     )
     eval_only: bool = _help("evaluate on it but never train it", False)
 
