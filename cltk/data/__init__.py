@@ -1,4 +1,4 @@
-"""Data pipeline: corpora -> tokenizer -> packed domains (and, from the lead, per-rank sampling).
+"""Data pipeline: sources read unit by unit -> tokenizer -> memory-mapped packed domains -> per-rank sampling.
 
 Names are re-exported as ``X as X`` so linters and type checkers treat them as public.
 """
@@ -8,6 +8,7 @@ from cltk.data.corpora import MAX_DOC_CHARS as MAX_DOC_CHARS
 from cltk.data.corpora import SOURCE_KINDS as SOURCE_KINDS
 from cltk.data.corpora import CorpusError as CorpusError
 from cltk.data.corpora import check_source as check_source
+from cltk.data.corpora import iter_documents as iter_documents
 from cltk.data.corpora import load_documents as load_documents
 from cltk.data.corpora import sample_documents as sample_documents
 from cltk.data.corpora import split_text as split_text
@@ -21,3 +22,4 @@ from cltk.data.tokenizer import TokenizerError as TokenizerError
 from cltk.data.tokenizer import load_tokenizer as load_tokenizer
 from cltk.data.tokenizer import tokenizer_fingerprint as tokenizer_fingerprint
 from cltk.data.tokenizer import train_tokenizer as train_tokenizer
+from cltk.data.windows import TokenWindows as TokenWindows

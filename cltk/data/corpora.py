@@ -38,6 +38,7 @@ from cltk.data.reading import (
     source_items,
     text_units,
 )
+from cltk.data.windows import apportion
 
 MAX_DOC_CHARS = 8000
 
@@ -160,7 +161,8 @@ def iter_documents(
     """Stream a source's documents, reading one unit at a time (a mixture: each part in turn).
 
     With ``max_chars``, units are read in a seeded random order until that many characters are taken
-    (the last document is cut to fit); the rest of the source is never read.
+    (the last document is cut to fit); the rest of the source is never read. A mixture shares
+    ``max_chars`` out by weight.
 
     Raises:
         CorpusError: A bad source, missing files or packages, a bad record, or no text at all.
@@ -170,9 +172,11 @@ def iter_documents(
                                   or max_chars <= 0):
         raise _fail(domain, f"max_chars must be a positive integer or None, got {max_chars!r}")
     empty = True
-    for _, part in source_items(source):
+    items = source_items(source)
+    budgets = [None] * len(items) if max_chars is None else [max(1, b) for b in apportion([w for w, _ in items], max_chars)]
+    for (_, part), budget in zip(items, budgets):
         units = source_units(part, domain=domain)
-        for doc in iter_units(units, split_text, max_chars=max_chars, seed=seed):
+        for doc in iter_units(units, split_text, max_chars=budget, seed=seed):
             empty = False
             yield doc
     if empty:

@@ -135,7 +135,7 @@ def _parts(cfg: RunConfig, d: DomainConfig) -> list[tuple[float, dict, int | Non
     items = source_items(d.source)
     budgets = (
         [None] * len(items) if d.max_chars is None
-        else apportion([w for w, _ in items], d.max_chars)
+        else [max(1, b) for b in apportion([w for w, _ in items], d.max_chars)]
     )
     out = []
     for (w, part), budget in zip(items, budgets):

@@ -242,7 +242,7 @@ def source_items(source: Mapping[str, Any]) -> list[tuple[float, Mapping[str, An
     """``[(weight, sub-source)]``: the parts of a ``mix`` source, or ``[(1.0, source)]``."""
     if "mix" not in source:
         return [(1.0, source)]
-    return [
+    return [  # a part of weight 0 is never drawn: it is not read either
         (float(item["weight"]), {k: v for k, v in item.items() if k != "weight"})
-        for item in source["mix"]
+        for item in source["mix"] if item["weight"] > 0
     ]
