@@ -173,7 +173,9 @@ def iter_documents(
         raise _fail(domain, f"max_chars must be a positive integer or None, got {max_chars!r}")
     empty = True
     items = source_items(source)
-    budgets = [None] * len(items) if max_chars is None else [max(1, b) for b in apportion([w for w, _ in items], max_chars)]
+    budgets: list[int | None] = [None] * len(items)
+    if max_chars is not None:
+        budgets = [max(1, b) for b in apportion([w for w, _ in items], max_chars)]
     for (_, part), budget in zip(items, budgets):
         units = source_units(part, domain=domain)
         for doc in iter_units(units, split_text, max_chars=budget, seed=seed):
