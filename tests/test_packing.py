@@ -216,3 +216,18 @@ def test_real_corpus_packs_to_readable_text(tok, tmp_path, builtin):
     p = pack_domain(builtin, docs, tok, 64, eval_sequences=4, cache_dir=tmp_path)
     text = tok.decode(rows(p.eval)[0])
     assert len(p.train) > 100 and len(text) > 64  # real text packs to several chars per token
+
+
+def test_token_windows_answer_the_dataset_reads_cltk_uses():
+    rows_in = np.arange(5 * 4).reshape(5, 4)
+    w = TokenWindows.from_array(rows_in).with_format("numpy")  # the loop, DAS, soft targets
+    assert len(w) == 5 and w[2]["input_ids"].tolist() == [8, 9, 10, 11]
+    assert w[[3, 1]]["input_ids"].tolist() == [rows_in[3].tolist(), rows_in[1].tolist()]
+    col = w["input_ids"]  # evaluation and routing
+    assert len(col) == 5 and len(col[0]) == 4 and col[-1].tolist() == rows_in[-1].tolist()
+    assert np.asarray(col).tolist() == rows_in.tolist() and w[1:3]["input_ids"].shape == (2, 4)
+    assert w[0]["input_ids"].dtype == np.int64
+    with pytest.raises(IndexError):
+        w.row(5)
+    with pytest.raises(KeyError):
+        w["text"]
