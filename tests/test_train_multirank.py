@@ -85,6 +85,35 @@ def check_run(cfg: Path) -> None:
 
 def test_zero2_run_trains_exports_and_reports(reference):
     check_run(reference)
+    check_perplexity_independently(reference)
+
+
+def check_perplexity_independently(cfg_path: Path) -> None:
+    """Each reported perplexity equals exp(mean next-token NLL) of the stage's export over the domain's
+    held-out sequences, computed here with plain torch in one process (the run split the sequences
+    over 2 ranks, evaluated through the DeepSpeed engine and all-reduced the sums)."""
+    import math
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from cltk.config import load_config
+    from cltk.data.prepare import prepare
+
+    cfg = load_config(cfg_path)
+    _, domains = prepare(cfg)
+    names = [d.name for d in cfg.domains]
+    stages = sorted((cfg_path.parent / "out" / "stages").iterdir())
+    for row, stage in zip(report(cfg_path)["perplexity"], stages):
+        model = AutoModelForCausalLM.from_pretrained(str(stage), dtype=torch.float32).eval()
+        for name, reported in zip(names, row):
+            ids = torch.as_tensor(np.asarray(domains[name].eval["input_ids"], dtype=np.int64))
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[:, :-1].double()
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            assert reported == pytest.approx(math.exp(nll.item()), rel=1e-5), (stage.name, name)
 
 
 @pytest.mark.parametrize("zero", [1, 3])
