@@ -119,9 +119,9 @@ def _tokenizer_texts(cfg: RunConfig):
     for d in cfg.train_domains():
         items = source_items(d.source)
         shares = apportion([w for w, _ in items], budget)
-        for (_, part), share in zip(items, shares):
-            used = 0
-            docs = iter_documents(part, max_chars=d.max_chars, seed=cfg.seed, domain=d.name)
+        for (_, part), share, part_max in zip(items, shares, _budgets(d)):
+            used = 0  # the start of the very sample that is packed (the same seeded unit order)
+            docs = iter_documents(part, max_chars=part_max, seed=cfg.seed, domain=d.name)
             for doc in docs:
                 if used >= share:
                     docs.close()  # stop reading: the rest of the source is not needed
@@ -130,15 +130,18 @@ def _tokenizer_texts(cfg: RunConfig):
                 used += len(doc)
 
 
+def _budgets(d: DomainConfig) -> list[int | None]:
+    """``max_chars`` of each part of a domain: shared out by weight (None: read everything)."""
+    items = source_items(d.source)
+    if d.max_chars is None:
+        return [None] * len(items)
+    return [max(1, b) for b in apportion([w for w, _ in items], d.max_chars)]
+
+
 def _parts(cfg: RunConfig, d: DomainConfig) -> list[tuple[float, dict, int | None, list]]:
     """``(weight, source, max_chars, [path, size, mtime_ns] of its files)`` of each part of a domain."""
-    items = source_items(d.source)
-    budgets = (
-        [None] * len(items) if d.max_chars is None
-        else [max(1, b) for b in apportion([w for w, _ in items], d.max_chars)]
-    )
     out = []
-    for (w, part), budget in zip(items, budgets):
+    for (w, part), budget in zip(source_items(d.source), _budgets(d)):
         units = source_units(part, domain=d.name)
         out.append((w, dict(part), budget, file_stats(p for u in units for p in u.paths)))
     return out
