@@ -114,6 +114,10 @@ def test_max_chars_reads_only_the_units_it_uses(tmp_path, monkeypatch):
 
     docs = load_documents({"files": str(big)}, max_chars=300_000, seed=3)
     assert sum(map(len, docs)) == 300_000 and len(read) == 1  # one unit of ~1 MiB, not nine
+    # A small sample still holds several documents, so whole ones can be held out for eval.
+    for seed in range(5):
+        small = load_documents({"builtin": "stdlib"}, max_chars=5000, seed=seed)
+        assert sum(map(len, small)) == 5000 and len(small) >= 8
 
 
 @pytest.mark.parametrize(

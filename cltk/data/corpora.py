@@ -161,7 +161,8 @@ def iter_documents(
     """Stream a source's documents, reading one unit at a time (a mixture: each part in turn).
 
     With ``max_chars``, units are read in a seeded random order until that many characters are taken
-    (the last document is cut to fit); the rest of the source is never read. A mixture shares
+    (the last document is cut to fit); the rest of the source is never read. Documents of a sample
+    below 128,000 characters are cut to 1/16 of it (at least 512), so that it has several. A mixture shares
     ``max_chars`` out by weight.
 
     Raises:
@@ -178,11 +179,21 @@ def iter_documents(
         budgets = [max(1, b) for b in apportion([w for w, _ in items], max_chars)]
     for (_, part), budget in zip(items, budgets):
         units = source_units(part, domain=domain)
-        for doc in iter_units(units, split_text, max_chars=budget, seed=seed):
+        for doc in iter_units(units, _splitter(budget), max_chars=budget, seed=seed):
             empty = False
             yield doc
     if empty:
         raise _fail(domain, f"source {dict(source)!r} yielded no text; point it at non-empty data")
+
+
+def _splitter(max_chars: int | None) -> Callable[[str], list[str]]:
+    """How texts are cut into documents: at most ``MAX_DOC_CHARS``, and for a small sample at most
+    1/16 of it (>= 512), so that even a sample from one file holds several whole documents to hold
+    out for eval."""
+    if max_chars is None or max_chars >= 16 * MAX_DOC_CHARS:
+        return split_text
+    limit = max(512, max_chars // 16)
+    return lambda text: split_text(text, limit)
 
 
 def load_documents(
