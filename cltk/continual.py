@@ -35,6 +35,7 @@ from cltk.metrics import ForgettingReport, forgetting_report, format_table, save
 from cltk.models import build_model, export_pretrained, parameter_counts
 from cltk.perplexity import engine_forward, evaluate_domains
 from cltk.plan import Stage, plan_json, plan_stages
+from cltk.schedules import stage_lr_lambda
 from cltk.tracking import Tracker, log
 
 STAGE_FILE = "stage.json"
@@ -202,7 +203,9 @@ class ContinualRun:
         universal = tag is not None and state.get("world_size", 1) != dist.world_size()
         if universal:
             tag = checkpoint.to_universal(self.ckpt_root, tag)
-        engine = build_engine(c, model, len(schedule), load_universal=universal)
+        stage_steps = [len(self.schedule(s)) for s in self.stages]
+        lr_fn = stage_lr_lambda(c.train, stage_steps, stage.index)
+        engine = build_engine(c, model, len(schedule), load_universal=universal, lr_fn=lr_fn)
         ctx.engine = engine
         for m in self.methods:
             m.on_engine_ready(ctx)

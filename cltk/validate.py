@@ -90,6 +90,8 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
         raise ConfigError("train.betas", f"must be two numbers in [0, 1), got {t.betas}")
     if not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError("train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+    if not 0 < t.decay_share <= 1:
+        raise ConfigError("train.decay_share", f"must be in (0, 1], got {t.decay_share}")
     expected = cfg.global_batch(world_size)
     if t.train_batch_size is not None and t.train_batch_size != expected:
         raise ConfigError(
