@@ -341,9 +341,14 @@ def _start_headline(report: ForgettingReport) -> list[str]:
 
 
 def _headline(report: ForgettingReport) -> list[str]:
-    return _start_headline(report) + [
+    return _start_headline(report) + _stage_headline(report)
+
+
+def _stage_headline(report: ForgettingReport) -> list[str]:
+    return [
         f"average final perplexity: {_fmt(report.average_final_perplexity)}",
-        f"mean forgetting: {_fmt(report.mean_forgetting, signed=True)} "
+        f"mean forgetting{' (trained domains, since own stage)' if report.start else ''}: "
+        f"{_fmt(report.mean_forgetting, signed=True)} "
         f"({_fmt(report.mean_relative_forgetting, percent=True)})",
         f"mean plasticity: {_fmt(report.mean_plasticity)}",
     ]
@@ -380,13 +385,14 @@ def format_table(report: ForgettingReport) -> str:
         cells = "".join(f" {_fmt(values.get(d), **kw):>{col_w}}" for d in report.domain_names)
         lines.append(f"{label:<{label_w}} |{cells}")
     lines.append("")
+    lines.extend(_start_headline(report))  # the two numbers read first, when row 0 was measured
     if report.is_partial:
         lines.append(
             f"partial run: {report.completed_stages} of {len(report.stage_names)} stages completed"
         )
     if report.eval_only_domains:
         lines.append(f"evaluation-only domains: {', '.join(report.eval_only_domains)}")
-    lines.extend(_headline(report))
+    lines.extend(_stage_headline(report))
     return "\n".join(lines)
 
 
@@ -482,6 +488,8 @@ def _save_heatmap(report: ForgettingReport, path: Path) -> None:
                     color="white" if shade > 0.5 else "black")
     ax.set_xticks(range(cols), report.domain_names, rotation=30, ha="right")
     ax.set_yticks(range(rows), labels)
+    if report.start is not None:  # row 0 is the starting model, not a stage
+        ax.axhline(0.5, color="white", linewidth=3)
     ax.set_xlabel("evaluated domain")
     ax.set_ylabel("after stage (trains)")
     bar = fig.colorbar(image, ax=ax, label="perplexity (log scale)")
