@@ -41,12 +41,20 @@ def _get(raw: dict[str, Any], key: str) -> Any:
     return raw
 
 
+def _differ(old: Any, new: Any) -> bool:
+    """Unequal, ignoring keys of a section ``old`` lacks (a config written before they existed);
+    the values inside (a domain's ``source``, ``model.config``) are compared whole."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return any(v != new.get(k) for k, v in old.items())
+    return old != new
+
+
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """What ``new`` (a config as ``RunConfig.to_dict``) changes in the part of ``old`` a run keeps."""
     changes = [
         f"{k}: {_get(old, k)!r} -> {_get(new, k)!r}"
         for k in FIXED_KEYS
-        if _get(old, k) != _get(new, k)
+        if _differ(_get(old, k), _get(new, k))
     ]
     old_d, new_d = old.get("domains") or [], new.get("domains") or []
     for i, od in enumerate(old_d):
@@ -64,8 +72,8 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
                 f"({od['name']!r} is {where}): the order of the run's domains changed"
             )
         else:
-            for k in sorted(set(od) | set(new_d[i])):
-                if od.get(k) != new_d[i].get(k):
+            for k in od:
+                if od[k] != new_d[i].get(k):
                     changes.append(
                         f"domains[{i}] ({od['name']}).{k}: {od.get(k)!r} -> {new_d[i].get(k)!r}"
                     )

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from cltk.grow import config_changes
 from tests.multirank import run_ranks
 from tests.tiny_run import write_tiny_run
 
@@ -246,21 +245,6 @@ def test_a_finished_run_grows_with_an_appended_domain(story):
     assert r["perplexity"][1][2] < r["perplexity"][0][2]
     assert r["forward_transfer"]["verse"] == pytest.approx(r["start"][2] - r["perplexity"][0][2])
     assert (story.out / "stages" / "01-verse" / "model.safetensors").is_file()
-
-
-def test_config_changes_name_what_changed():
-    old = {"seed": 1, "model": {"init_from": "m"}, "domains": [CODE, BIBLE]}
-    assert config_changes(old, {**old, "domains": [CODE, BIBLE, VERSE]}) == []
-    changed = config_changes(old, {**old, "seed": 2, "domains": [{**CODE, "max_chars": 5}]})
-    assert changed == [
-        "seed: 1 -> 2",
-        "domains[0] (code).max_chars: 40000 -> 5",
-        "domain 'bible' (domains[1]) was removed",
-    ]
-    swapped = config_changes(old, {**old, "domains": [BIBLE, CODE]})
-    assert swapped[0].startswith(
-        "domains[0] was 'code' and is now 'bible' ('code' is now at domains[1])"
-    )
 
 
 def test_zero3_two_ranks_score_row0_like_one_process(story, tmp_path):
