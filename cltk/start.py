@@ -66,6 +66,8 @@ def evaluate_frozen(cfg: RunConfig, model: torch.nn.Module, domains: list[Any]) 
         engine.destroy()
         del engine
         gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # before the stage's own engine allocates
 
 
 def model_identity(cfg: RunConfig) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 A tiny model is trained (``eval.start: false``: no row 0), then continued from its export through
 ``model.init_from`` with its first domain evaluation-only, killed mid-stage and resumed; the finished run
-is then grown by appending a domain (a reordered config is refused first). Every figure is checked
+is then grown by appending a domain (a reordered config is refused first), and so is the first run (its
+tokenizer trained on its corpora). Every figure is checked
 against perplexities computed here with plain torch on the exported models and the same held-out
 sequences.
 """
@@ -101,6 +102,20 @@ def story(tmp_path_factory) -> SimpleNamespace:
     config_after_refusal = (out / "config.yaml").read_bytes()
     grown_cfg = with_domains(cont, "grown.yaml", [{**CODE, "eval_only": True}, BIBLE, VERSE])
     grown = ok(cltk("train", "--config", str(grown_cfg), "--resume"))
+    # the first run (a tokenizer trained on its corpora, no row 0) grows too
+    first_out = root / "first" / "out"
+    first_before = {
+        "report": read(first_out / "forgetting.json"),
+        "tokenizer": (first_out / "tokenizer" / "tokenizer.json").read_bytes(),
+    }
+    first_grown = ok(
+        cltk(
+            "train",
+            "--resume",
+            "--config",
+            str(with_domains(first, "grown.yaml", [CODE, BIBLE, VERSE])),
+        )
+    )
     return SimpleNamespace(
         first=first,
         first_run=first_run,
@@ -118,6 +133,8 @@ def story(tmp_path_factory) -> SimpleNamespace:
         grown=grown,
         evals=evals,
         root=root,
+        first_before=first_before,
+        first_grown=first_grown,
     )
 
 
@@ -155,9 +172,7 @@ def test_row0_is_the_starting_model_on_the_same_held_out_sequences(story):
     expected = [plain_perplexity(story.init, ids[d]) for d in ("code", "bible")]
     assert start == pytest.approx(expected, rel=1e-4)
     # the same model scored by the first run after its last stage gives the same row
-    assert start == pytest.approx(
-        read(story.first.parent / "out" / "forgetting.json")["perplexity"][-1], rel=1e-6
-    )
+    assert start == pytest.approx(story.first_before["report"]["perplexity"][-1], rel=1e-6)
     rows = story.before["csv"]
     assert rows[0] == ["stage", "trains", "code", "bible"]
     assert rows[1][:2] == ["start", ""] and [float(v) for v in rows[1][2:]] == start
@@ -264,3 +279,19 @@ def test_zero3_two_ranks_score_row0_like_one_process(story, tmp_path):
     assert [record["perplexity"][d] for d in ("code", "bible")] == pytest.approx(
         story.before["report"]["start"], rel=1e-5
     )
+
+
+def test_a_run_with_a_trained_tokenizer_grows_keeping_it(story):
+    out = story.first.parent / "out"
+    assert (out / "tokenizer" / "tokenizer.json").read_bytes() == story.first_before["tokenizer"]
+    r, old = read(out / "forgetting.json"), story.first_before["report"]
+    assert r["stage_names"] == ["code", "bible", "verse"] and r["start"] is None
+    ids = held_out(story.first.parent / "grown.yaml")
+    for i, stage in enumerate(("00-code", "01-bible")):  # both earlier rows gain the new column
+        assert r["perplexity"][i][:2] == old["perplexity"][i]
+        assert r["perplexity"][i][2] == pytest.approx(
+            plain_perplexity(out / "stages" / stage, ids["verse"]), rel=1e-4
+        )
+    # the new stage started from the last finished stage's export: it learnt verse from there
+    assert r["perplexity"][2][2] < r["perplexity"][1][2]
+    assert r["forgetting"]["bible"] == pytest.approx(r["perplexity"][2][1] - r["perplexity"][1][1])
