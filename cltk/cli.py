@@ -2,7 +2,7 @@
 
 cltk train --config RUN.yaml [--resume] [--set train.lr=1e-4 ...]
 deepspeed --num_gpus 2 --module cltk train --config RUN.yaml      # N ranks (any deepspeed launch)
-cltk eval --config RUN.yaml [--models DIR ...] [--out DIR]
+cltk eval --config RUN.yaml [--models DIR ...] [--out DIR] [--start DIR | --no-start]
 cltk config-reference                                             # every config key, as markdown
 """
 
@@ -34,6 +34,16 @@ def _parser() -> argparse.ArgumentParser:
         "--models", nargs="*", default=None, help="saved model directories, in stage order"
     )
     e.add_argument("--out", default=None, help="write forgetting.{json,csv,png} here")
+    row0 = e.add_mutually_exclusive_group()
+    row0.add_argument(
+        "--start",
+        default=None,
+        metavar="DIR",
+        help="saved model for row 0 (the starting model); default: the config's model",
+    )
+    row0.add_argument(
+        "--no-start", action="store_true", help="no row 0 (same as --set eval.start=false)"
+    )
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub.add_parser("config-reference", help="print every run-config key as a markdown table")
@@ -67,7 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     from cltk.report import evaluate_models, run_stage_dirs
 
     models = [Path(m) for m in args.models] if args.models else run_stage_dirs(cfg)
-    evaluate_models(cfg, models, Path(args.out) if args.out else cfg.out / "eval")
+    if args.no_start:
+        cfg.eval.start = False
+    evaluate_models(
+        cfg,
+        models,
+        Path(args.out) if args.out else cfg.out / "eval",
+        start_dir=Path(args.start) if args.start else None,
+    )
     return 0
 
 

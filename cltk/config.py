@@ -133,6 +133,9 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = _help("sequences per rank per eval forward", 8)
     heatmap: bool = _help("draw forgetting.png", True)
+    start: bool = _help(
+        "evaluate the starting model on every domain first: row 0 of the forgetting matrix", True
+    )
 
 
 @dataclass
