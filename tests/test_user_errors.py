@@ -314,3 +314,42 @@ def test_the_real_exit_path(tmp_path):
     assert proc.returncode == 2
     assert "cltk: eval.batch_size: must be > 0, got 0" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+# ----- a rerun after a failure, and several ranks ----------------------------------------------------
+
+
+def test_a_rerun_after_a_failure_equals_a_clean_start(tmp_path, capsys, process_group):
+    code_domain = {"name": "code", "source": {"builtin": "stdlib"}, "max_chars": 40000}
+    small = {"name": "bible", "source": {"builtin": "kjv"}, "max_chars": 300}
+    fixed = {**small, "max_chars": 40000}
+    short = {"max_steps_per_stage": 2}
+    # the failed attempt trains a tokenizer (on 300 characters of bible), then finds bible too small
+    cfg = write_tiny_run(tmp_path / "a", domains=[code_domain, small], train=short)
+    assert_one_line(*train(capsys, cfg), "bible")
+    assert (tmp_path / "a" / "out" / "tokenizer" / "tokenizer.json").is_file()
+    cfg = write_tiny_run(tmp_path / "a", domains=[code_domain, fixed], train=short)
+    code, printed = train(capsys, cfg)
+    assert code == 0, printed
+    assert "removed them so nothing stale is reused: tokenizer" in printed
+    clean = write_tiny_run(tmp_path / "b", domains=[code_domain, fixed], train=short)
+    code, printed = train(capsys, clean)
+    assert code == 0, printed
+    rerun, fresh = (
+        json.loads((tmp_path / d / "out" / "forgetting.json").read_text())["perplexity"]
+        for d in ("a", "b")
+    )
+    assert rerun == fresh
+
+
+@pytest.mark.multirank
+def test_a_user_error_is_printed_once_under_the_deepspeed_launcher(tmp_path):
+    from tests.multirank import run_ranks
+
+    domains = [{"name": "code", "source": {"files": str(tmp_path / "nothere" / "*.txt")}}]
+    cfg = write_tiny_run(tmp_path, domains=domains)
+    proc = run_ranks(["cltk", "train", "--config", str(cfg)], module=True, check=False, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("cltk: ")]
+    assert len(lines) == 1 and "nothere" in lines[0], proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout and "[rank" not in proc.stdout, proc.stdout[-3000:]
