@@ -10,7 +10,7 @@ from cltk import distributed as dist
 from cltk.config import RunConfig
 from cltk.data.prepare import prepare
 from cltk.metrics import ForgettingReport, forgetting_report, format_table, save_report
-from cltk.models import check_tokenizer_fits
+from cltk.models import ModelError, check_tokenizer_fits
 from cltk.perplexity import evaluate_domains, model_forward
 
 
@@ -33,13 +33,13 @@ def evaluate_models(
     """
     dist.init()
     if not model_dirs:
-        raise FileNotFoundError(f"no saved models to evaluate (looked in {cfg.out / 'stages'})")
+        raise ModelError(f"no saved models to evaluate (looked in {cfg.out / 'stages'})")
     tokenizer, domains = prepare(cfg)
     names = [d.name for d in cfg.domains]
     rows = []
     for d in model_dirs:
         if not (Path(d) / "config.json").is_file():
-            raise FileNotFoundError(f"{d} is not a saved transformers model (no config.json)")
+            raise ModelError(f"{d} is not a saved transformers model (no config.json)")
         model = AutoModelForCausalLM.from_pretrained(str(d)).to(dist.device())
         check_tokenizer_fits(model, tokenizer)
         ppl = evaluate_domains(

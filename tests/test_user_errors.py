@@ -353,3 +353,10 @@ def test_a_user_error_is_printed_once_under_the_deepspeed_launcher(tmp_path):
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("cltk: ")]
     assert len(lines) == 1 and "nothere" in lines[0], proc.stdout[-3000:]
     assert "Traceback" not in proc.stdout and "[rank" not in proc.stdout, proc.stdout[-3000:]
+
+
+def test_eval_without_saved_models(tmp_path, capsys, process_group):
+    capsys.readouterr()
+    code = cli.main(["eval", "--config", str(write_tiny_run(tmp_path))])
+    out = capsys.readouterr()
+    assert_one_line(code, out.out + out.err, "no saved models to evaluate", "stages")
