@@ -122,21 +122,42 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
             flat.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
         return flat
     if isinstance(d, list) and d and all(isinstance(v, dict) for v in d):
-        flat = {}
+        flat = {f"{prefix} (count)": len(d)}
         for i, v in enumerate(d):
             flat.update(_flatten(v, f"{prefix}[{i}]"))
         return flat
     return {prefix: d}
 
 
+def _parents(key: str) -> list[str]:
+    parts = key.replace("[", ".[").split(".")
+    return [".".join(parts[:i]).replace(".[", "[") for i in range(len(parts) - 1, 0, -1)]
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``key: saved -> now`` for every key (outside :data:`RESUMABLE_KEYS`) whose value differs."""
+    """``key: saved -> now`` for every key (outside :data:`RESUMABLE_KEYS`) whose value differs.
+
+    A section set on one side only (``das: null`` -> ``das: {...}``) is one difference; a key that one
+    side does not know at all (a key added by a later cltk) is not.
+    """
     a, b = _flatten(saved), _flatten(current)
-    out = []
+    out: list[str] = []
     for key in sorted(set(a) | set(b)):
-        if key in RESUMABLE_KEYS or a.get(key) == b.get(key):
+        if key in RESUMABLE_KEYS:
             continue
-        out.append(f"{key}: {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}")
+        if key in a and key in b:
+            if a[key] != b[key]:
+                out.append(f"{key}: {a[key]!r} -> {b[key]!r}")
+            continue
+        side = a if key not in a else b
+        parent = next((k for k in _parents(key) if k in side), None)
+        if parent is None or parent in RESUMABLE_KEYS:
+            continue
+        was = a[parent] if side is a else "(section)"
+        now = b[parent] if side is b else "(section)"
+        line = f"{parent}: {was!r} -> {now!r}".replace("'(section)'", "(section)")
+        if line not in out:
+            out.append(line)
     return out
 
 

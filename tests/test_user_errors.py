@@ -127,6 +127,17 @@ def test_model_files_that_are_not_models(tmp_path, capsys):
     assert_one_line(*train(capsys, cfg), "model.gguf", "not a GGUF file")
 
 
+def test_models_a_method_cannot_use(tmp_path, capsys, process_group):
+    """Found when the stage's model is built (the model type decides), before the first step."""
+    bloom = {"config": {"model_type": "bloom", "hidden_size": 32, "n_head": 4, "n_layer": 2}}
+    small = dict(domains=[{"name": "code", "source": {"builtin": "stdlib"}, "max_chars": 6000}])
+    cfg = write_tiny_run(tmp_path / "das", model=bloom, das={}, **small)
+    assert_one_line(*train(capsys, cfg), "no unit map for model type 'bloom'", "register_architecture")
+    lora = {"target_modules": ["q_prj"]}
+    cfg = write_tiny_run(tmp_path / "lora", lora=lora, **small)
+    assert_one_line(*train(capsys, cfg), "lora.target_modules", "q_prj", "q_proj")
+
+
 # ----- data sources: found once the run starts, before any tokenizer is trained ----------------------
 
 
@@ -256,6 +267,19 @@ def test_resume_state_mistakes(tmp_path, capsys, process_group):
     printed = train(capsys, cfg, "--resume", "--set", "train.micro_batch_size=1")
     assert_one_line(*printed, "global batch of 4 sequences", "gradient_accumulation_steps")
     assert (out / "checkpoints" / "latest").read_text() == "s00-end"  # nothing was changed
+
+
+def test_config_differences_name_sections_and_domains_but_not_harmless_keys():
+    from cltk.rundir import config_differences
+
+    saved = {"das": None, "train": {"lr": 1, "log_every": 5}, "domains": [{"name": "a"}]}
+    now = {
+        "das": {"mask": "update"},
+        "train": {"lr": 1, "log_every": 50, "key_of_a_later_cltk": 3},
+        "domains": [{"name": "a"}, {"name": "b"}],
+    }
+    assert config_differences(saved, now) == ["das: None -> (section)", "domains (count): 1 -> 2"]
+    assert config_differences(now, now) == []
 
 
 def test_resume_into_an_empty_dir_starts_fresh_and_leftovers_are_removed(
