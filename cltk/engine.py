@@ -15,12 +15,13 @@ import torch
 
 from cltk import distributed as dist
 from cltk.config import RunConfig
+from cltk.errors import UserError
 from cltk.losses import causal_lm_loss
 from cltk.methods.base import Method, StageContext
 from cltk.validate import deepspeed_config
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):  # a RuntimeError for callers that catch one
     """A NaN/inf loss: training stops before the step, so no checkpoint ever holds the damage."""
 
 
