@@ -6,7 +6,7 @@ cltk eval --config RUN.yaml [--models DIR ...] [--out DIR]
 cltk config-reference                                             # every config key, as markdown
 
 A mistake the user can fix (:class:`cltk.errors.UserError`) is printed as one line, ``cltk: <message>``,
-by rank 0, and every rank exits 2. Any other exception is a bug in cltk: its traceback is printed with a
+by rank 0, and the exit code is 2 (see ``OTHER_RANK_GRACE_S`` for the other ranks). Any other exception is a bug in cltk: its traceback is printed with a
 line asking for a report that carries it, and the exit code is 1.
 """
 
@@ -58,9 +58,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _rank() -> int:
+    if "torch" not in sys.modules:  # it failed before torch was imported: no process group yet
+        return int(os.environ.get("RANK", "0"))
     from cltk import distributed as dist
 
-    return dist.rank() if "torch" in sys.modules else int(os.environ.get("RANK", "0"))
+    return dist.rank()
 
 
 def _report_user_error(e: UserError) -> int:
