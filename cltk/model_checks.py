@@ -100,14 +100,14 @@ def _check_heads(spec: dict[str, Any], model_type: str) -> None:
     defaults = CONFIG_MAPPING[model_type]()
     attr_map = getattr(defaults, "attribute_map", {}) or {}
 
-    def get(name: str) -> Any:
+    def get(name: str, default: bool = True) -> Any:
         for k in (name, *[a for a, b in attr_map.items() if b == name]):
             if k in spec:
                 return spec[k]
-        return getattr(defaults, name, None)
+        return getattr(defaults, name, None) if default else None
 
     hidden, heads = get("hidden_size"), get("num_attention_heads")
-    kv = get("num_key_value_heads")
+    kv = get("num_key_value_heads", default=False)  # unset: transformers makes it equal to the heads
     explicit_head_dim = "head_dim" in spec
     if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
         if hidden % heads and not explicit_head_dim:

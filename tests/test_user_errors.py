@@ -384,3 +384,15 @@ def test_eval_without_saved_models(tmp_path, capsys, process_group):
     code = cli.main(["eval", "--config", str(write_tiny_run(tmp_path))])
     out = capsys.readouterr()
     assert_one_line(code, out.out + out.err, "no saved models to evaluate", "stages")
+
+
+def test_model_config_defaults_are_not_mistakes():
+    from cltk.config import ModelConfig, RunConfig
+    from cltk.model_checks import inline_config
+
+    # KV heads left unset follow the heads; legacy names transformers still takes are accepted
+    spec = {"model_type": "llama", "hidden_size": 32, "num_attention_heads": 4, "rope_theta": 1e4}
+    config = inline_config(RunConfig(model=ModelConfig(config=spec)))
+    assert config.num_key_value_heads == 4
+    gpt2 = {"model_type": "gpt2", "n_embd": 32, "n_head": 4, "n_positions": 64}
+    assert inline_config(RunConfig(model=ModelConfig(config=gpt2))).n_positions == 64
