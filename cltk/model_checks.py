@@ -107,7 +107,9 @@ def _check_heads(spec: dict[str, Any], model_type: str) -> None:
         return getattr(defaults, name, None) if default else None
 
     hidden, heads = get("hidden_size"), get("num_attention_heads")
-    kv = get("num_key_value_heads", default=False)  # unset: transformers makes it equal to the heads
+    kv = get(
+        "num_key_value_heads", default=False
+    )  # unset: transformers makes it equal to the heads
     explicit_head_dim = "head_dim" in spec
     if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
         if hidden % heads and not explicit_head_dim:

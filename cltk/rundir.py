@@ -85,9 +85,7 @@ class DiskFullError(UserError):
 
 def holds_run(out: Path) -> bool:
     """True when ``out`` holds a checkpoint or a finished stage (a run to resume, never to overwrite)."""
-    return (out / "checkpoints" / "latest").is_file() or any(
-        (out / "stages").glob("*/stage.json")
-    )
+    return (out / "checkpoints" / "latest").is_file() or any((out / "stages").glob("*/stage.json"))
 
 
 def _writable_dir(path: Path, key: str) -> None:
@@ -191,8 +189,10 @@ def _check_resume(cfg: RunConfig, out: Path) -> None:
     try:
         tag = checkpoint.latest_tag(root)
     except RuntimeError as e:
-        raise RunDirError(f"--resume: {e}; remove {root / checkpoint.LATEST} to resume from "
-                          "the finished stages only") from e
+        raise RunDirError(
+            f"--resume: {e}; remove {root / checkpoint.LATEST} to resume from "
+            "the finished stages only"
+        ) from e
     if tag is not None:
         check_global_batch(tag, checkpoint.read_state(root, tag), cfg, dist.world_size())
 

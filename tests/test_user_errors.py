@@ -132,7 +132,9 @@ def test_models_a_method_cannot_use(tmp_path, capsys, process_group):
     bloom = {"config": {"model_type": "bloom", "hidden_size": 32, "n_head": 4, "n_layer": 2}}
     small = dict(domains=[{"name": "code", "source": {"builtin": "stdlib"}, "max_chars": 6000}])
     cfg = write_tiny_run(tmp_path / "das", model=bloom, das={}, **small)
-    assert_one_line(*train(capsys, cfg), "no unit map for model type 'bloom'", "register_architecture")
+    assert_one_line(
+        *train(capsys, cfg), "no unit map for model type 'bloom'", "register_architecture"
+    )
     lora = {"target_modules": ["q_prj"]}
     cfg = write_tiny_run(tmp_path / "lora", lora=lora, **small)
     assert_one_line(*train(capsys, cfg), "lora.target_modules", "q_prj", "q_proj")
@@ -167,7 +169,9 @@ def test_output_dir_mistakes(tmp_path, capsys, process_group):
 def _tmpfs(path: Path, size: str, readonly: bool = False) -> None:
     path.mkdir(parents=True, exist_ok=True)
     opts = f"size={size}" + (",ro" if readonly else "")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
 
@@ -225,10 +229,17 @@ def test_full_disk_while_checkpointing_or_exporting_keeps_the_last_good_checkpoi
                 torch.save(torch.zeros(200_000), disk / "big.pt")
         (disk / "big.pt").unlink(missing_ok=True)
         model = LlamaForCausalLM(
-            LlamaConfig(vocab_size=2000, hidden_size=64, intermediate_size=128,
-                        num_hidden_layers=2, num_attention_heads=4)
+            LlamaConfig(
+                vocab_size=2000,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+            )
         )
-        with pytest.raises(DiskFullError, match=r"no space left on .* while writing the export s00"):
+        with pytest.raises(
+            DiskFullError, match=r"no space left on .* while writing the export s00"
+        ):
             export_pretrained(model, None, None, disk / "stages" / "s00")
         assert not (disk / "stages" / "s00").exists()
     finally:
