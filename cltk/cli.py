@@ -27,7 +27,7 @@ EXIT_BUG = 1
 # same mistake; rank 0 reports it at once and the launcher (deepspeed, torchrun, srun --kill-on-bad-exit)
 # then ends the other ranks, so the line appears once. A rank still alive after the wait met the mistake
 # alone (rank 0 may be blocked in a collective) and reports it with its rank.
-OTHER_RANK_GRACE_S = 5.0
+OTHER_RANK_GRACE_S = 10.0
 
 
 def _parser() -> argparse.ArgumentParser:
