@@ -5,7 +5,7 @@ forward (or accept silently), found from the model's config alone (no weights ar
   that is a near miss of one the model type has (a typo like ``hiden_size`` is otherwise ignored), heads
   that do not divide the hidden size, KV heads that do not divide the heads;
 - ``model.init_from``: a directory that holds no transformers config;
-- ``model.gguf``: a file that is not GGUF;
+- ``model.gguf``: a file that is not GGUF (its positions are read from the header alone);
 - ``data.seq_len`` beyond the model's positions (``max_position_embeddings`` / ``n_positions``).
 """
 
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import struct
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from cltk.config import ConfigError, RunConfig
@@ -153,6 +155,61 @@ def check_gguf_file(path: Path) -> None:
         )
 
 
+# GGUF metadata value types of fixed size (the format's type ids), as struct formats
+_GGUF_SCALARS = {
+    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d",
+}  # fmt: skip
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_metadata(path: Path) -> dict[str, Any]:
+    """The scalar and string metadata of a GGUF file, read from its header alone (tens of ms, where
+    transformers and ``gguf.GGUFReader`` index every tensor first, seconds). Arrays (the vocabulary) are
+    skipped; an unexpected layout ends the reading with what was read so far."""
+    out: dict[str, Any] = {}
+    with open(path, "rb") as f:
+
+        def read(fmt: str) -> Any:
+            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+        def string() -> str:
+            return f.read(read("<Q")).decode("utf-8", "replace")
+
+        try:
+            if f.read(4) != GGUF_MAGIC:
+                return out
+            read("<I")  # version
+            read("<Q")  # tensor count
+            for _ in range(read("<Q")):
+                key, kind = string(), read("<I")
+                if kind in _GGUF_SCALARS:
+                    out[key] = read(_GGUF_SCALARS[kind])
+                elif kind == _GGUF_STRING:
+                    out[key] = string()
+                elif kind == _GGUF_ARRAY:
+                    item, count = read("<I"), read("<Q")
+                    if item in _GGUF_SCALARS:
+                        f.seek(count * struct.calcsize(_GGUF_SCALARS[item]), 1)
+                    elif item == _GGUF_STRING:
+                        for _ in range(count):
+                            f.seek(read("<Q"), 1)
+                    else:
+                        return out
+                else:
+                    return out
+        except (struct.error, OSError):
+            return out
+    return out
+
+
+def gguf_positions(path: Path) -> Any:
+    """A stand-in config holding the GGUF model's positions (``<arch>.context_length``), for
+    :func:`check_positions`."""
+    meta = gguf_metadata(path)
+    n = meta.get(f"{meta.get('general.architecture')}.context_length")
+    return SimpleNamespace(max_position_embeddings=n if isinstance(n, int) else None)
+
+
 def max_positions(config: Any) -> int | None:
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, name, None)
@@ -182,6 +239,6 @@ def check_model(cfg: RunConfig) -> None:
     elif m.init_from:
         check_positions(_model_dir_config(cfg.resolve(m.init_from)), cfg.data.seq_len)  # type: ignore[arg-type]
     elif m.gguf:
-        # Reading a GGUF file's metadata takes seconds (every tensor is indexed), so its positions are
-        # checked when the model is built, still before the first step.
-        check_gguf_file(cfg.resolve(m.gguf))  # type: ignore[arg-type]
+        path = cfg.resolve(m.gguf)
+        check_gguf_file(path)  # type: ignore[arg-type]
+        check_positions(gguf_positions(path), cfg.data.seq_len)  # type: ignore[arg-type]

