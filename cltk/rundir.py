@@ -33,12 +33,11 @@ from cltk.errors import UserError
 from cltk.tracking import log
 
 # What a run writes into its output directory (besides checkpoints/ and stages/*/stage.json, which mark a
-# run): removed when an attempt that finished nothing is started again. Dot files (the fault-injection
-# markers) and anything else the user keeps there are left alone.
+# run): removed when an attempt that finished nothing is started again. config.yaml and plan.json are
+# rewritten by every run and may be a user's own files, so they stay; dot files (the fault-injection
+# markers), anything else in the directory, and anything the config points at are left alone.
 LEFTOVERS = (
     "tokenizer",
-    "config.yaml",
-    "plan.json",
     "world.json",
     "metrics.csv",
     "tensorboard",
@@ -197,10 +196,30 @@ def _check_resume(cfg: RunConfig, out: Path) -> None:
         check_global_batch(tag, checkpoint.read_state(root, tag), cfg, dist.world_size())
 
 
-def _clean_leftovers(out: Path) -> list[str]:
+def _referenced_paths(cfg: RunConfig) -> list[Path]:
+    """Every path the config points at (a tokenizer, a model, corpora...): never removed as a leftover."""
+    m = cfg.model
+    raw = [cfg.tokenizer.path, m.init_from, m.gguf, cfg.deepspeed, cfg.data.cache_dir]
+    for d in cfg.domains:
+        for key, value in d.source.items():
+            if key in ("builtin", "field", "split"):
+                continue
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, str):
+                    raw.append(v.split("*")[0].split("?")[0].split("[")[0] or ".")
+    return [cfg.resolve(r).resolve() for r in raw if r]  # type: ignore[union-attr]
+
+
+def _clean_leftovers(cfg: RunConfig, out: Path) -> list[str]:
+    # no cltk run ever started here: nothing of cltk's to remove
+    if not (out / "world.json").is_file():
+        return []
+    referenced = _referenced_paths(cfg)
     removed = []
     for name in LEFTOVERS:
         p = out / name
+        if any(r == p.resolve() or p.resolve() in r.parents for r in referenced):
+            continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         elif p.exists() or p.is_symlink():
@@ -231,7 +250,7 @@ def check_run_dir(cfg: RunConfig, resume: bool) -> None:
         return
     dist.barrier()  # every rank has looked before rank 0 changes anything
     if dist.is_main():
-        removed = _clean_leftovers(out)
+        removed = _clean_leftovers(cfg, out)
         if resume:
             log(f"--resume: {out} holds no checkpoint and no finished stage: starting fresh")
         if removed:

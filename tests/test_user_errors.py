@@ -302,14 +302,21 @@ def test_resume_into_an_empty_dir_starts_fresh_and_leftovers_are_removed(
     code, printed = train(capsys, cfg, "--resume")
     assert "holds no checkpoint and no finished stage: starting fresh" in printed
     assert_one_line(code, printed, "none")
-    (tmp_path / "out" / "tokenizer").mkdir(parents=True)
-    (tmp_path / "out" / "tokenizer" / "tokenizer.json").write_text("{}")
-    (tmp_path / "out" / "plan.json").write_text("[]")
-    (tmp_path / "out" / "mine.txt").write_text("the user's own file")
+    out = tmp_path / "out"
+    (out / "tokenizer").mkdir(parents=True)
+    (out / "tokenizer" / "tokenizer.json").write_text("{}")
+    (out / "mine.txt").write_text("the user's own file")
     code, printed = train(capsys, cfg)
-    assert "removed them so nothing stale is reused: tokenizer, plan.json" in printed
-    assert not (tmp_path / "out" / "tokenizer").exists()
-    assert (tmp_path / "out" / "mine.txt").is_file()
+    assert "removed them so nothing stale is reused: tokenizer, world.json" in printed
+    assert not (out / "tokenizer").exists()
+    assert (out / "mine.txt").is_file()
+    # a path the config points at is never a leftover, even under the output directory
+    (out / "tokenizer").mkdir()
+    (out / "tokenizer" / "tokenizer.json").write_text("{}")
+    cfg = write_tiny_run(tmp_path, domains=domains, tokenizer={"path": str(out / "tokenizer")})
+    code, printed = train(capsys, cfg)
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    assert "removed them" in printed and "tokenizer," not in printed
 
 
 # ----- how errors reach the user -------------------------------------------------------------------
