@@ -58,6 +58,8 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
             f"byte tokens need room), got {tok.train.vocab_size}",
         )
 
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError("seed", f"must be in [0, 2**32), got {cfg.seed}")
     if not cfg.domains:
         raise ConfigError(
             "domains", "list at least one domain: [{name: code, source: {builtin: stdlib}}]"
@@ -133,6 +135,11 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
                 f"{ds_path} sets {k}={ds[k]} but the run config gives {ours}; "
                 f'batch sizes belong in the run config\'s train section: remove {k} or set it to "auto"',
             )
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(
+            "deepspeed", f"{ds_path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}"
+        )
     for k in ("optimizer", "scheduler"):
         if k in ds:
             raise ConfigError(

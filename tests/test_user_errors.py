@@ -75,12 +75,20 @@ def assert_one_line(code: int, printed: str, *words: str) -> str:
         ("train.keep_checkpoints=0", ["train.keep_checkpoints"]),
         ("data.seq_len=128", ["data.seq_len", "128", "64 positions"]),
         ("train.lr=fast", ["train.lr", "must be a number"]),
+        ("seed=-1", ["seed", "[0, 2**32)"]),
     ],
 )
 def test_config_key_mistakes(tmp_path, capsys, override, words):
     code, printed = train(capsys, write_tiny_run(tmp_path), "--set", override)
     assert_one_line(code, printed, *words)
     assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_zero_stage_out_of_range(tmp_path, capsys):
+    code, printed = train(capsys, write_tiny_run(tmp_path, zero_stage=5))
+    assert_one_line(
+        code, printed, "deepspeed", "zero_optimization.stage must be 0, 1, 2 or 3, got 5"
+    )
 
 
 def test_domain_max_chars_zero(tmp_path, capsys):
