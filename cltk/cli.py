@@ -65,6 +65,12 @@ def _rank() -> int:
     return dist.rank()
 
 
+def _no_space(e: BaseException) -> BaseException | None:
+    from cltk.rundir import no_space_error
+
+    return no_space_error(e)
+
+
 def _report_user_error(e: UserError) -> int:
     rank = _rank()
     if rank == 0:
@@ -82,7 +88,16 @@ def main(argv: list[str] | None = None) -> int:
         return _main(args)
     except UserError as e:
         return _report_user_error(e)
-    except Exception:
+    except Exception as e:
+        full = _no_space(e)
+        if full is not None:  # a full disk anywhere (data cache, tokenizer, logs): not a bug
+            where = getattr(full, "filename", None) or "the device"
+            return _report_user_error(
+                UserError(
+                    f"no space left on {where} ({full}); free space, then rerun (with --resume if "
+                    "the run has a checkpoint)"
+                )
+            )
         traceback.print_exc()
         print(
             f"cltk: this is a bug in cltk (rank {_rank()}), not in your input; please report it "

@@ -261,16 +261,23 @@ def check_run_dir(cfg: RunConfig, resume: bool) -> None:
     dist.barrier()
 
 
-def _is_disk_full(exc: BaseException, path: Path) -> bool:
+def no_space_error(exc: BaseException) -> BaseException | None:
+    """The exception in ``exc``'s chain that says the disk is full (ENOSPC), or None."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            return True
+            return e
         if "No space left on device" in str(e) or "os error 28" in str(e):
-            return True
+            return e
         e = e.__cause__ or e.__context__
+    return None
+
+
+def _is_disk_full(exc: BaseException, path: Path) -> bool:
+    if no_space_error(exc) is not None:
+        return True
     try:
         return shutil.disk_usage(path).free < _FULL_BELOW_BYTES
     except OSError:

@@ -343,6 +343,22 @@ def test_a_bug_keeps_its_traceback_and_asks_for_a_report(tmp_path, capsys, monke
     assert "bug in cltk" in printed and "report it with the traceback" in printed
 
 
+def test_a_full_disk_anywhere_is_not_reported_as_a_bug(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import cltk.continual
+
+    def full(self):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / "x"))
+        except OSError as e:
+            raise RuntimeError("writing the data cache failed") from e
+
+    monkeypatch.setattr(cltk.continual.ContinualRun, "run", full)
+    code, printed = train(capsys, write_tiny_run(tmp_path))
+    assert_one_line(code, printed, "no space left on", str(tmp_path / "cache" / "x"), "free space")
+
+
 def test_other_ranks_leave_the_report_to_rank_0(tmp_path, capsys, monkeypatch):
     import cltk.distributed
 
