@@ -84,8 +84,7 @@ def save(engine, root: Path, tag: str, state: dict[str, Any], keep: int) -> None
             shutil.rmtree(root / tmp_tag)  # leftover of a crash mid-write
     dist.barrier()
     with _disk_full_guard(root, tag):
-        # universal_checkpoint_info lets ds_to_universal convert ZeRO 1/2 checkpoints to another world
-        # size
+        # universal_checkpoint_info: ds_to_universal can convert ZeRO 1/2 ones to another world size
         engine.save_checkpoint(
             str(root), tag=tmp_tag, client_state={"universal_checkpoint_info": {}}, save_latest=False
         )
