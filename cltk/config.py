@@ -122,7 +122,10 @@ class TrainConfig:
     checkpoint_every: int = _help(
         "also checkpoint every N steps inside a stage (0 = stage ends only)", 0
     )
-    keep_checkpoints: int = _help("mid-stage checkpoints kept (stage-end ones are always kept)", 2)
+    keep_checkpoints: int = _help(
+        "newest full checkpoints kept, stage-end and mid-stage alike (stage exports are always kept)",
+        2,
+    )
     log_every: int = _help("log a line every N steps", 10)
     log_sequence_ids: bool = _help(
         "write the ids of every trained sequence per rank (audit)", False

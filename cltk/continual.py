@@ -36,6 +36,7 @@ from cltk.metrics import ForgettingReport, forgetting_report, format_table, save
 from cltk.models import build_model, export_pretrained, parameter_counts
 from cltk.perplexity import engine_forward, evaluate_domains
 from cltk.plan import Stage, plan_json, plan_stages
+from cltk.rundir import check_global_batch, check_run_dir
 from cltk.schedules import stage_lr_lambda
 from cltk.start import start_row
 from cltk.tracking import Tracker, log
@@ -82,14 +83,7 @@ class ContinualRun:
 
     # ----- setup ------------------------------------------------------------------------------------
     def _check_output_dir(self) -> None:
-        existing = (self.ckpt_root / checkpoint.LATEST).exists() or any(
-            (self.out / "stages").glob("*/" + STAGE_FILE)
-        )
-        if existing and not self.resume:
-            raise RunExistsError(
-                f"{self.out} already holds a run (checkpoints or finished stages); pass --resume to continue "
-                "it, or choose another output_dir. Nothing was changed"
-            )
+        check_run_dir(self.cfg, self.resume)
 
     def _write_run_files(self, stages: list[Stage]) -> None:
         if dist.is_main():
@@ -188,14 +182,8 @@ class ContinualRun:
 
     def run_stage(self, stage: Stage, tag: str | None, state: dict | None) -> list[float]:
         c = self.cfg
-        if tag is not None and state.get("global_batch") != c.global_batch(dist.world_size()):
-            raise ValueError(
-                f"checkpoint {tag} was written with a global batch of {state.get('global_batch')} "
-                f"sequences (world size {state.get('world_size')}); resuming with "
-                f"{c.global_batch(dist.world_size())} would change the data position and LR schedule. "
-                "Keep micro_batch_size x gradient_accumulation_steps x world size the same (e.g. scale "
-                "train.gradient_accumulation_steps when the world size changes)"
-            )
+        if tag is not None:
+            check_global_batch(tag, state, c, dist.world_size())
         prev = self.stage_dir(self.stages[stage.index - 1]) if stage.index > 0 else None
         ctx = StageContext(
             c, stage, self.stages, self.domains, self.tokenizer, self.stage_dir(stage), prev

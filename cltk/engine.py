@@ -15,6 +15,7 @@ import torch
 
 from cltk import distributed as dist
 from cltk.config import RunConfig
+from cltk.errors import UserError
 from cltk.extensions import check_build_locks
 from cltk.losses import IGNORE_INDEX, causal_lm_loss
 from cltk.methods.base import Method, StageContext
@@ -22,7 +23,7 @@ from cltk.schedules import stage_lr_lambda
 from cltk.validate import deepspeed_config
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):  # a RuntimeError for callers that catch one
     """A NaN/inf loss: training stops before the step, so no checkpoint ever holds the damage."""
 
 

@@ -10,7 +10,7 @@ from cltk import distributed as dist
 from cltk.config import RunConfig
 from cltk.data.prepare import prepare
 from cltk.metrics import ForgettingReport, forgetting_report, format_table, save_report
-from cltk.models import build_model, check_tokenizer_fits
+from cltk.models import ModelError, build_model, check_tokenizer_fits
 from cltk.perplexity import evaluate_domains, model_forward
 
 
@@ -37,7 +37,7 @@ def evaluate_models(
     """
     dist.init()
     if not model_dirs:
-        raise FileNotFoundError(f"no saved models to evaluate (looked in {cfg.out / 'stages'})")
+        raise ModelError(f"no saved models to evaluate (looked in {cfg.out / 'stages'})")
     tokenizer, domains = prepare(cfg)
     names = [d.name for d in cfg.domains]
 
@@ -52,7 +52,7 @@ def evaluate_models(
 
     for d in [*model_dirs, *([start_dir] if start_dir is not None else [])]:
         if not (Path(d) / "config.json").is_file():
-            raise FileNotFoundError(f"{d} is not a saved transformers model (no config.json)")
+            raise ModelError(f"{d} is not a saved transformers model (no config.json)")
     start = None
     if start_dir is not None:
         start = row(AutoModelForCausalLM.from_pretrained(str(start_dir)))

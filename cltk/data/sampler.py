@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cltk.errors import UserError
+
 
 def split_blocks(n: int, k: int, seed: int) -> list[np.ndarray]:
     """Split ``range(n)`` into ``k`` disjoint, seeded random blocks of near-equal size (sorted inside).
@@ -24,7 +26,7 @@ def split_blocks(n: int, k: int, seed: int) -> list[np.ndarray]:
     if k < 1:
         raise ValueError(f"blocks.k must be >= 1, got {k}")
     if n < k:
-        raise ValueError(
+        raise UserError(
             f"cannot split {n} training sequences into {k} blocks: lower blocks.k or add data"
         )
     perm = np.random.default_rng([seed, 0xB10C]).permutation(n)
@@ -77,7 +79,7 @@ class StageSchedule:
             self.n_replay = 1  # a positive share never silently rounds to no replay at all
         self.n_new = global_batch - self.n_replay
         if self.n_new <= 0:
-            raise ValueError(
+            raise UserError(
                 f"replay.share leaves no room for new data in a batch of {global_batch}"
             )
         # every sequence of the stage is trained exactly once per epoch: the last step takes what is left
