@@ -4,6 +4,7 @@ cltk train --config RUN.yaml [--resume] [--set train.lr=1e-4 ...]
 deepspeed --num_gpus 2 --module cltk train --config RUN.yaml      # N ranks (any deepspeed launch)
 cltk eval --config RUN.yaml [--models DIR ...] [--out DIR]
 cltk config-reference                                             # every config key, as markdown
+cltk ner --config NER.yaml [--set distill=null ...]               # continual NER (docs/ner.md)
 """
 
 from __future__ import annotations
@@ -37,11 +38,17 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub.add_parser("config-reference", help="print every run-config key as a markdown table")
+    n = sub.add_parser("ner", help="continual NER: new entity types step by step (docs/ner.md)")
+    n.add_argument("--config", required=True, help="NER run config YAML (examples/ner/)")
+    n.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    n.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "ner":
+        return _ner(args)
     from cltk.config import ConfigError, describe, load_config
 
     if args.command == "config-reference":
@@ -68,6 +75,18 @@ def main(argv: list[str] | None = None) -> int:
 
     models = [Path(m) for m in args.models] if args.models else run_stage_dirs(cfg)
     evaluate_models(cfg, models, Path(args.out) if args.out else cfg.out / "eval")
+    return 0
+
+
+def _ner(args: argparse.Namespace) -> int:
+    from cltk.errors import UserError
+    from cltk.ner import load_ner_config, run_ner
+
+    try:
+        run_ner(load_ner_config(args.config, overrides=args.set))
+    except UserError as e:
+        print(f"cltk: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,0 +1,117 @@
+"""Losses of continual token classification (AddNER / ExtendNER), as pure functions.
+
+Monaikul et al. (2021), "Continual Learning for Named Entity Recognition": the student is a copy of
+the previous model (the teacher, frozen); the loss is ``alpha * KL(teacher || student)`` on the old
+types' outputs plus ``beta * CE`` on the new types' labels. The KL term is taken at temperature T on
+both sides and scaled by T^2 (Hinton et al. 2015), so its gradient scale does not shrink with T.
+
+Positions are flattened: logits ``[N, C]`` and labels ``[N]`` with -100 where no word starts.
+Every term is a mean over the positions it covers (0 when it covers none).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cltk.ner.data import IGNORE
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(values.dtype)
+    return (values * m).sum() / m.sum().clamp(min=1)
+
+
+def distill_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """``T^2 * KL(softmax(t / T) || softmax(s / T))``, mean over ``mask`` positions.
+
+    Args:
+        student_logits: ``[N, C]``, the student's columns of the old labels only.
+        teacher_logits: ``[N, C]``, the teacher's, same columns.
+        mask: ``[N]`` bool, the positions to distil.
+        temperature: T > 0.
+    """
+    t = float(temperature)
+    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    return t * t * _masked_mean(kl, mask)
+
+
+def token_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``logits [N, C]`` against ``labels [N]``, mean over ``mask`` positions."""
+    safe = labels.clamp(min=0)
+    ce = F.cross_entropy(logits.float(), safe, reduction="none")
+    return _masked_mean(ce, mask & (labels != IGNORE))
+
+
+def extendner_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor | None,
+    labels: torch.Tensor,
+    alpha: float,
+    beta: float,
+    temperature: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ExtendNER: one output layer whose first ``C_old`` columns are the teacher's labels.
+
+    Args:
+        student: ``[N, C]`` logits (``O`` is column 0, then B/I of old types, then new types).
+        teacher: ``[N, C_old]`` logits of the frozen previous model, or ``None`` (first step, or
+            naive fine-tuning: plain CE on every labelled position).
+        labels: ``[N]`` label ids in the student's columns, -100 where ignored. The step's data
+            tags only the new types, so ``O`` may hide an old-type entity.
+
+    The KL term covers every labelled position (the old columns, renormalised among themselves).
+    The CE term covers labelled positions except those labelled ``O`` that the teacher tags as an
+    old entity: there the gold ``O`` only means "not a new type", and the teacher's soft target
+    decides (CE would teach the student to forget exactly those).
+    """
+    labelled = labels != IGNORE
+    if teacher is None:
+        ce = token_ce(student, labels, labelled)
+        return beta * ce, {"ce": ce.detach()}
+    c_old = teacher.shape[-1]
+    old_entity = teacher.argmax(-1) != 0
+    ce_mask = labelled & ~((labels == 0) & old_entity)
+    ce = token_ce(student, labels, ce_mask)
+    kd = distill_kl(student[:, :c_old], teacher, labelled, temperature)
+    return alpha * kd + beta * ce, {"ce": ce.detach(), "kd": kd.detach()}
+
+
+def addner_loss(
+    student: list[torch.Tensor],
+    teacher: list[torch.Tensor] | None,
+    labels: torch.Tensor,
+    alpha: float,
+    beta: float,
+    temperature: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """AddNER: one output layer per step; the last is the new one.
+
+    Args:
+        student: one ``[N, C_j]`` logits tensor per layer, the new layer last.
+        teacher: the frozen previous model's logits of the old layers (``len(student) - 1``
+            tensors), or ``None`` (first step, or naive fine-tuning: the old layers get no loss).
+        labels: ``[N]`` ids in the new layer's columns (``O`` + its types), -100 where ignored.
+
+    The new layer learns its types from CE on every labelled position (``O`` is right for it
+    whatever old type a token has); each old layer is distilled from its teacher layer on every
+    labelled position, and the KL terms are summed over the old layers.
+    """
+    labelled = labels != IGNORE
+    ce = token_ce(student[-1], labels, labelled)
+    if teacher is None:
+        return beta * ce, {"ce": ce.detach()}
+    if len(teacher) != len(student) - 1:
+        raise ValueError(f"{len(teacher)} teacher layers for {len(student)} student layers")
+    kd = sum(
+        (distill_kl(s, t, labelled, temperature) for s, t in zip(student, teacher)),
+        torch.zeros((), device=ce.device),
+    )
+    return alpha * kd + beta * ce, {"ce": ce.detach(), "kd": kd.detach()}
