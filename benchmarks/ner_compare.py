@@ -8,7 +8,7 @@ data, steps, updates and batch sizes; naive fine-tuning is the same run with ``d
 teacher: ExtendNER trains plain CE on the new data, whose O hides the old types; AddNER's old layers
 get no loss). Prints a markdown table: mean over seeds with the spread (min..max) of the final F1
 per type, mean final F1, mean forgetting and mean plasticity, and copies each method's seed-0 F1
-matrix picture next to ``--figures`` if given.
+matrix picture into ``--figures`` if given. One tokenizer is trained first and shared by every run.
 """
 
 from __future__ import annotations
@@ -21,10 +21,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cltk.data.tokenizer import train_tokenizer
+from cltk.ner import load_ner_config
+from cltk.ner.data import load_source
+
 
 def _cell(values: list[float]) -> str:
     mean = sum(values) / len(values)
     return f"{mean:.3f} ({min(values):.3f}..{max(values):.3f})" if len(values) > 1 else f"{mean:.3f}"
+
+
+def _partial(report: dict) -> bool:
+    return len(report["f1"]) < len(report["step_names"])
 
 
 def main() -> int:
@@ -35,21 +43,34 @@ def main() -> int:
     p.add_argument("--variants", nargs="+", default=["extendner", "addner"])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--figures", default=None, help="copy the seed-0 ner_f1.png of each method here")
+    p.add_argument("--lock", default=None, help="run each run under flock LOCK (a shared machine)")
     a = p.parse_args()
     out = Path(a.out).resolve()
+    sets = list(a.set)
+    cfg = load_ner_config(a.config, overrides=sets)
+    if cfg.tokenizer.vocab_size:
+        # one tokenizer for every run: BPE training breaks ties differently from process to process
+        tok = out / "tokenizer"
+        if not (tok / "tokenizer.json").is_file():
+            declared = {t: s.name for s in cfg.steps for t in s.types}
+            sents = [w for i, st in enumerate(cfg.steps) for w, _ in
+                     load_source(st.data, st.types, declared, cfg.resolve, f"steps[{i}].data")]
+            train_tokenizer([" ".join(w) for w in sents], cfg.tokenizer.vocab_size, tok)
+        sets += ["tokenizer.vocab_size=null", f"tokenizer.path={tok}"]
     results: dict[tuple[str, str], list[dict]] = {}
     for variant in a.variants:
         for method in ("distill", "naive"):
             for seed in a.seeds:
                 run = out / f"{variant}-{method}-seed{seed}"
-                if not (run / "ner_f1.json").is_file() or len(
-                        json.loads((run / "ner_f1.json").read_text())["f1"]) < 2:
+                done = run / "ner_f1.json"
+                if not done.is_file() or _partial(json.loads(done.read_text())):
                     shutil.rmtree(run, ignore_errors=True)
-                    sets = [*a.set, f"output_dir={run}", f"seed={seed}", f"variant={variant}"]
+                    run_sets = [*sets, f"output_dir={run}", f"seed={seed}", f"variant={variant}"]
                     if method == "naive":
-                        sets.append("distill=null")
-                    cmd = [sys.executable, "-m", "cltk", "ner", "--config", a.config]
-                    for s in sets:
+                        run_sets.append("distill=null")
+                    cmd = ["flock", a.lock] if a.lock else []
+                    cmd += [sys.executable, "-m", "cltk", "ner", "--config", a.config]
+                    for s in run_sets:
                         cmd += ["--set", s]
                     print("running:", " ".join(cmd), file=sys.stderr, flush=True)
                     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,

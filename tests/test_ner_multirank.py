@@ -11,14 +11,15 @@ import pytest
 import torch
 import yaml
 
-from cltk.ner.data import NerDataError, brown_dir
+from cltk.data.tokenizer import train_tokenizer
+from cltk.ner.data import NerDataError, brown_dir, read_brown
 from tests.multirank import run_ranks
 
 pytestmark = pytest.mark.multirank
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _config(tmp: Path, name: str, variant: str, zero: int) -> Path:
+def _config(tmp: Path, name: str, variant: str, zero: int, tokenizer: Path) -> Path:
     raw = {
         "output_dir": str(tmp / name),
         "variant": variant,
@@ -28,7 +29,7 @@ def _config(tmp: Path, name: str, variant: str, zero: int) -> Path:
                              "num_attention_heads": 2, "intermediate_size": 64,
                              "max_position_embeddings": 96, "hidden_dropout_prob": 0.0,
                              "attention_probs_dropout_prob": 0.0}},
-        "tokenizer": {"vocab_size": 500},
+        "tokenizer": {"path": str(tokenizer)},
         "train": {"steps": 4, "micro_batch_size": 4, "lr": 0.003, "max_len": 64, "log_every": 1},
         "steps": [
             {"name": "names", "types": ["NAME"],
@@ -52,8 +53,11 @@ def test_addner_and_extendner_on_two_ranks_under_zero_1_2_3(tmp_path):
         brown_dir()
     except NerDataError as e:
         pytest.skip(str(e))
+    # one tokenizer for every run (BPE training breaks ties differently from process to process)
+    sents = read_brown({"categories": ["news"], "sentences": 96})
+    train_tokenizer([" ".join(w) for w, _ in sents], 500, tmp_path / "tok")
     runs = {"extend_z2": ("extendner", 2), "extend_z3": ("extendner", 3), "add_z1": ("addner", 1)}
-    cfgs = [_config(tmp_path, name, v, z) for name, (v, z) in runs.items()]
+    cfgs = [_config(tmp_path, name, v, z, tmp_path / "tok") for name, (v, z) in runs.items()]
     run_ranks([ROOT / "tests" / "scripts" / "ner_ranks.py", *cfgs], timeout=600)
     for name, (variant, _) in runs.items():
         out = tmp_path / name
@@ -65,7 +69,9 @@ def test_addner_and_extendner_on_two_ranks_under_zero_1_2_3(tmp_path):
         assert [r["step"] for r in log] == [0] * 4 + [1] * 4
         # step 0 has no teacher; step 1 distils from one, and the term is live (teacher != student)
         assert all("kd" not in r for r in log[:4])
-        assert all(r["kd"] > 0 for r in log[4:]) and all(r["ce"] > 0 for r in log)
+        # the student starts step 1 as the teacher's copy (KL 0), then moves away from it
+        assert abs(log[4]["kd"]) < 1e-6 and all(r["kd"] > 1e-4 for r in log[5:])
+        assert all(r["ce"] > 0 for r in log)
         s0 = torch.load(out / "steps" / "0-names" / "tagger.pt")
         s1 = torch.load(out / "steps" / "1-numbers" / "tagger.pt")
         if variant == "extendner":  # one layer, grown from O,B,I to O,B,I,B,I
