@@ -80,10 +80,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _ner(args: argparse.Namespace) -> int:
     from cltk.errors import UserError
-    from cltk.ner import load_ner_config, run_ner
+    from cltk.ner import load_ner_config
 
     try:
-        run_ner(load_ner_config(args.config, overrides=args.set))
+        cfg = load_ner_config(args.config, overrides=args.set)
+        from cltk.ner.run import run_ner  # DeepSpeed is imported once the config is known good
+
+        run_ner(cfg)
     except UserError as e:
         print(f"cltk: {e}", file=sys.stderr)
         return 2

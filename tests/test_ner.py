@@ -289,3 +289,30 @@ def test_config_refuses_a_step_that_reintroduces_an_old_type(tmp_path):
 
 def test_head_labels_layout():
     assert head_labels(["A", "B"]) == ["O", "B-A", "I-A", "B-B", "I-B"]
+
+
+def test_run_data_is_checked_before_any_work_naming_file_and_line(tmp_path):
+    from cltk.ner.data import load_run_data
+
+    (tmp_path / "a.conll").write_text("John B-PER\nsaw O\n\n")
+    (tmp_path / "b.conll").write_text("Paris B-LOC\nis O\n\nRome B-LOC\nand O\nJohn B-PER\n")
+    (tmp_path / "e.conll").write_text("John B-PER\nin O\nParis B-LOC\n")
+    cfg = parse_config(_raw(tmp_path, train={"micro_batch_size": 1}), tmp_path)
+    with pytest.raises(NerDataError, match=r"b\.conll:6: tag 'B-PER' is of type 'PER', introduced "
+                                           r"by step 'a'"):
+        load_run_data(cfg)
+    (tmp_path / "b.conll").write_text("Paris B-LOC\nis O\n")
+    train, held_out = load_run_data(cfg)
+    assert train[1] == [(["Paris", "is"], ["B-LOC", "O"])] and len(held_out) == 1
+
+
+def test_cli_ner_refuses_a_bad_config_with_exit_2(tmp_path, capsys):
+    import yaml
+
+    from cltk.cli import main
+
+    raw = _raw(tmp_path)
+    raw["steps"][1]["types"] = ["PER"]
+    (tmp_path / "ner.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["ner", "--config", str(tmp_path / "ner.yaml")]) == 2
+    assert "reintroduces type 'PER'" in capsys.readouterr().err

@@ -257,6 +257,19 @@ def load_source(
     return sents
 
 
+def load_run_data(cfg, world_size: int = 1) -> tuple[list[list[Sentence]], list[Sentence]]:
+    """Every step's training sentences and the held-out set of a :class:`NerConfig`, checked."""
+    declared = {t: s.name for s in cfg.steps for t in s.types}
+    train = [load_source(s.data, s.types, declared, cfg.resolve, f"steps[{i}].data")
+             for i, s in enumerate(cfg.steps)]
+    held_out = load_source(cfg.eval, cfg.all_types(), declared, cfg.resolve, "eval")
+    for i, sents in enumerate(train):
+        if len(sents) < world_size * cfg.train.micro_batch_size:
+            raise NerDataError(f"steps[{i}].data: {len(sents)} sentences, fewer than one "
+                               f"micro-batch ({cfg.train.micro_batch_size}) per rank")
+    return train, held_out
+
+
 # --------------------------------------------------------------------------------------------
 # alignment and batches
 # --------------------------------------------------------------------------------------------

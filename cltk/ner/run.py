@@ -22,7 +22,7 @@ import torch
 from cltk import distributed as dist
 from cltk.engine import param_groups
 from cltk.ner.config import NerConfig, NerConfigError
-from cltk.ner.data import Encoded, collate, encode, head_labels, load_source
+from cltk.ner.data import Encoded, collate, encode, head_labels, load_run_data
 from cltk.ner.losses import addner_loss, extendner_loss
 from cltk.ner.metrics import F1Report, f1_report, format_table, prf, save_report
 from cltk.ner.model import NerTagger, build_backbone, grow, layer_types, predict_words
@@ -148,18 +148,11 @@ def run_ner(cfg: NerConfig) -> F1Report:
     """Run every step of ``cfg``; returns the F1 report (also saved in ``cfg.out``)."""
     from transformers import AutoModel
 
-    dist.init()
     out = cfg.out
     if (out / "steps").exists():
         raise NerConfigError("output_dir", f"{out} already holds a run; choose another output_dir")
-    declared = {t: s.name for s in cfg.steps for t in s.types}
-    train_sets = [load_source(s.data, s.types, declared, cfg.resolve, f"steps[{i}].data")
-                  for i, s in enumerate(cfg.steps)]
-    eval_set = load_source(cfg.eval, cfg.all_types(), declared, cfg.resolve, "eval")
-    for i, sents in enumerate(train_sets):
-        if len(sents) < dist.world_size() * cfg.train.micro_batch_size:
-            raise NerConfigError(f"steps[{i}].data", f"{len(sents)} sentences: fewer than one "
-                                 f"micro-batch per rank ({cfg.train.micro_batch_size})")
+    train_sets, eval_set = load_run_data(cfg, dist.world_size())
+    dist.init()
     dist.barrier()  # every rank has read and checked every input before any rank writes
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -210,8 +203,10 @@ def run_ner(cfg: NerConfig) -> F1Report:
                         t_logits = teacher(input_ids=b["input_ids"],
                                            attention_mask=b["attention_mask"])
                 loss, metrics = _loss(cfg, logits, t_logits, b["labels"].reshape(-1))
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"non-finite loss at step {step.name}, update {opt_step}")
+                # every rank stops together, before the update (a lone raise would hang the others)
+                if not torch.isfinite(dist.all_reduce_sum(loss.detach().float().cpu().clone())):
+                    raise RuntimeError(f"non-finite loss at step {step.name}, update {opt_step}: "
+                                       "stopped before the update; lower train.lr or check the data")
                 engine.backward(loss)
                 engine.step()
                 for name, v in {"loss": loss.detach(), **metrics}.items():
