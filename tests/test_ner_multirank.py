@@ -84,4 +84,4 @@ def test_addner_and_extendner_on_two_ranks_under_zero_1_2_3(tmp_path):
     z2, z3 = _log(tmp_path / "extend_z2"), _log(tmp_path / "extend_z3")
     for key in ("loss", "ce", "kd"):
         assert [r.get(key, 0.0) for r in z3] == pytest.approx([r.get(key, 0.0) for r in z2],
-                                                             rel=1e-3, abs=1e-6)
+                                                             rel=1e-4, abs=1e-6)
