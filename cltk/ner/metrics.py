@@ -148,11 +148,15 @@ def _heatmap(r: F1Report, path: Path) -> None:
     fig = Figure(figsize=(max(5.0, 2.8 + 1.0 * cols), 2.2 + 0.5 * rows))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    image = ax.imshow(r.f1, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    # a type not introduced yet has no F1 to speak of: its cells stay blank
+    future = [[r.type_steps[j] > i for j in range(cols)] for i in range(rows)]
+    shown = [[float("nan") if future[i][j] else v for j, v in enumerate(row)]
+             for i, row in enumerate(r.f1)]
+    image = ax.imshow(shown, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     for i, row in enumerate(r.f1):
         for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
-                    color="black" if v > 0.5 else "white")
+            ax.text(j, i, "not yet" if future[i][j] else f"{v:.2f}", ha="center", va="center",
+                    fontsize=8, color="black" if v > 0.5 or future[i][j] else "white")
     ax.set_xticks(range(cols), [f"{t} (step {s})" for t, s in zip(r.types, r.type_steps)],
                   rotation=30, ha="right")
     ax.set_yticks(range(rows), [f"{i}: {n}" for i, n in enumerate(r.step_names[:rows])])
