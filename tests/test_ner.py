@@ -316,3 +316,17 @@ def test_cli_ner_refuses_a_bad_config_with_exit_2(tmp_path, capsys):
     (tmp_path / "ner.yaml").write_text(yaml.safe_dump(raw))
     assert main(["ner", "--config", str(tmp_path / "ner.yaml")]) == 2
     assert "reintroduces type 'PER'" in capsys.readouterr().err
+
+
+def test_a_decoder_backbone_works_too():
+    from cltk.ner.model import build_backbone
+
+    llama = build_backbone({"model_type": "llama", "hidden_size": 16, "intermediate_size": 32,
+                            "num_hidden_layers": 1, "num_attention_heads": 2,
+                            "num_key_value_heads": 1}, None, vocab_size=40)
+    tagger = NerTagger(llama, [3, 5])
+    ids = torch.tensor([[1, 2, 3, 4]])
+    out = tagger(ids, torch.ones_like(ids))
+    assert [tuple(o.shape) for o in out] == [(1, 4, 3), (1, 4, 5)]
+    out[1].sum().backward()
+    assert llama.embed_tokens.weight.grad is not None
