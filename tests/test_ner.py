@@ -65,24 +65,31 @@ def test_token_ce_ignores_minus_100_and_unmasked_positions():
     assert token_ce(logits, labels, mask).item() == pytest.approx(ref, rel=1e-6)
 
 
-def test_extendner_loss_distils_old_columns_and_leaves_old_entities_to_the_teacher():
+def test_extendner_loss_ce_on_new_labels_and_padded_teacher_kl_on_o():
     g = torch.Generator().manual_seed(2)
     student = torch.randn(5, 5, generator=g)  # O, B-A, I-A (old) + B-N, I-N (new)
     teacher = torch.randn(5, 3, generator=g)
-    teacher[1] = torch.tensor([0.0, 5.0, 0.0])  # the teacher sees an old entity at position 1
-    teacher[[0, 2, 3, 4]] = torch.tensor([5.0, 0.0, 0.0])
     labels = torch.tensor([0, 0, 3, IGNORE, 4])
     loss, m = extendner_loss(student, teacher, labels, alpha=0.7, beta=0.3, temperature=2.0)
-    labelled = labels != IGNORE
-    kd = _kl_reference(student[:, :3], teacher, labelled, 2.0)
-    ce_mask = torch.tensor([True, False, True, False, True])  # O at 1 is the teacher's call
-    ce = token_ce(student, labels, ce_mask).item()
+    # KL on the O positions 0 and 1, against the teacher with probability 0 on the new columns
+    total = 0.0
+    for i in (0, 1):
+        pt = torch.softmax(teacher[i] / 2.0, -1).tolist() + [0.0, 0.0]
+        ps = torch.softmax(student[i] / 2.0, -1).tolist()
+        total += sum(a * math.log(a / b) for a, b in zip(pt, ps) if a > 0)
+    kd = 4.0 * total / 2
+    ce = token_ce(student, labels, torch.tensor([False, False, True, False, True])).item()
     assert m["kd"].item() == pytest.approx(kd, rel=1e-5)
     assert m["ce"].item() == pytest.approx(ce, rel=1e-5)
     assert loss.item() == pytest.approx(0.7 * kd + 0.3 * ce, rel=1e-5)
-    # naive: plain CE on every labelled position, O at 1 included
+    # the gradient is finite despite the -inf padding, and pushes the new columns down at O
+    s = student.clone().requires_grad_(True)
+    extendner_loss(s, teacher, labels, 1.0, 0.0, 2.0)[0].backward()
+    assert torch.isfinite(s.grad).all() and (s.grad[:2, 3:] > 0).all()
+    # naive: plain CE on every labelled position, O included
     naive, _ = extendner_loss(student, None, labels, 0.0, 1.0, 1.0)
-    assert naive.item() == pytest.approx(token_ce(student, labels, labelled).item(), rel=1e-6)
+    assert naive.item() == pytest.approx(
+        token_ce(student, labels, labels != IGNORE).item(), rel=1e-6)
 
 
 def test_addner_loss_sums_kl_over_old_layers_and_ce_on_the_new_one():

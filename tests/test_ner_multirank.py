@@ -69,8 +69,9 @@ def test_addner_and_extendner_on_two_ranks_under_zero_1_2_3(tmp_path):
         assert [r["step"] for r in log] == [0] * 4 + [1] * 4
         # step 0 has no teacher; step 1 distils from one, and the term is live (teacher != student)
         assert all("kd" not in r for r in log[:4])
-        # the student starts step 1 as the teacher's copy (KL 0), then moves away from it
-        assert abs(log[4]["kd"]) < 1e-6 and all(r["kd"] > 1e-4 for r in log[5:])
+        assert all(r["kd"] > 1e-4 for r in log[5:])
+        if variant == "addner":  # the old layers start as the teacher's copy: KL 0
+            assert abs(log[4]["kd"]) < 1e-6
         assert all(r["ce"] > 0 for r in log)
         s0 = torch.load(out / "steps" / "0-names" / "tagger.pt")
         s1 = torch.load(out / "steps" / "1-numbers" / "tagger.pt")

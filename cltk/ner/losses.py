@@ -31,15 +31,17 @@ def distill_kl(
     """``T^2 * KL(softmax(t / T) || softmax(s / T))``, mean over ``mask`` positions.
 
     Args:
-        student_logits: ``[N, C]``, the student's columns of the old labels only.
-        teacher_logits: ``[N, C]``, the teacher's, same columns.
+        student_logits: ``[N, C]``.
+        teacher_logits: ``[N, C]``, same columns; ``-inf`` where the teacher gives probability 0.
         mask: ``[N]`` bool, the positions to distil.
         temperature: T > 0.
     """
     t = float(temperature)
     log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
     log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    p_t = log_p_t.exp()
+    # xlogy: a column the teacher gives probability 0 (-inf logit) adds 0, not 0 * -inf
+    kl = (torch.xlogy(p_t, p_t) - p_t * log_p_s).sum(-1)
     return t * t * _masked_mean(kl, mask)
 
 
@@ -67,20 +69,22 @@ def extendner_loss(
         labels: ``[N]`` label ids in the student's columns, -100 where ignored. The step's data
             tags only the new types, so ``O`` may hide an old-type entity.
 
-    The KL term covers every labelled position (the old columns, renormalised among themselves).
-    The CE term covers labelled positions except those labelled ``O`` that the teacher tags as an
-    old entity: there the gold ``O`` only means "not a new type", and the teacher's soft target
-    decides (CE would teach the student to forget exactly those).
+    As in Monaikul et al.: a position labelled with a new type takes CE on its label; a position
+    labelled ``O`` (not a new type, maybe an old one) takes the teacher's distribution as its
+    target, with probability 0 on the new columns: KL between that and the student's softmax over
+    **all** columns, so the student learns to keep the old types there and not to claim new ones.
     """
     labelled = labels != IGNORE
     if teacher is None:
         ce = token_ce(student, labels, labelled)
         return beta * ce, {"ce": ce.detach()}
     c_old = teacher.shape[-1]
-    old_entity = teacher.argmax(-1) != 0
-    ce_mask = labelled & ~((labels == 0) & old_entity)
-    ce = token_ce(student, labels, ce_mask)
-    kd = distill_kl(student[:, :c_old], teacher, labelled, temperature)
+    new = labelled & (labels >= c_old)
+    ce = token_ce(student, labels, new)
+    # the padded teacher: its probabilities, then -inf logits (probability 0) on the new columns
+    pad = teacher.new_full((teacher.shape[0], student.shape[-1] - c_old), float("-inf"))
+    padded = torch.cat([teacher.float(), pad.float()], dim=-1)
+    kd = distill_kl(student, padded, labelled & (labels == 0), temperature)
     return alpha * kd + beta * ce, {"ce": ce.detach(), "kd": kd.detach()}
 
 
