@@ -72,7 +72,8 @@ def test_addner_and_extendner_on_two_ranks_under_zero_1_2_3(tmp_path):
         assert all(r["kd"] > 1e-4 for r in log[5:])
         if variant == "addner":  # the old layers start as the teacher's copy: KL 0
             assert abs(log[4]["kd"]) < 1e-6
-        assert all(r["ce"] > 0 for r in log)
+        # ExtendNER's CE covers new-type tokens only: a micro-batch may have none
+        assert all(r["ce"] >= 0 for r in log) and sum(r["ce"] > 0 for r in log[4:]) >= 2
         s0 = torch.load(out / "steps" / "0-names" / "tagger.pt")
         s1 = torch.load(out / "steps" / "1-numbers" / "tagger.pt")
         if variant == "extendner":  # one layer, grown from O,B,I to O,B,I,B,I
