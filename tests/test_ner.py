@@ -71,14 +71,16 @@ def test_extendner_loss_ce_on_new_labels_and_padded_teacher_kl_on_o():
     teacher = torch.randn(5, 3, generator=g)
     labels = torch.tensor([0, 0, 3, IGNORE, 4])
     loss, m = extendner_loss(student, teacher, labels, alpha=0.7, beta=0.3, temperature=2.0)
-    # KL on the O positions 0 and 1, against the teacher with probability 0 on the new columns
+    # KL on the O positions 0 and 1, against the teacher with probability 0 on the new columns;
+    # CE on the new-type positions 2 and 4
     total = 0.0
     for i in (0, 1):
         pt = torch.softmax(teacher[i] / 2.0, -1).tolist() + [0.0, 0.0]
         ps = torch.softmax(student[i] / 2.0, -1).tolist()
         total += sum(a * math.log(a / b) for a, b in zip(pt, ps) if a > 0)
-    kd = 4.0 * total / 2
-    ce = token_ce(student, labels, torch.tensor([False, False, True, False, True])).item()
+    # both terms are sums over their tokens divided by all 4 labelled tokens
+    kd = 4.0 * total / 4
+    ce = token_ce(student, labels, torch.tensor([False, False, True, False, True])).item() * 2 / 4
     assert m["kd"].item() == pytest.approx(kd, rel=1e-5)
     assert m["ce"].item() == pytest.approx(ce, rel=1e-5)
     assert loss.item() == pytest.approx(0.7 * kd + 0.3 * ce, rel=1e-5)

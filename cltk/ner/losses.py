@@ -80,11 +80,15 @@ def extendner_loss(
         return beta * ce, {"ce": ce.detach()}
     c_old = teacher.shape[-1]
     new = labelled & (labels >= c_old)
-    ce = token_ce(student, labels, new)
+    o = labelled & (labels == 0)
+    # each labelled token takes one term, and both are means over all labelled tokens: a mean of
+    # CE over the few new-type tokens alone would outweigh the KL on the many O tokens per token
+    n = labelled.sum().clamp(min=1)
+    ce = token_ce(student, labels, new) * new.sum() / n
     # the padded teacher: its probabilities, then -inf logits (probability 0) on the new columns
     pad = teacher.new_full((teacher.shape[0], student.shape[-1] - c_old), float("-inf"))
     padded = torch.cat([teacher.float(), pad.float()], dim=-1)
-    kd = distill_kl(student, padded, labelled & (labels == 0), temperature)
+    kd = distill_kl(student, padded, o, temperature) * o.sum() / n
     return alpha * kd + beta * ce, {"ce": ce.detach(), "kd": kd.detach()}
 
 
