@@ -6,7 +6,7 @@ types' outputs plus ``beta * CE`` on the new types' labels. The KL term is taken
 both sides and scaled by T^2 (Hinton et al. 2015), so its gradient scale does not shrink with T.
 
 Positions are flattened: logits ``[N, C]`` and labels ``[N]`` with -100 where no word starts.
-Every term is a mean over the positions it covers (0 when it covers none).
+``distill_kl`` and ``token_ce`` are means over the positions they cover (0 when none).
 """
 
 from __future__ import annotations
@@ -73,6 +73,8 @@ def extendner_loss(
     labelled ``O`` (not a new type, maybe an old one) takes the teacher's distribution as its
     target, with probability 0 on the new columns: KL between that and the student's softmax over
     **all** columns, so the student learns to keep the old types there and not to claim new ones.
+    Both terms are sums over their tokens divided by the number of labelled tokens (the metrics
+    ``ce`` and ``kd`` are these shares).
     """
     labelled = labels != IGNORE
     if teacher is None:
