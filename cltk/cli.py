@@ -4,6 +4,7 @@ cltk train --config RUN.yaml [--resume] [--set train.lr=1e-4 ...]
 deepspeed --num_gpus 2 --module cltk train --config RUN.yaml      # N ranks (any deepspeed launch)
 cltk eval --config RUN.yaml [--models DIR ...] [--out DIR] [--start DIR | --no-start]
 cltk config-reference                                             # every config key, as markdown
+cltk ner --config NER.yaml [--set distill=null ...]               # continual NER (docs/ner.md)
 
 A mistake the user can fix (:class:`cltk.errors.UserError`) is printed as one line, ``cltk: <message>``,
 by rank 0, and the exit code is 2 (see ``OTHER_RANK_GRACE_S`` for the other ranks). Any other exception is a bug in cltk: its traceback is printed with a
@@ -64,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub.add_parser("config-reference", help="print every run-config key as a markdown table")
+    n = sub.add_parser("ner", help="continual NER: new entity types step by step (docs/ner.md)")
+    n.add_argument("--config", required=True, help="NER run config YAML (examples/ner/)")
+    n.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    n.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -119,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.command == "ner":
+        return _ner(args)
     from cltk.config import describe, load_config
 
     if args.command == "config-reference":
@@ -144,6 +151,16 @@ def _main(args: argparse.Namespace) -> int:
         Path(args.out) if args.out else cfg.out / "eval",
         start_dir=Path(args.start) if args.start else None,
     )
+    return 0
+
+
+def _ner(args: argparse.Namespace) -> int:
+    from cltk.ner import load_ner_config
+
+    cfg = load_ner_config(args.config, overrides=args.set)  # a UserError is reported by main()
+    from cltk.ner.run import run_ner  # DeepSpeed is imported once the config is known good
+
+    run_ner(cfg)
     return 0
 
 
