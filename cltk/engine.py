@@ -15,31 +15,16 @@ import torch
 
 from cltk import distributed as dist
 from cltk.config import RunConfig
+from cltk.errors import UserError
 from cltk.extensions import check_build_locks
 from cltk.losses import IGNORE_INDEX, causal_lm_loss
 from cltk.methods.base import Method, StageContext
+from cltk.schedules import stage_lr_lambda
 from cltk.validate import deepspeed_config
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):  # a RuntimeError for callers that catch one
     """A NaN/inf loss: training stops before the step, so no checkpoint ever holds the damage."""
-
-
-def lr_lambda(cfg: RunConfig, total_steps: int):
-    """LR multiplier per step: linear warmup, then cosine/linear decay to ``min_lr_ratio`` (per stage)."""
-    t = cfg.train
-    warm = min(t.warmup_steps, max(total_steps - 1, 0))
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        if t.schedule == "constant" or total_steps <= warm + 1:
-            return 1.0
-        frac = min(1.0, (step - warm) / (total_steps - warm - 1))
-        decay = 0.5 * (1 + math.cos(math.pi * frac)) if t.schedule == "cosine" else 1 - frac
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
-
-    return f
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -55,11 +40,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def build_engine(
-    cfg: RunConfig, model: torch.nn.Module, total_steps: int, load_universal: bool = False
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    total_steps: int,
+    load_universal: bool = False,
+    lr_fn: Callable[[int], float] | None = None,
 ):
-    """``deepspeed.initialize`` with cltk's AdamW and per-stage LR schedule; returns the engine.
+    """``deepspeed.initialize`` with cltk's AdamW and LR schedule; returns the engine.
 
-    ``load_universal`` prepares the engine to load a universal checkpoint (resume at another world size).
+    ``lr_fn`` maps the stage's step to the LR multiplier (see :func:`cltk.schedules.stage_lr_lambda`);
+    default: the configured schedule over ``total_steps`` alone. ``load_universal`` prepares the engine
+    to load a universal checkpoint (resume at another world size).
     """
     t = cfg.train
     ds_cfg = deepspeed_config(cfg, dist.world_size(), dist.bf16_available())
@@ -80,7 +71,8 @@ def build_engine(
         optimizer = torch.optim.AdamW(
             groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
         )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    lr_fn = lr_fn or stage_lr_lambda(t, [total_steps], 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_fn)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
     )
@@ -185,9 +177,10 @@ def train_step(
         if engine.is_gradient_accumulation_boundary():
             for m in methods:
                 m.after_backward(ctx)
+            lr = float(engine.get_lr()[0])  # the LR this update applies (the scheduler steps in step())
         engine.step()
     out = {k: v for k, v in totals.items()}
-    out["lr"] = float(engine.get_lr()[0])
+    out["lr"] = lr
     return out
 
 

@@ -175,10 +175,12 @@ def _io(module: nn.Module) -> tuple[int, int, bool]:
 
 
 def _unsupported(model: nn.Module, why: str) -> ValueError:
+    from cltk.models import ModelError  # a user's model choice: cltk reports it in one line
+
     core = core_model(model)
     model_type = getattr(getattr(core, "config", None), "model_type", None)
     names = [f"{n} ({type(m).__name__})" for n, m in core.named_modules() if n][:40]
-    return ValueError(
+    return ModelError(
         f"no unit map for model type {model_type!r} ({type(core).__name__}): {why}. Modules found: "
         f"{', '.join(names)}. Add one with cltk.units.register_architecture({model_type!r}, "
         "ArchSpec(layers=..., attention='separate'|'fused_gpt2'|'fused_neox', qkv=(...), "

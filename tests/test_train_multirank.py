@@ -124,10 +124,26 @@ def test_two_rank_run_trains_exports_and_reports(tmp_path, cache, zero):
 
 
 def test_replay_mixes_earlier_domains_into_later_stages(tmp_path, cache):
+    # the same launch checks a run-long LR schedule: constant, then a cooldown over the last 40%
+    lr = {"schedule": "wsd", "lr_span": "run", "decay_share": 0.4, "decay_shape": "1-sqrt"}
     cfg = write_tiny_run(
-        tmp_path, cache_dir=cache, train={"log_sequence_ids": True}, replay={"share": 0.25}
+        tmp_path,
+        cache_dir=cache,
+        train={"log_sequence_ids": True, **lr},
+        replay={"share": 0.25},
     )
     train(cfg)
+    import csv
+
+    from cltk.config import load_config
+    from cltk.schedules import stage_lr_lambda
+
+    t = load_config(cfg).train
+    logged = [float(r["lr"]) for r in csv.DictReader(open(tmp_path / "out" / "metrics.csv"))]
+    expected = [t.lr * stage_lr_lambda(t, [6, 6], i)(s) for i in (0, 1) for s in range(6)]
+    assert logged == pytest.approx(expected, rel=1e-3)  # metrics.csv keeps 4 digits
+    assert logged[6] == logged[5] == t.lr  # stage 1 does not re-warm
+    assert logged[-1] == pytest.approx(t.lr * t.min_lr_ratio)
     for rank in (0, 1):
         rows = audit(cfg, rank)
         stage0 = {d for s, _, ids in rows if s == 0 for d, _ in ids}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cltk.data.windows import apportion
+from cltk.errors import UserError
 
 
 def split_blocks(n: int, k: int, seed: int) -> list[np.ndarray]:
@@ -26,7 +27,7 @@ def split_blocks(n: int, k: int, seed: int) -> list[np.ndarray]:
     if k < 1:
         raise ValueError(f"blocks.k must be >= 1, got {k}")
     if n < k:
-        raise ValueError(
+        raise UserError(
             f"cannot split {n} training sequences into {k} blocks: lower blocks.k or add data"
         )
     perm = np.random.default_rng([seed, 0xB10C]).permutation(n)
@@ -97,7 +98,7 @@ class StageSchedule:
             self.n_replay = 1  # a positive share never silently rounds to no replay at all
         self.n_new = global_batch - self.n_replay
         if self.n_new <= 0:
-            raise ValueError(
+            raise UserError(
                 f"replay.share leaves no room for new data in a batch of {global_batch}"
             )
         # every sequence of the stage is trained exactly once per epoch: the last step takes what is left

@@ -145,9 +145,10 @@ class SoftTargetMethod(Method):
              labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]] | None:
         if self.teacher is not None:
             t = self.teacher.logits(batch["input_ids"]).to(logits.device)
-            loss = soft_target_loss(logits, labels, t, p=self.b.p,
-                                    one_hot_below=self.b.one_hot_below)
-            label_lp = _label_logprobs(t, labels.clamp_min(0))
+            # the loss's one pass over the teacher also gives log q_y for the metric
+            loss, label_lp = soft_target_loss(logits, labels, t, p=self.b.p,
+                                              one_hot_below=self.b.one_hot_below,
+                                              return_label_logprobs=True)
             return loss, {"teacher_p_label": _mean_label_prob(label_lp, labels)}
         if self.cache is not None:
             top_lp, top_ix, label_lp = self.cache.lookup(batch["input_ids"])
