@@ -36,9 +36,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cltk.units import UnitMap, attach_gates, block_modules, build_unit_map
+from cltk.units import UnitMap, attach_gates, block_modules, build_unit_map, core_model
 
 KEYS = ("heads", "ffn")
+TOKEN_KEYS = ("embed", "head")  # optional: [V] importance of token rows
 
 
 def estimate_importance(
@@ -50,12 +51,16 @@ def estimate_importance(
     num_samples: int | None = None,
     unit_map: UnitMap | None = None,
     seed: int = 0,
+    tokens: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Raw DAS importance of every head and FFN unit of a plain (non-DeepSpeed) HF causal LM.
+    """Raw DAS importance of every head, FFN unit and token row of an HF causal LM.
 
     Args:
-        model: the causal LM (PEFT-wrapped is fine). Its training flag and ``requires_grad`` flags
-            are restored on return.
+        model: the causal LM: plain, PEFT-wrapped, or a DeepSpeed engine (any ZeRO stage: scored
+            on the engine's own, possibly partitioned, weights in its precision; every rank must
+            call this with the same number of batches then). Its training flag is restored on
+            return; a plain model's ``requires_grad`` flags too (they are switched off while it
+            scores; an engine's are left alone: only the gates' gradients are computed anyway).
         batches: dicts with ``input_ids`` ``[b, T]`` and optionally ``attention_mask`` ``[b, T]``
             (0 = padding, left out of the loss). On several ranks, each rank passes its own batches.
         mode: ``"proxy"`` (KL between two dropout passes) or ``"lm"`` (next-token loss).
@@ -65,9 +70,12 @@ def estimate_importance(
             last batch is cut). None: every batch given.
         unit_map: the model's map; built when None.
         seed: mixed into the per-batch dropout seed.
+        tokens: also score the token rows of the input embedding (``embed``) and of the LM head
+            (``head``): a gate scaling row r, as for units.
 
     Returns:
-        ``{"heads": [L, H], "ffn": [L, I]}`` float32 on CPU: mean over samples of |d loss / d gate|.
+        ``{"heads": [L, H], "ffn": [L, I]}`` (and ``"embed"``, ``"head"``: ``[V]``) float32 on
+        CPU: mean over samples of |d loss / d gate|.
 
     Raises:
         ValueError: unknown mode, a bad ``proxy_dropout`` or ``num_samples``, or no samples at all.
@@ -84,6 +92,11 @@ def estimate_importance(
         "heads": torch.ones(umap.num_layers, umap.num_heads, device=device, requires_grad=True),
         "ffn": torch.ones(umap.num_layers, umap.intermediate, device=device, requires_grad=True),
     }
+    rows = umap.tokens
+    if tokens and rows is not None:
+        gates["embed"] = torch.ones(rows.vocab, device=device, requires_grad=True)
+        if rows.head_module is not None:
+            gates["head"] = torch.ones(rows.vocab, device=device, requires_grad=True)
     sums = {k: torch.zeros(g.shape, dtype=torch.float64, device=device) for k, g in gates.items()}
     count = 0
     share = None if num_samples is None else _rank_share(num_samples)
@@ -143,7 +156,7 @@ def _all_reduce(sums: dict[str, torch.Tensor], count: int) -> int:
 
 @contextmanager
 def _gated(model: nn.Module, umap: UnitMap, gates: dict[str, torch.Tensor]) -> Iterator[None]:
-    handles = attach_gates(model, umap, heads=gates["heads"], ffn=gates["ffn"])
+    handles = attach_gates(model, umap, **gates)
     try:
         yield
     finally:
@@ -153,9 +166,14 @@ def _gated(model: nn.Module, umap: UnitMap, gates: dict[str, torch.Tensor]) -> I
 
 @contextmanager
 def _scoring_state(model: nn.Module, mode: str, p: float) -> Iterator[None]:
-    """Freeze parameters (only the gates need grads), set train/eval, add proxy dropout."""
+    """Freeze a plain model's parameters (only the gates need grads), set train/eval, add dropout.
+
+    A DeepSpeed engine's parameters keep their flags: ZeRO hooks them, and ``autograd.grad`` on
+    the gates computes no parameter gradient anyway.
+    """
     was_training = model.training
-    flags = [(q, q.requires_grad) for q in model.parameters()]
+    engine = core_model(model) is not model and hasattr(model, "optimizer")
+    flags = [] if engine else [(q, q.requires_grad) for q in model.parameters()]
     handles = []
     try:
         for q, _ in flags:
@@ -216,35 +234,50 @@ def normalize(raw: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     Note that DAS's ``|tanh|`` scores a unit far *below* its layer's mean as high as one far above;
     cltk keeps the published formula.
 
+    Token rows (``embed``, ``head``: ``[V]``) are normalised the same way, the vocabulary being
+    one layer.
+
     Args:
-        raw: ``{"heads": [L, H], "ffn": [L, I]}``.
+        raw: ``{"heads": [L, H], "ffn": [L, I]}`` (and optionally ``"embed"``, ``"head"``).
 
     Returns:
         The same keys and shapes, float32. A layer whose units all score the same gets zeros.
     """
     out = {}
-    for key in KEYS:
+    for key in _present(raw):
         x = raw[key].float()
-        mean = x.mean(dim=1, keepdim=True)
-        std = x.std(dim=1, keepdim=True)
-        z = torch.where(std > 0, (x - mean) / std, torch.zeros_like(x))
-        out[key] = torch.tanh(z).abs()
+        x2 = x[None] if x.dim() == 1 else x
+        mean = x2.mean(dim=1, keepdim=True)
+        std = x2.std(dim=1, keepdim=True)
+        z = torch.where(std > 0, (x2 - mean) / std, torch.zeros_like(x2))
+        out[key] = torch.tanh(z).abs().view_as(x)
     return out
+
+
+def _present(imp: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
+    return KEYS + tuple(k for k in TOKEN_KEYS if k in imp)
 
 
 def accumulate(
     prev: Mapping[str, torch.Tensor] | None, new: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Importance over stages: element-wise max (a unit stays as protected as it ever was)."""
+    """Importance over stages: element-wise max (a unit stays as protected as it ever was).
+
+    A token key present on one side only (e.g. a file from before token rows were scored) is kept.
+    """
     if prev is None:
-        return {k: new[k].clone() for k in KEYS}
-    for k in KEYS:
+        return {k: new[k].clone() for k in _present(new)}
+    out = {k: v.clone() for k, v in prev.items() if k in TOKEN_KEYS}
+    out.update({k: v.clone() for k, v in new.items() if k in TOKEN_KEYS and k not in prev})
+    both = KEYS + tuple(k for k in TOKEN_KEYS if k in prev and k in new)
+    for k in both:
         if prev[k].shape != new[k].shape:
             raise ValueError(
                 f"importance[{k!r}] shapes differ: {tuple(prev[k].shape)} before, "
                 f"{tuple(new[k].shape)} now: the model's units changed between stages"
             )
-    return {k: torch.maximum(prev[k], new[k].to(prev[k])) for k in KEYS}
+    out.update({k: torch.maximum(prev[k], new[k].to(prev[k])) for k in both})
+    return out
 
 
 def check_importance(
@@ -257,10 +290,13 @@ def check_importance(
             f"{where} lacks {missing}: expected tensors 'heads' [layers, heads] and "
             "'ffn' [layers, intermediate]"
         )
-    for k in KEYS:
+    for k in _present(imp):
         t = imp[k]
-        if t.dim() != 2 or not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{where}[{k!r}] must be a finite 2-D tensor, got {tuple(t.shape)}")
+        ndim = 2 if k in KEYS else 1
+        if t.dim() != ndim or not bool(torch.isfinite(t).all()):
+            raise ValueError(
+                f"{where}[{k!r}] must be a finite {ndim}-D tensor, got {tuple(t.shape)}"
+            )
         if bool((t < 0).any() or (t > 1).any()):
             raise ValueError(
                 f"{where}[{k!r}] has values outside [0, 1]: pass raw scores through "
@@ -271,7 +307,9 @@ def check_importance(
             "heads": (umap.num_layers, umap.num_heads),
             "ffn": (umap.num_layers, umap.intermediate),
         }
-        for k in KEYS:
+        if umap.tokens is not None:
+            want.update(embed=(umap.tokens.vocab,), head=(umap.tokens.vocab,))
+        for k in _present(imp):
             if tuple(imp[k].shape) != want[k]:
                 raise ValueError(
                     f"{where}[{k!r}] is {tuple(imp[k].shape)} but the model "
@@ -280,10 +318,11 @@ def check_importance(
 
 
 def save_importance(path: str | os.PathLike, imp: Mapping[str, torch.Tensor]) -> None:
-    """Write normalised importance as safetensors (``heads`` [L, H], ``ffn`` [L, I]), atomically."""
+    """Write normalised importance as safetensors atomically: ``heads`` [L, H], ``ffn`` [L, I]
+    and, when present, the token rows' ``embed`` / ``head`` [V]."""
     check_importance(imp)
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    save_file({k: imp[k].detach().float().cpu().contiguous() for k in KEYS}, tmp)
+    save_file({k: imp[k].detach().float().cpu().contiguous() for k in _present(imp)}, tmp)
     os.replace(tmp, path)
 
 
@@ -305,4 +344,4 @@ def load_importance(
     if unit_map is None and model is not None:
         unit_map = build_unit_map(model)
     check_importance(imp, unit_map, where=os.fspath(path))
-    return {k: imp[k] for k in KEYS}
+    return {k: imp[k] for k in _present(imp)}
