@@ -98,27 +98,19 @@ def estimate_importance(
         if rows.head_module is not None:
             gates["head"] = torch.ones(rows.vocab, device=device, requires_grad=True)
     sums = {k: torch.zeros(g.shape, dtype=torch.float64, device=device) for k, g in gates.items()}
+    work = _this_ranks_batches(batches, num_samples, device)
     count = 0
-    share = None if num_samples is None else _rank_share(num_samples)
     with _scoring_state(model, mode, proxy_dropout), _gated(model, umap, gates):
-        for batch in batches:
-            if share is not None and count >= share:
-                break
-            ids = batch["input_ids"].to(device)
-            mask = batch.get("attention_mask")
-            mask = None if mask is None else mask.to(device)
-            if share is not None and count + ids.shape[0] > share:
-                ids = ids[: share - count]
-                mask = None if mask is None else mask[: share - count]
+        for ids, mask, weight in _padded_for_zero3(model, work, device):
             if mode == "proxy":
                 loss = _proxy_loss(model, ids, mask, seed)
             else:
                 loss = _lm_loss(model, ids, mask)
             grads = torch.autograd.grad(loss, list(gates.values()), allow_unused=True)
             for key, g in zip(gates, grads):
-                if g is not None:  # a unit the loss does not reach has importance 0
-                    sums[key] += g.detach().abs().double() * ids.shape[0]
-            count += ids.shape[0]
+                if g is not None and weight:  # a unit the loss does not reach has importance 0
+                    sums[key] += g.detach().abs().double() * weight
+            count += weight
     total = _all_reduce(sums, count)
     if total == 0:
         raise ValueError(
@@ -126,6 +118,42 @@ def estimate_importance(
             "(on every rank, or num_samples >= 1 overall)"
         )
     return {k: (s / total).float().cpu() for k, s in sums.items()}
+
+
+def _this_ranks_batches(batches, num_samples: int | None, device) -> list[tuple]:
+    """``(ids, mask)`` of the batches this rank scores, cut to its share of ``num_samples``."""
+    share = None if num_samples is None else _rank_share(num_samples)
+    out, count = [], 0
+    for batch in batches:
+        if share is not None and count >= share:
+            break
+        ids = batch["input_ids"].to(device)
+        mask = batch.get("attention_mask")
+        mask = None if mask is None else mask.to(device)
+        if share is not None and count + ids.shape[0] > share:
+            ids = ids[: share - count]
+            mask = None if mask is None else mask[: share - count]
+        out.append((ids, mask))
+        count += ids.shape[0]
+    return out
+
+
+def _padded_for_zero3(model: nn.Module, work: list[tuple], device) -> list[tuple]:
+    """``(ids, mask, weight)`` per pass. Under ZeRO 3 every forward gathers parameters from every
+    rank, so all ranks run as many passes: a rank with fewer batches adds passes of weight 0."""
+    out = [(ids, mask, ids.shape[0]) for ids, mask in work]
+    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
+    if not zero3 or not (dist.is_available() and dist.is_initialized()):
+        return out
+    n = torch.tensor([len(out)], dtype=torch.int64, device=_collective_device(device))
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    dummy = out[0][:2] if out else (torch.zeros(1, 2, dtype=torch.long, device=device), None)
+    return out + [(*dummy, 0)] * (int(n.item()) - len(out))
+
+
+def _collective_device(device) -> torch.device:
+    # gloo reduces CPU tensors; NCCL needs them on the GPU.
+    return torch.device("cpu") if dist.get_backend() == "gloo" else torch.device(device)
 
 
 def _rank_share(num_samples: int) -> int:
