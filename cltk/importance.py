@@ -86,6 +86,12 @@ def estimate_importance(
         raise ValueError(f"proxy_dropout={proxy_dropout}: must be in [0, 1)")
     if num_samples is not None and num_samples < 1:
         raise ValueError(f"num_samples={num_samples}: must be >= 1 (or None for all batches)")
+    engine = core_model(model) is not model and hasattr(model, "optimizer")
+    if engine:
+        # The module, not engine.forward: the engine hooks every output it returns to run its
+        # backward epilogue (gradient reduction, accumulation scaling) on any backward through it.
+        # ZeRO 3 gathers and releases parameters in hooks on the module itself.
+        model = model.module
     umap = unit_map or build_unit_map(model)
     device = next(model.parameters()).device
     gates = {
@@ -100,7 +106,7 @@ def estimate_importance(
     sums = {k: torch.zeros(g.shape, dtype=torch.float64, device=device) for k, g in gates.items()}
     work = _this_ranks_batches(batches, num_samples, device)
     count = 0
-    with _scoring_state(model, mode, proxy_dropout), _gated(model, umap, gates):
+    with _scoring_state(model, mode, proxy_dropout, freeze=not engine), _gated(model, umap, gates):
         for ids, mask, weight in _padded_for_zero3(model, work, device):
             if mode == "proxy":
                 loss = _proxy_loss(model, ids, mask, seed)
@@ -193,15 +199,14 @@ def _gated(model: nn.Module, umap: UnitMap, gates: dict[str, torch.Tensor]) -> I
 
 
 @contextmanager
-def _scoring_state(model: nn.Module, mode: str, p: float) -> Iterator[None]:
+def _scoring_state(model: nn.Module, mode: str, p: float, freeze: bool) -> Iterator[None]:
     """Freeze a plain model's parameters (only the gates need grads), set train/eval, add dropout.
 
-    A DeepSpeed engine's parameters keep their flags: ZeRO hooks them, and ``autograd.grad`` on
-    the gates computes no parameter gradient anyway.
+    An engine's parameters keep their flags (``freeze`` False): ZeRO hooks them, and
+    ``autograd.grad`` on the gates computes no parameter gradient anyway.
     """
     was_training = model.training
-    engine = core_model(model) is not model and hasattr(model, "optimizer")
-    flags = [] if engine else [(q, q.requires_grad) for q in model.parameters()]
+    flags = [(q, q.requires_grad) for q in model.parameters()] if freeze else []
     handles = []
     try:
         for q, _ in flags:

@@ -177,16 +177,16 @@ def test_update_masks_reject_foreign_masks():
 # optimizer offloaded to the CPU (DeepSpeedCPUAdam, as cltk.engine builds it) at ZeRO 2 and 3, and
 # importance scored on a ZeRO-3 engine (fp32 and bf16) against the plain fp32 model.
 PLAN = ["update", "grad_sgd", "1:grad_adamw", "1:update_bf16", "3:update_client", "3:update_bf16",
-        "2:update_offload", "3:update_offload", "3:importance", "3:importance_bf16"]
+        "2:update_offload", "3:update_offload", "2:importance", "3:importance", "3:importance_bf16"]
 LAYOUT = {0: "plain", 1: "zero1/2", 2: "zero1/2", 3: "zero3"}
 
 
 def check_importance_agreement(r: dict) -> None:
-    """fp32 on the partitioned engine: what the plain model scores, to float rounding; bf16:
+    """fp32 on the engine (partitioned under ZeRO 3): what the plain model scores, to float rounding; bf16:
     normalised importance within a few hundredths."""
     for mode in ("proxy", "lm"):
         for key, e in r[mode].items():
-            print(f"importance ZeRO 3 {r['run']:16s} {mode:5s} {key:5s} {e}")
+            print(f"importance ZeRO {r['stage']} {r['run']:16s} {mode:5s} {key:5s} {e}")
             if r["run"] == "importance":
                 assert e["raw_rel_err"] < 1e-4 and e["norm_max_err"] < 1e-4, (mode, key, e)
             else:
@@ -230,5 +230,6 @@ def test_masks_hold_under_zero_on_two_ranks(tmp_path):
         if r["run"] in ("update", "update_client"):
             assert r["probe_over"] == 0, f"elements moved more than their mask allows: {r}"
     assert {(s, k) for s in range(4) for k in ("update", "grad_sgd")} <= seen
-    assert {(2, "update_offload"), (3, "update_offload"), (3, "importance")} <= seen
+    assert {(2, "update_offload"), (3, "update_offload"), (2, "importance"), (3, "importance"),
+            (3, "importance_bf16")} <= seen
     assert "MASKING" in run.stdout
