@@ -7,6 +7,7 @@ on every unit (:func:`cltk.units.attach_gates`), and score each unit by the mean
 - ``"proxy"`` (DAS's choice for the general knowledge of the model): the KL divergence between the
   token distributions of two forward passes of the same batch with dropout on. Both passes differ
   only by dropout, so the loss measures how much each unit's output is sensitive to noise. The
+  first pass is the target (no graph, no gradient through it): half the backward work and memory. The
   reference code ran these passes with dropout off (both passes equal, importance ~0); Llama-family
   models have no dropout at all. cltk therefore runs the passes in ``model.train()`` *and* adds
   dropout with ``p = proxy_dropout`` on every block's output for those passes only.
@@ -57,10 +58,8 @@ def estimate_importance(
 
     Args:
         model: the causal LM: plain, PEFT-wrapped, or a DeepSpeed engine (any ZeRO stage: scored
-            on the engine's own, possibly partitioned, weights in its precision; every rank must
-            call this with the same number of batches then). Its training flag is restored on
-            return; a plain model's ``requires_grad`` flags too (they are switched off while it
-            scores; an engine's are left alone: only the gates' gradients are computed anyway).
+            on the engine's own, possibly partitioned, weights in its precision). Its training
+            and ``requires_grad`` flags are switched off while it scores and restored on return.
         batches: dicts with ``input_ids`` ``[b, T]`` and optionally ``attention_mask`` ``[b, T]``
             (0 = padding, left out of the loss). On several ranks, each rank passes its own batches.
         mode: ``"proxy"`` (KL between two dropout passes) or ``"lm"`` (next-token loss).
@@ -106,7 +105,7 @@ def estimate_importance(
     sums = {k: torch.zeros(g.shape, dtype=torch.float64, device=device) for k, g in gates.items()}
     work = _this_ranks_batches(batches, num_samples, device)
     count = 0
-    with _scoring_state(model, mode, proxy_dropout, freeze=not engine), _gated(model, umap, gates):
+    with _scoring_state(model, mode, proxy_dropout), _gated(model, umap, gates):
         for ids, mask, weight in _padded_for_zero3(model, work, device):
             if mode == "proxy":
                 loss = _proxy_loss(model, ids, mask, seed)
@@ -199,14 +198,15 @@ def _gated(model: nn.Module, umap: UnitMap, gates: dict[str, torch.Tensor]) -> I
 
 
 @contextmanager
-def _scoring_state(model: nn.Module, mode: str, p: float, freeze: bool) -> Iterator[None]:
-    """Freeze a plain model's parameters (only the gates need grads), set train/eval, add dropout.
+def _scoring_state(model: nn.Module, mode: str, p: float) -> Iterator[None]:
+    """Freeze parameters (only the gates need grads), set train/eval, add proxy dropout.
 
-    An engine's parameters keep their flags (``freeze`` False): ZeRO hooks them, and
-    ``autograd.grad`` on the gates computes no parameter gradient anyway.
+    Frozen, no layer keeps its input for a weight gradient: the graph holds half the activations.
+    An engine's module is frozen the same way: DeepSpeed's gradient hooks sit on the parameters
+    (``register_post_accumulate_grad_hook``) and stay when the flags come back.
     """
     was_training = model.training
-    flags = [(q, q.requires_grad) for q in model.parameters()] if freeze else []
+    flags = [(q, q.requires_grad) for q in model.parameters()]
     handles = []
     try:
         for q, _ in flags:
@@ -245,9 +245,17 @@ def _batch_rng(ids: torch.Tensor, seed: int) -> Iterator[None]:
 def _proxy_loss(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, seed: int
 ) -> torch.Tensor:
-    """KL(p1 || p2) between two dropout passes, mean over real tokens; grads flow through both."""
+    """KL(p1 || p2) between two dropout passes, mean over real tokens.
+
+    The first pass is the target and builds no graph; the gradient flows through the second. This
+    keeps the proxy's cost at about one training step per batch (one forward without a graph,
+    one with, one backward to the gates) and its memory at one graph, where a gradient through
+    both passes costs two of each. It stays a measure of how sensitive each unit is to the
+    dropout noise: with dropout off both passes are equal and every unit scores 0.
+    """
     with _batch_rng(ids, seed):
-        logp1 = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        with torch.no_grad():
+            logp1 = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
         logp2 = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
     kl = (logp1.exp() * (logp1 - logp2)).sum(-1)  # [b, T]
     if mask is None:
