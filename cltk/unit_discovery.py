@@ -1,7 +1,8 @@
 """Find a causal LM's DAS units from its structure: decoder blocks, attention and FFN projections.
 
 :func:`cltk.units.build_unit_map` uses this for every model whose ``model_type`` is not registered
-(:func:`cltk.units.register_architecture`). It needs no table of module names:
+(:func:`register_architecture`, kept here with its :class:`ArchSpec`: a model's module paths named
+by hand, for what the structure does not reveal). It needs no table of module names:
 
 - **blocks**: the ``ModuleList`` of ``config.num_hidden_layers`` modules;
 - **attention**: the shallowest module of a block named like ``*attn*`` / ``*attention*``; its
@@ -283,3 +284,58 @@ def _experts(root: nn.Module, prefix: str, hidden: int, interleaved: bool) -> li
                 )
             )
     return found
+
+
+SEPARATE, FUSED_GPT2, FUSED_NEOX = "separate", "fused_gpt2", "fused_neox"
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where the units of one architecture live, as module paths (for models that
+    :mod:`cltk.unit_discovery` cannot read).
+
+    Attributes:
+        layers: path from the causal LM to its ``ModuleList`` of blocks, e.g. ``"model.layers"``.
+        attention: ``"separate"`` (q, k, v projections), ``"fused_gpt2"`` (one projection, output
+            laid out q | k | v, each head-major) or ``"fused_neox"`` (one projection, output
+            interleaved per head: q_h, k_h, v_h; per KV group with fewer KV heads).
+        qkv: paths inside a block: ``(q, k, v)`` for ``separate``, ``(fused,)`` otherwise.
+        attn_out: attention output projection; its input is the heads' output.
+        ffn_in: projections whose output features are the FFN units (gate and up, or fc1).
+        ffn_out: FFN output projection; its input features are the FFN units.
+    """
+
+    layers: str
+    attention: str
+    qkv: tuple[str, ...]
+    attn_out: str
+    ffn_in: tuple[str, ...]
+    ffn_out: str
+
+    def parts(self) -> BlockParts:
+        layout = {SEPARATE: "separate", FUSED_GPT2: "blocks", FUSED_NEOX: "grouped"}.get(
+            self.attention
+        )
+        if layout is None:
+            raise UnitMapError(
+                f"ArchSpec.attention={self.attention!r}: use 'separate', "
+                "'fused_gpt2' or 'fused_neox'"
+            )
+        ffn = DenseFfn(tuple((p, False) for p in self.ffn_in), self.ffn_out)
+        return BlockParts(self.qkv, layout, self.attn_out, (ffn,))
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {}
+
+
+def register_architecture(model_type: str, spec: ArchSpec) -> None:
+    """Use ``spec`` for ``config.model_type == model_type`` instead of reading the structure."""
+    ARCHITECTURES[model_type] = spec
+
+
+def blocks_path(core: nn.Module, config) -> str:
+    """Path of the decoder blocks: the registered spec's, or the one :func:`find_blocks` finds."""
+    spec = ARCHITECTURES.get(getattr(config, "model_type", None))
+    if spec is not None:
+        return spec.layers
+    return find_blocks(core, getattr(config, "num_hidden_layers", None))

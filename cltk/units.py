@@ -39,58 +39,18 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from cltk.unit_discovery import (
+    ARCHITECTURES,
+    ArchSpec,
     BlockParts,
-    DenseFfn,
     UnitMapError,
+    blocks_path,
     discover_block,
-    find_blocks,
     io_features,
+    register_architecture,
 )
 
-SEPARATE, FUSED_GPT2, FUSED_NEOX = "separate", "fused_gpt2", "fused_neox"
 __all__ = ["ArchSpec", "UnitMap", "UnitMapError", "attach_gates", "build_unit_map",
            "register_architecture"]
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """Where the units of one architecture live, as module paths (for models that
-    :mod:`cltk.unit_discovery` cannot read).
-
-    Attributes:
-        layers: path from the causal LM to its ``ModuleList`` of blocks, e.g. ``"model.layers"``.
-        attention: ``"separate"`` (q, k, v projections), ``"fused_gpt2"`` (one projection, output
-            laid out q | k | v, each head-major) or ``"fused_neox"`` (one projection, output
-            interleaved per head: q_h, k_h, v_h; per KV group with fewer KV heads).
-        qkv: paths inside a block: ``(q, k, v)`` for ``separate``, ``(fused,)`` otherwise.
-        attn_out: attention output projection; its input is the heads' output.
-        ffn_in: projections whose output features are the FFN units (gate and up, or fc1).
-        ffn_out: FFN output projection; its input features are the FFN units.
-    """
-
-    layers: str
-    attention: str
-    qkv: tuple[str, ...]
-    attn_out: str
-    ffn_in: tuple[str, ...]
-    ffn_out: str
-
-    def parts(self) -> BlockParts:
-        layout = {SEPARATE: "separate", FUSED_GPT2: "blocks", FUSED_NEOX: "grouped"}.get(
-            self.attention)
-        if layout is None:
-            raise UnitMapError(f"ArchSpec.attention={self.attention!r}: use 'separate', "
-                               "'fused_gpt2' or 'fused_neox'")
-        ffn = DenseFfn(tuple((p, False) for p in self.ffn_in), self.ffn_out)
-        return BlockParts(self.qkv, layout, self.attn_out, (ffn,))
-
-
-ARCHITECTURES: dict[str, ArchSpec] = {}
-
-
-def register_architecture(model_type: str, spec: ArchSpec) -> None:
-    """Use ``spec`` for ``config.model_type == model_type`` instead of reading the structure."""
-    ARCHITECTURES[model_type] = spec
 
 
 @dataclass(frozen=True)
@@ -212,13 +172,6 @@ def _arange_groups(n: int, width: int, start: int = 0, stride: int | None = None
     """``[n, width]`` index blocks: group g owns ``start + g*stride + [0, width)``."""
     stride = width if stride is None else stride
     return start + torch.arange(n)[:, None] * stride + torch.arange(width)[None, :]
-
-
-def _blocks_path(core: nn.Module, config) -> str:
-    spec = ARCHITECTURES.get(getattr(config, "model_type", None))
-    if spec is not None:
-        return spec.layers
-    return find_blocks(core, getattr(config, "num_hidden_layers", None))
 
 
 class _Builder:
@@ -356,7 +309,7 @@ def build_unit_map(model: nn.Module) -> UnitMap:
     hidden = getattr(config, "hidden_size", None) or core.get_input_embeddings().embedding_dim
     spec = ARCHITECTURES.get(model_type)
     try:
-        layers_path = _blocks_path(core, config)
+        layers_path = blocks_path(core, config)
         blocks = core.get_submodule(layers_path)
         if not isinstance(n_heads, int) or n_heads < 1:
             if spec is None:  # name the missing part first, if one is missing
@@ -516,6 +469,6 @@ def block_modules(model: nn.Module) -> list[nn.Module]:
     """The decoder blocks of a mappable model, in order (e.g. for hooks on hidden states)."""
     core = core_model(model)
     try:
-        return list(core.get_submodule(_blocks_path(core, getattr(core, "config", None))))
+        return list(core.get_submodule(blocks_path(core, getattr(core, "config", None))))
     except (UnitMapError, AttributeError) as err:
         raise _unsupported(model, str(err)) from err
