@@ -133,14 +133,16 @@ def a_unit_that_matters(model, umap, kind: str) -> int:
 @pytest.fixture(scope="module", params=list(ARCHS))
 def arch(request):
     model = tiny(request.param)
-    return request.param, model, build_unit_map(model)
+    umap = build_unit_map(model)
+    units = {kind: a_unit_that_matters(model, umap, kind) for kind in ("heads", "ffn")}
+    return request.param, model, umap, units
 
 
 @pytest.mark.parametrize("kind", ["heads", "ffn"])
 def test_zeroed_output_side_equals_a_zero_gate(arch, kind):
-    name, model, umap = arch
+    name, model, umap, units = arch
     assert umap.num_layers == 2 and umap.num_heads == H
-    unit = a_unit_that_matters(model, umap, kind)
+    unit = units[kind]
     gated = logits(model, umap, **gates_off(umap, kind, [unit]))
     params = dict(model.named_parameters())
     saved = {n: p.detach().clone() for n, p in params.items()}
@@ -170,8 +172,8 @@ def test_masked_weights_reach_only_their_unit(arch, kind):
     """Noise on every element ``param_masks`` masks for a unit (importance 1 on its KV group):
     no effect while the group's gates are 0, a change when they are 1. Masks on input columns
     of q/k/v, or on another head's rows, would reach the other heads and fail the first check."""
-    name, model, umap = arch
-    unit = a_unit_that_matters(model, umap, kind)
+    name, model, umap, units = arch
+    unit = units[kind]
     group = group_of(umap, kind, unit)
     imp = {"heads": torch.zeros(2, umap.num_heads), "ffn": torch.zeros(2, umap.intermediate)}
     imp[kind][1, group] = 1.0
