@@ -321,11 +321,16 @@ class _PeakMemory:
     (sampled every millisecond on a thread: a CPU has no allocator statistics)."""
 
     def __enter__(self):
+        import ctypes
+        import gc
         import threading
 
         import torch
 
+        gc.collect()
         self.cuda = torch.cuda.is_available()
+        if not self.cuda:  # give memory freed earlier back to the OS, or it hides the next peak
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -388,8 +393,8 @@ def cmd_memory(args: argparse.Namespace) -> None:
     bs = cfg.train.micro_batch_size
     batches = [{"input_ids": ids[i : i + bs]} for i in range(0, len(ids), bs)]
     out = {}
-    # The engine first: memory a CPU process frees is often kept and reused, which can only make
-    # the second arm (the copy) look cheaper than it is.
+    # The engine first: should memory a CPU process frees stay with it despite malloc_trim, it can
+    # only make the second arm (the copy) look cheaper than it is.
     with _PeakMemory() as m:
         estimate_importance(engine, batches, mode=args.mode)
     out["engine (now)"] = m.added
