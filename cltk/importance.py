@@ -245,7 +245,7 @@ def _batch_rng(ids: torch.Tensor, seed: int) -> Iterator[None]:
 def _proxy_loss(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, seed: int
 ) -> torch.Tensor:
-    """KL(p1 || p2) between two dropout passes, mean over real tokens.
+    """KL(p1 || p2) between two dropout passes (up to a constant), mean over real tokens.
 
     The first pass is the target and builds no graph; the gradient flows through the second. This
     keeps the proxy's cost at about one training step per batch (one forward without a graph,
@@ -255,9 +255,11 @@ def _proxy_loss(
     """
     with _batch_rng(ids, seed):
         with torch.no_grad():
-            logp1 = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        logp2 = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-    kl = (logp1.exp() * (logp1 - logp2)).sum(-1)  # [b, T]
+            p1 = F.softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        logits2 = model(input_ids=ids, attention_mask=mask).logits.float()
+    # KL(p1 || p2) = H(p1, p2) - H(p1); H(p1) takes no gradient, so the soft-target cross-entropy
+    # has the KL's gradient at fewer [b, T, V] passes (scores use gradients only).
+    kl = F.cross_entropy(logits2.transpose(1, 2), p1.transpose(1, 2), reduction="none")  # [b, T]
     if mask is None:
         return kl.mean()
     keep = mask.bool()
