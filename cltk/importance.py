@@ -259,7 +259,7 @@ def _proxy_loss(
         logits2 = model(input_ids=ids, attention_mask=mask).logits.float()
     # KL(p1 || p2) = H(p1, p2) - H(p1); H(p1) takes no gradient, so the soft-target cross-entropy
     # has the KL's gradient at fewer [b, T, V] passes (scores use gradients only).
-    kl = F.cross_entropy(logits2.transpose(1, 2), p1.transpose(1, 2), reduction="none")  # [b, T]
+    kl = -(p1 * F.log_softmax(logits2, -1)).sum(-1)  # [b, T]
     if mask is None:
         return kl.mean()
     keep = mask.bool()
