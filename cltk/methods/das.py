@@ -86,6 +86,7 @@ class DasMethod(Method):
 
     # ----- hooks ------------------------------------------------------------------------------------
     def on_stage_start(self, ctx: StageContext) -> None:
+        build_unit_map(ctx.model)  # a model DAS cannot map is refused before the engine is built
         self.importance = None
         if ctx.prev_stage_dir is not None:
             self.importance = load_importance(ctx.prev_stage_dir / IMPORTANCE_FILE, model=ctx.model)
