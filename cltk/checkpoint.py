@@ -83,21 +83,36 @@ def save(engine, root: Path, tag: str, state: dict[str, Any], keep: int) -> None
         if (root / tmp_tag).exists():
             shutil.rmtree(root / tmp_tag)  # leftover of a crash mid-write
     dist.barrier()
-    # universal_checkpoint_info lets ds_to_universal convert ZeRO 1/2 checkpoints to another world size
-    engine.save_checkpoint(
-        str(root), tag=tmp_tag, client_state={"universal_checkpoint_info": {}}, save_latest=False
-    )
-    torch.save(rng_state(), root / tmp_tag / f"rng_rank{dist.rank()}.pt")
+    with _disk_full_guard(root, tag):
+        # universal_checkpoint_info: ds_to_universal can convert ZeRO 1/2 ones to another world size
+        engine.save_checkpoint(
+            str(root), tag=tmp_tag, client_state={"universal_checkpoint_info": {}}, save_latest=False
+        )
+        torch.save(rng_state(), root / tmp_tag / f"rng_rank{dist.rank()}.pt")
     dist.barrier()
     if dist.is_main():
-        write_atomic(root / tmp_tag / STATE_FILE, json.dumps(state, indent=1))
+        with _disk_full_guard(root, tag):
+            write_atomic(root / tmp_tag / STATE_FILE, json.dumps(state, indent=1))
         final = root / tag
         if final.exists():
             shutil.rmtree(final)
         os.replace(root / tmp_tag, final)
-        write_atomic(root / LATEST, tag)
+        with _disk_full_guard(root, tag):
+            write_atomic(root / LATEST, tag)
         _prune(root, keep)
     dist.barrier()
+
+
+def _disk_full_guard(root: Path, tag: str):
+    """A full disk mid-save is a :class:`~cltk.rundir.DiskFullError` saying what is still intact."""
+    from cltk.rundir import describe_latest, disk_full_guard
+
+    return disk_full_guard(
+        root,
+        f"checkpoint {tag}",
+        describe_latest(root)
+        + f" (the partial {root / ('.tmp-' + tag)} is removed by the next save, or delete it)",
+    )
 
 
 def _prune(root: Path, keep: int) -> None:

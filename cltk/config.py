@@ -105,15 +105,27 @@ class TrainConfig:
     max_steps_per_stage: int | None = _help("cap on optimizer steps per stage", None)
     lr: float = _help("peak learning rate", 3e-4)
     min_lr_ratio: float = _help("final LR as a share of the peak", 0.1)
-    warmup_steps: int = _help("linear warmup steps, restarted every stage", 10)
-    schedule: Literal["cosine", "linear", "constant"] = _help("decay after warmup", "cosine")
+    warmup_steps: int = _help("linear warmup steps at the start of each LR span", 10)
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = _help(
+        "after warmup: cosine / linear decay, constant, or wsd (stable, then decay at the end)",
+        "cosine",
+    )
+    lr_span: Literal["stage", "run"] = _help(
+        "stage: re-warm and re-decay every stage; run: one schedule over the whole run (no re-warm)",
+        "stage",
+    )
+    decay_share: float = _help("wsd: the last share of the span that decays", 0.1)
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = _help("wsd: shape of the decay", "linear")
     weight_decay: float = _help("decoupled weight decay (AdamW)", 0.01)
     betas: list[float] = _help("AdamW betas", factory=lambda: [0.9, 0.95])
     grad_clip: float = _help("gradient clipping norm (0 = off)", 1.0)
     checkpoint_every: int = _help(
         "also checkpoint every N steps inside a stage (0 = stage ends only)", 0
     )
-    keep_checkpoints: int = _help("mid-stage checkpoints kept (stage-end ones are always kept)", 2)
+    keep_checkpoints: int = _help(
+        "newest full checkpoints kept, stage-end and mid-stage alike (stage exports are always kept)",
+        2,
+    )
     log_every: int = _help("log a line every N steps", 10)
     log_sequence_ids: bool = _help(
         "write the ids of every trained sequence per rank (audit)", False
@@ -124,6 +136,9 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = _help("sequences per rank per eval forward", 8)
     heatmap: bool = _help("draw forgetting.png", True)
+    start: bool = _help(
+        "evaluate the starting model on every domain first: row 0 of the forgetting matrix", True
+    )
 
 
 @dataclass

@@ -29,12 +29,16 @@ from cltk.data.prepare import prepare
 from cltk.data.sampler import Pool, StageSchedule
 from cltk.engine import build_engine, train_step
 from cltk.errors import UserError
+from cltk.grow import check_config, check_plan, complete_row
 from cltk.methods import build_methods
 from cltk.methods.base import Method, StageContext
 from cltk.metrics import ForgettingReport, forgetting_report, format_table, save_report
 from cltk.models import build_model, export_pretrained, parameter_counts
 from cltk.perplexity import engine_forward, evaluate_domains
 from cltk.plan import Stage, plan_json, plan_stages
+from cltk.rundir import check_global_batch, check_run_dir
+from cltk.schedules import stage_lr_lambda
+from cltk.start import start_row
 from cltk.tracking import Tracker, log
 
 STAGE_FILE = "stage.json"
@@ -79,14 +83,7 @@ class ContinualRun:
 
     # ----- setup ------------------------------------------------------------------------------------
     def _check_output_dir(self) -> None:
-        existing = (self.ckpt_root / checkpoint.LATEST).exists() or any(
-            (self.out / "stages").glob("*/" + STAGE_FILE)
-        )
-        if existing and not self.resume:
-            raise RunExistsError(
-                f"{self.out} already holds a run (checkpoints or finished stages); pass --resume to continue "
-                "it, or choose another output_dir. Nothing was changed"
-            )
+        check_run_dir(self.cfg, self.resume)
 
     def _write_run_files(self, stages: list[Stage]) -> None:
         if dist.is_main():
@@ -119,24 +116,32 @@ class ContinualRun:
             f"{dist.world_size()} rank(s), backend {torch.distributed.get_backend()}, device {dist.device()}"
         )
         self._check_output_dir()
+        if self.resume:  # appended domains grow the run; any other change to its finished part is refused
+            check_config(self.cfg)
         self._write_world()
         seed_everything(self.cfg.seed)
         self.tokenizer, self.domains = prepare(self.cfg)
         self.domain_names = [d.name for d in self.cfg.domains]
         self.train_arrays = [self.domains[n].train.with_format("numpy") for n in self.domain_names]
         self.stages = plan_stages(self.cfg, {n: len(d.train) for n, d in self.domains.items()})
+        if self.resume:
+            check_plan(self.out, self.stages)
         self._write_run_files(self.stages)
         self.tracker = Tracker(self.out, self.cfg.train.log_sequence_ids)
         resume_state = None
         if self.resume:
             tag = checkpoint.latest_tag(self.ckpt_root)
             resume_state = (tag, checkpoint.read_state(self.ckpt_root, tag)) if tag else None
+        start = None
+        if self.cfg.eval.start:  # row 0, measured once: a resumed run reads OUT/start.json
+            start = start_row(self.cfg, self.tokenizer, self.domains, self.domain_names)
         rows: list[list[float]] = []
         for stage in self.stages:
             sdir = self.stage_dir(stage)
             done = _stage_done(sdir)
             if done is not None:
-                rows.append([done["perplexity"][n] for n in self.domain_names])
+                rows.append(complete_row(self.cfg, self.tokenizer, self.domains,
+                                         self.domain_names, sdir, done, STAGE_FILE))
                 for m in self.methods:
                     m.load_state_dict(done.get("methods", {}).get(m.name, {}))
                 log(f"stage {stage.dirname}: already complete, skipped")
@@ -146,7 +151,8 @@ class ContinualRun:
                 tag = resume_state[0]
             rows.append(self.run_stage(stage, tag, resume_state[1] if tag else None))
         report = forgetting_report(
-            rows, [s.name for s in self.stages], self.domain_names, [s.domain for s in self.stages]
+            rows, [s.name for s in self.stages], self.domain_names, [s.domain for s in self.stages],
+            start=[start[n] for n in self.domain_names] if start else None,
         )
         if dist.is_main():
             save_report(report, self.out)
@@ -176,14 +182,8 @@ class ContinualRun:
 
     def run_stage(self, stage: Stage, tag: str | None, state: dict | None) -> list[float]:
         c = self.cfg
-        if tag is not None and state.get("global_batch") != c.global_batch(dist.world_size()):
-            raise ValueError(
-                f"checkpoint {tag} was written with a global batch of {state.get('global_batch')} "
-                f"sequences (world size {state.get('world_size')}); resuming with "
-                f"{c.global_batch(dist.world_size())} would change the data position and LR schedule. "
-                "Keep micro_batch_size x gradient_accumulation_steps x world size the same (e.g. scale "
-                "train.gradient_accumulation_steps when the world size changes)"
-            )
+        if tag is not None:
+            check_global_batch(tag, state, c, dist.world_size())
         prev = self.stage_dir(self.stages[stage.index - 1]) if stage.index > 0 else None
         ctx = StageContext(
             c, stage, self.stages, self.domains, self.tokenizer, self.stage_dir(stage), prev
@@ -202,7 +202,9 @@ class ContinualRun:
         universal = tag is not None and state.get("world_size", 1) != dist.world_size()
         if universal:
             tag = checkpoint.to_universal(self.ckpt_root, tag)
-        engine = build_engine(c, model, len(schedule), load_universal=universal)
+        stage_steps = [len(self.schedule(s)) for s in self.stages]
+        lr_fn = stage_lr_lambda(c.train, stage_steps, stage.index)
+        engine = build_engine(c, model, len(schedule), load_universal=universal, lr_fn=lr_fn)
         ctx.engine = engine
         for m in self.methods:
             m.on_engine_ready(ctx)
@@ -279,7 +281,17 @@ class ContinualRun:
                 step, dist.rank(), dist.world_size(), c.train.micro_batch_size
             )
             self.tracker.sequence_ids(stage.index, step, [list(x) for mb in micro for x in mb])
-            metrics = train_step(ctx, self.methods, [self._tensor(mb) for mb in micro])
+            # a short last step: pad each micro-batch to full size with a row of the step whose loss
+            # is ignored, so every rank runs the same shapes (ZeRO 3 and gathered terms need that)
+            pad = schedule.global_step(step)[:1]
+            size = c.train.micro_batch_size
+            metrics = train_step(
+                ctx,
+                self.methods,
+                [self._tensor(mb + pad * (size - len(mb))) for mb in micro],
+                valid_rows=[len(mb) for mb in micro],
+                step_rows=schedule.step_size(step),
+            )
             seconds = time.perf_counter() - t0
             self.tracker.step(stage.index, stage.name, step, metrics, tokens_per_step, seconds)
             bar.update(1)

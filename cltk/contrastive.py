@@ -12,8 +12,9 @@ whole global micro-batch, with gradients flowing back to the rank that computed 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from cltk import distributed as cdist
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,28 +72,25 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()
-        world = dist.get_world_size()
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x)
-        ctx.rows, ctx.rank = x.shape[0], dist.get_rank()
-        return torch.cat(parts)
+        ctx.rows, ctx.rank = x.shape[0], cdist.rank()
+        return cdist.all_gather_cat(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)  # all_reduce works on every backend (gloo has no reduce_scatter)
+        # all_reduce works on every backend (gloo has no reduce_scatter)
+        grad = cdist.all_reduce_sum(grad.contiguous().clone())
         return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """``[n, H]`` on each rank -> ``[world * n, H]`` (rank 0's rows first), differentiable.
 
-    Every rank must pass the same shape. In one process (no process group, or a group of one)
-    ``x`` is returned as is. The gradient of a row reaching its rank is the sum over ranks of the
-    gradient of that row, so a loss computed identically on every rank over the gathered rows, with
-    the gradients then averaged over ranks (as DeepSpeed does), gets the gradient of that loss.
+    Every rank must pass the same shape. Without a process group ``x`` is returned as is; with one, the
+    collective runs at any world size (one GPU exercises the NCCL path too). The gradient of a row
+    reaching its rank is the sum over ranks of the gradient of that row, so a loss computed identically
+    on every rank over the gathered rows, with the gradients then averaged over ranks (as DeepSpeed
+    does), gets the gradient of that loss.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not cdist.is_initialized():
         return x
     return _GatherWithGrad.apply(x)

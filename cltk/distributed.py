@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from cltk.extensions import check_build_locks
+
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -38,7 +40,12 @@ def is_main() -> bool:
 
 def barrier() -> None:
     if is_initialized():
-        dist.barrier()
+        # NCCL's barrier guesses the rank's GPU from the rank number unless it is told (a wrong guess
+        # hangs or warns on multi-GPU nodes)
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
 
 
 def device() -> torch.device:
@@ -79,22 +86,27 @@ def init(timeout_minutes: float | None = None) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     minutes = timeout_minutes or float(os.environ.get("DEEPSPEED_TIMEOUT", "30"))
+    # DeepSpeed JIT-builds ops from here on (the CPU shm all-reduce at once): a lock left by a killed
+    # build would hang this launch forever
+    check_build_locks()
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
     deepspeed.init_distributed(
         dist_backend=backend(), timeout=datetime.timedelta(minutes=minutes), verbose=False
     )
-    _release_shm_names()
+    release_shm_names()
 
 
-def _release_shm_names() -> None:
+def release_shm_names() -> None:
     """Unlink this rank's DeepSpeed CPU all-reduce buffer name once every rank has mapped every buffer.
 
     DeepSpeed's shm all-reduce (CPU) creates a named shared-memory buffer per rank
     (``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``, tens of MB) and never unlinks
     it, so every run, and always a killed one, leaves it behind until /dev/shm fills the machine's memory.
     Each rank maps all buffers during ``init_distributed``; after a barrier the names are no longer needed,
-    and the memory is freed when the last rank exits, however it exits.
+    and the memory is freed when the last rank exits, however it exits. Collective: call it on every rank
+    right after the first ``deepspeed.init_distributed`` / ``deepspeed.initialize`` of a process
+    (:func:`init` does; scripts that set up DeepSpeed themselves call it too).
     """
     if torch.cuda.is_available():
         return
@@ -126,16 +138,52 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
 
+def comm_device() -> torch.device:
+    """The device the process group's backend reduces on: the rank's GPU under NCCL, the CPU under gloo.
+
+    NCCL serves CUDA tensors only ("No backend type associated with device type cpu"), even in a group of
+    one, and gloo here serves CPU tensors, so every collective in cltk puts its tensor on this device.
+    """
+    name = dist.get_backend() if is_initialized() else backend()
+    if name == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks in place (no-op in one process); returns it."""
-    if is_initialized() and world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    """Sum ``t`` over ranks, in place, and return it; ``t`` may live on any device.
+
+    The collective runs whenever a process group exists, at any world size (a group of one included), so
+    that a single-GPU run exercises the same NCCL path as a multi-GPU one; without a group it is a no-op.
+    The tensor goes to :func:`comm_device` for the reduction and the result is copied back.
+    """
+    if not is_initialized():
+        return t
+    dev = comm_device()
+    work = t if t.device == dev and t.is_contiguous() else t.to(dev).contiguous()
+    dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    if work is not t:
+        t.copy_(work)
     return t
+
+
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """``[n, ...]`` on each rank -> ``[world * n, ...]`` (rank 0's rows first) on ``x``'s device.
+
+    Every rank passes the same shape. Not differentiable (see :mod:`cltk.contrastive` for that).
+    """
+    if not is_initialized():
+        return x
+    dev = comm_device()
+    work = x.to(dev).contiguous()
+    parts = [torch.empty_like(work) for _ in range(world_size())]
+    dist.all_gather(parts, work)
+    return torch.cat(parts).to(x.device)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s object on every rank."""
-    if not is_initialized() or world_size() == 1:
+    if not is_initialized():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
@@ -143,7 +191,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def all_gather_object(obj: Any) -> list[Any]:
-    if not is_initialized() or world_size() == 1:
+    if not is_initialized():
         return [obj]
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)

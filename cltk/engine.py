@@ -15,30 +15,16 @@ import torch
 
 from cltk import distributed as dist
 from cltk.config import RunConfig
-from cltk.losses import causal_lm_loss
+from cltk.errors import UserError
+from cltk.extensions import check_build_locks
+from cltk.losses import IGNORE_INDEX, causal_lm_loss
 from cltk.methods.base import Method, StageContext
+from cltk.schedules import stage_lr_lambda
 from cltk.validate import deepspeed_config
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):  # a RuntimeError for callers that catch one
     """A NaN/inf loss: training stops before the step, so no checkpoint ever holds the damage."""
-
-
-def lr_lambda(cfg: RunConfig, total_steps: int):
-    """LR multiplier per step: linear warmup, then cosine/linear decay to ``min_lr_ratio`` (per stage)."""
-    t = cfg.train
-    warm = min(t.warmup_steps, max(total_steps - 1, 0))
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        if t.schedule == "constant" or total_steps <= warm + 1:
-            return 1.0
-        frac = min(1.0, (step - warm) / (total_steps - warm - 1))
-        decay = 0.5 * (1 + math.cos(math.pi * frac)) if t.schedule == "cosine" else 1 - frac
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
-
-    return f
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -54,11 +40,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def build_engine(
-    cfg: RunConfig, model: torch.nn.Module, total_steps: int, load_universal: bool = False
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    total_steps: int,
+    load_universal: bool = False,
+    lr_fn: Callable[[int], float] | None = None,
 ):
-    """``deepspeed.initialize`` with cltk's AdamW and per-stage LR schedule; returns the engine.
+    """``deepspeed.initialize`` with cltk's AdamW and LR schedule; returns the engine.
 
-    ``load_universal`` prepares the engine to load a universal checkpoint (resume at another world size).
+    ``lr_fn`` maps the stage's step to the LR multiplier (see :func:`cltk.schedules.stage_lr_lambda`);
+    default: the configured schedule over ``total_steps`` alone. ``load_universal`` prepares the engine
+    to load a universal checkpoint (resume at another world size).
     """
     t = cfg.train
     ds_cfg = deepspeed_config(cfg, dist.world_size(), dist.bf16_available())
@@ -71,6 +63,7 @@ def build_engine(
         # torch's there (compiled on first use, like the shm op)
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+        check_build_locks()
         optimizer = DeepSpeedCPUAdam(
             groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, adamw_mode=True
         )
@@ -78,7 +71,8 @@ def build_engine(
         optimizer = torch.optim.AdamW(
             groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
         )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    lr_fn = lr_fn or stage_lr_lambda(t, [total_steps], 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_fn)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
     )
@@ -115,20 +109,44 @@ def forward_logits(engine, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def train_step(
-    ctx: StageContext, methods: list[Method], micro_batches: list[torch.Tensor]
+    ctx: StageContext,
+    methods: list[Method],
+    micro_batches: list[torch.Tensor],
+    valid_rows: list[int] | None = None,
+    step_rows: int | None = None,
 ) -> dict[str, float]:
     """One optimizer step over this rank's micro-batches ([b, T] token ids each).
 
-    Every micro-batch loss is a mean over its tokens; packed sequences have equal token counts, so the mean
-    of micro-batch means (DeepSpeed divides by the accumulation steps) is the mean over the global batch.
-    Returns the global mean of each loss term, equal on every rank.
+    Args:
+        micro_batches: this rank's micro-batches, one per accumulation step.
+        valid_rows: how many leading rows of each micro-batch are trained (default: all). The other rows
+            pad a short last step to the micro-batch size: their labels are ignored, so they add nothing
+            to the loss or the gradient.
+        step_rows: the rows trained in this step over all ranks (default: a full global batch).
+
+    Every micro-batch loss is a mean over its trained tokens (packed sequences have equal token counts).
+    DeepSpeed averages the micro-batch losses over accumulation steps and ranks; each is weighted by its
+    share of the step's rows, so that average is the mean over the step's rows (weight 1 in a full step).
+
+    The non-finite guard and the logged figures cost one all-reduce and one device-to-host copy per
+    optimizer step, after the last backward and before ``engine.step()`` applies the update: a NaN/inf
+    term in any micro-batch on any rank stops every rank before the weights change. Returns the global
+    mean of each loss term (equal on every rank) and each method metric (this rank's mean).
     """
     engine = ctx.engine
-    sums: dict[str, float] = {}
-    for ids in micro_batches:
+    world, n = dist.world_size(), len(micro_batches)
+    valid_rows = valid_rows or [int(mb.shape[0]) for mb in micro_batches]
+    step_rows = step_rows or sum(valid_rows) * world
+    names: list[str] = []
+    terms_sum: torch.Tensor | None = None
+    metric_sums: dict[str, torch.Tensor] = {}
+    for i, (ids, rows) in enumerate(zip(micro_batches, valid_rows)):
         ids = ids.to(engine.device)
-        batch = {"input_ids": ids}
+        batch = {"input_ids": ids, "valid_rows": rows}
         logits, labels = forward_logits(engine, ids)
+        if rows < ids.shape[0]:
+            labels = labels.clone()
+            labels[rows:] = IGNORE_INDEX
         replaced = None
         for m in methods:
             replaced = m.loss(ctx, batch, logits, labels)
@@ -138,30 +156,54 @@ def train_step(
             loss, metrics = causal_lm_loss(logits, labels), {}
         else:
             loss, metrics = replaced
-        terms = {"loss_main": loss.detach()}
+        terms = {"loss_main": loss}
         for m in methods:
             for name, term in m.extra_loss(ctx, batch, logits, labels).items():
                 loss = loss + term
-                terms[name] = term.detach()
-        terms["loss"] = loss.detach()
-        check = torch.stack([v.float().reshape(()) for v in terms.values()])
-        check = dist.all_reduce_sum(check.cpu().clone())
-        if not torch.isfinite(check).all():
-            raise NonFiniteLossError(
-                f"non-finite loss at stage {ctx.stage.name} step {ctx.step} "
-                f"({dict(zip(terms, check.tolist()))}); stopped before the update: the last checkpoint is "
-                "intact. Lower train.lr, check the data, or resume from the last checkpoint"
-            )
-        for (name, _), v in zip(terms.items(), check.tolist()):
-            sums[name] = sums.get(name, 0.0) + v / dist.world_size()
+                terms[name] = term
+        terms["loss"] = loss
+        weight = rows * n * world / step_rows
+        if weight != 1.0:
+            loss = loss * weight
+        vec = torch.stack([t.detach().float().reshape(()) for t in terms.values()]) * weight
+        names = list(terms)
+        terms_sum = vec if terms_sum is None else terms_sum + vec
         for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+            v = torch.as_tensor(v, dtype=torch.float32).detach().reshape(()).to(engine.device)
+            metric_sums[k] = metric_sums.get(k, 0.0) + v
         engine.backward(loss)
+        if i == n - 1:
+            totals = _reduce_and_check(ctx, names, terms_sum, metric_sums, n * world)
         if engine.is_gradient_accumulation_boundary():
             for m in methods:
                 m.after_backward(ctx)
+            lr = float(engine.get_lr()[0])  # the LR this update applies (the scheduler steps in step())
         engine.step()
-    n = len(micro_batches)
-    out = {k: v / n for k, v in sums.items()}
-    out["lr"] = float(engine.get_lr()[0])
+    out = {k: v for k, v in totals.items()}
+    out["lr"] = lr
     return out
+
+
+def _reduce_and_check(
+    ctx: StageContext,
+    names: list[str],
+    terms_sum: torch.Tensor,
+    metric_sums: dict[str, torch.Tensor],
+    count: int,
+) -> dict[str, float]:
+    """One all-reduce of the step's weighted loss terms and one host copy of them with this rank's
+    method metrics; raises :class:`NonFiniteLossError` on every rank if any term is NaN/inf anywhere."""
+    reduced = dist.all_reduce_sum(terms_sum) / count
+    n_metrics = len(metric_sums)
+    local = [v.reshape(()) / (count // dist.world_size()) for v in metric_sums.values()]
+    values = torch.cat([reduced.double(), torch.stack(local).double() if local else reduced[:0].double()])
+    values = values.cpu().tolist()
+    terms = dict(zip(names, values[: len(names)]))
+    if not all(math.isfinite(v) for v in terms.values()):
+        raise NonFiniteLossError(
+            f"non-finite loss at stage {ctx.stage.name} step {ctx.step} ({terms}); stopped before the "
+            "update: the last checkpoint is intact. Lower train.lr, check the data, or resume from the "
+            "last checkpoint"
+        )
+    terms.update(zip(metric_sums, values[len(names) : len(names) + n_metrics]))
+    return terms

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cltk import distributed as cdist
 from cltk.units import UnitMap, attach_gates, block_modules, build_unit_map, core_model
 
 KEYS = ("heads", "ffn")
@@ -150,15 +151,10 @@ def _padded_for_zero3(model: nn.Module, work: list[tuple], device) -> list[tuple
     zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
     if not zero3 or not (dist.is_available() and dist.is_initialized()):
         return out
-    n = torch.tensor([len(out)], dtype=torch.int64, device=_collective_device(device))
+    n = torch.tensor([len(out)], dtype=torch.int64, device=cdist.comm_device())
     dist.all_reduce(n, op=dist.ReduceOp.MAX)
     dummy = out[0][:2] if out else (torch.zeros(1, 2, dtype=torch.long, device=device), None)
     return out + [(*dummy, 0)] * (int(n.item()) - len(out))
-
-
-def _collective_device(device) -> torch.device:
-    # gloo reduces CPU tensors; NCCL needs them on the GPU.
-    return torch.device("cpu") if dist.get_backend() == "gloo" else torch.device(device)
 
 
 def _rank_share(num_samples: int) -> int:
@@ -170,16 +166,14 @@ def _rank_share(num_samples: int) -> int:
 
 def _all_reduce(sums: dict[str, torch.Tensor], count: int) -> int:
     """Sum ``sums`` (in place) and ``count`` over ranks; returns the global count."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not cdist.is_initialized():
         return count
     first = next(iter(sums.values()))
-    # gloo reduces CPU tensors; NCCL needs them on the GPU.
-    dev = torch.device("cpu") if dist.get_backend() == "gloo" else first.device
     flat = torch.cat(
-        [s.flatten().to(dev) for s in sums.values()]
-        + [torch.tensor([float(count)], dtype=torch.float64, device=dev)]
+        [s.flatten() for s in sums.values()]
+        + [torch.tensor([float(count)], dtype=torch.float64, device=first.device)]
     )
-    dist.all_reduce(flat)
+    cdist.all_reduce_sum(flat)  # on the backend's device (NCCL needs the GPU)
     offset = 0
     for s in sums.values():
         s.copy_(flat[offset : offset + s.numel()].view_as(s))

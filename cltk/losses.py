@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from cltk.losses_fused import SoftTargetPass
+
 __all__ = [
     "causal_lm_loss",
     "token_nll",
@@ -44,6 +46,7 @@ __all__ = [
     "CHUNK_ELEMENTS",
 ]
 
+IGNORE_INDEX = -100  # label of a position left out of every loss and of its token count
 # Vocabulary entries per chunk: chunk temporaries stay near 64 MiB each in fp32.
 CHUNK_ELEMENTS = 1 << 24
 
@@ -320,7 +323,8 @@ def soft_target_loss(
     one_hot_below: float | None = None,
     ignore_index: int = -100,
     num_tokens: int | float | Tensor | None = None,
-) -> Tensor:
+    return_label_logprobs: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Cross-entropy against the teacher's distribution moved so the label holds at least ``p``.
 
     Per token, with ``q = softmax(teacher)`` and ``q_y`` its probability of the label ``y``, the
@@ -341,21 +345,30 @@ def soft_target_loss(
             a teacher that far off is not trusted at all. ``None`` turns the fallback off.
         ignore_index: label value left out of the loss and of the count.
         num_tokens: divide the summed loss by this instead of the local count of labelled tokens.
+        return_label_logprobs: also return the teacher's ``log q_y`` ``[batch, seq]`` (0 where
+            ignored), which the pass computes anyway.
 
     Returns:
         Scalar tensor (fp32; fp64 for fp64 logits): the mean over non-ignored tokens of
-        ``CE(v', softmax(logits))``.
+        ``CE(v', softmax(logits))``; with ``return_label_logprobs``, ``(loss, log q_y)``.
 
-    Memory: chunk temporaries (the teacher's probabilities are made a chunk at a time, in
-    forward and again in backward), and the ``[tokens, vocab]`` gradient; no target tensor.
+    Cost: one pass per chunk reads the student's and the teacher's logits once each
+    (:mod:`cltk.losses_fused`); memory: chunk temporaries and the ``[tokens, vocab]`` gradient, no
+    target tensor.
     """
     _check_shapes(logits, labels, teacher_logprobs)
     check_soft_target_args(p, one_hot_below)
-    safe = labels.masked_fill(labels == ignore_index, 0).long()
-    lam = _soft_target_weight(_label_logprob(teacher_logprobs, safe), p, one_hot_below)
-    losses, valid = _token_losses(logits, labels, ignore_index, w_y=lam, w_r=1.0 - lam,
-                                  teacher=teacher_logprobs)
-    return _reduce(losses, valid, num_tokens)
+    valid = labels != ignore_index
+    safe = labels.masked_fill(~valid, 0).long()
+    vocab = logits.shape[-1]
+    losses, label_logprobs = SoftTargetPass.apply(
+        logits.reshape(-1, vocab), teacher_logprobs.detach().reshape(-1, vocab), safe.reshape(-1),
+        valid.reshape(-1), float(p), one_hot_below, CHUNK_ELEMENTS,
+    )
+    loss = _reduce(losses.view(labels.shape), valid, num_tokens)
+    if return_label_logprobs:
+        return loss, label_logprobs.view(labels.shape)
+    return loss
 
 
 def soft_target_loss_topk(

@@ -10,6 +10,18 @@ domain); domains that no stage trains are evaluation-only. From the matrix:
 - ``forgetting[d]``: ``final[d] - plasticity[d]`` for domains trained before the last stage (how
   much was lost since), its mean, and the relative form ``final / plasticity - 1``.
 
+With the starting model's row (``start``, "row 0": the model before the first stage, on the same
+held-out sequences) three more figures can be read:
+
+- ``forgetting[d]`` of an evaluation-only domain: ``final[d] - start[d]`` (relative
+  ``final / start - 1``): what the starting model knew and lost; ``mean_start_forgetting`` is their
+  mean (``mean_forgetting`` stays the mean over the trained domains).
+- ``gain[d]`` of a trained domain: ``start[d] - plasticity[d]`` (relative ``1 - plasticity / start``):
+  how much the stages learnt it.
+- ``forward_transfer[d]``: ``start[d] - before[d]``, ``before`` being the row just before the first
+  stage that trains ``d`` (relative ``1 - before / start``): what earlier stages did for ``d`` before it
+  was trained. Positive is good; domains trained by the first stage have none.
+
 Lower perplexity is better, so positive forgetting is bad. A run stopped mid-way gives fewer rows
 than stages: the report then speaks about the stages completed (``completed_stages``), and "the
 last stage" above means the last completed one.
@@ -63,6 +75,16 @@ class ForgettingReport:
     relative_forgetting: dict[str, float]
     mean_relative_forgetting: float | None
     eval_only_domains: list[str] = field(default_factory=list)
+    start: list[float] | None = None  # row 0: the starting model, before the first stage
+    mean_start_forgetting: float | None = None  # over evaluation-only domains, final - start
+    mean_relative_start_forgetting: float | None = None
+    gain: dict[str, float] = field(default_factory=dict)  # trained domains, start - plasticity
+    relative_gain: dict[str, float] = field(default_factory=dict)
+    mean_gain: float | None = None
+    mean_relative_gain: float | None = None
+    forward_transfer: dict[str, float] = field(default_factory=dict)
+    relative_forward_transfer: dict[str, float] = field(default_factory=dict)
+    mean_forward_transfer: float | None = None
 
     @property
     def completed_stages(self) -> int:
@@ -91,6 +113,16 @@ class ForgettingReport:
             "mean_forgetting": self.mean_forgetting,
             "relative_forgetting": dict(self.relative_forgetting),
             "mean_relative_forgetting": self.mean_relative_forgetting,
+            "start": list(self.start) if self.start is not None else None,
+            "mean_start_forgetting": self.mean_start_forgetting,
+            "mean_relative_start_forgetting": self.mean_relative_start_forgetting,
+            "gain": dict(self.gain),
+            "relative_gain": dict(self.relative_gain),
+            "mean_gain": self.mean_gain,
+            "mean_relative_gain": self.mean_relative_gain,
+            "forward_transfer": dict(self.forward_transfer),
+            "relative_forward_transfer": dict(self.relative_forward_transfer),
+            "mean_forward_transfer": self.mean_forward_transfer,
         }
 
     @classmethod
@@ -101,7 +133,8 @@ class ForgettingReport:
         if missing:
             raise ValueError(f"forgetting report dict lacks {', '.join(missing)}")
         return forgetting_report(
-            data["perplexity"], data["stage_names"], data["domain_names"], data["stage_domains"]
+            data["perplexity"], data["stage_names"], data["domain_names"], data["stage_domains"],
+            start=data.get("start"),
         )
 
 
@@ -136,23 +169,26 @@ def _validate(
         raise ValueError(
             f"perplexity has {len(perplexity)} rows but only {len(stage_names)} stages"
         )
-    rows = []
-    for i, row in enumerate(perplexity):
-        if len(row) != len(domain_names):
+    return [_check_row(row, f"perplexity row {i}", f"perplexity[{i}]",
+                       f"after stage {stage_names[i]!r}", domain_names)
+            for i, row in enumerate(perplexity)]
+
+
+def _check_row(
+    row: Sequence[float], label: str, index: str, what: str, domain_names: Sequence[str]
+) -> list[float]:
+    if len(row) != len(domain_names):
+        raise ValueError(
+            f"{label} ({what}) has {len(row)} values for {len(domain_names)} domains"
+        )
+    values = [float(v) for v in row]
+    for j, v in enumerate(values):
+        # inf is allowed (a diverged stage); NaN or <= 0 means the evaluation itself broke
+        if math.isnan(v) or v <= 0:
             raise ValueError(
-                f"perplexity row {i} (after stage {stage_names[i]!r}) has {len(row)} values "
-                f"for {len(domain_names)} domains"
+                f"{index}[{j}] ({what}, domain {domain_names[j]!r}) is {v}: perplexities are > 0"
             )
-        values = [float(v) for v in row]
-        for j, v in enumerate(values):
-            # inf is allowed (a diverged stage); NaN or <= 0 means the evaluation itself broke
-            if math.isnan(v) or v <= 0:
-                raise ValueError(
-                    f"perplexity[{i}][{j}] (stage {stage_names[i]!r}, domain "
-                    f"{domain_names[j]!r}) is {v}: perplexities are > 0"
-                )
-        rows.append(values)
-    return rows
+    return values
 
 
 def forgetting_report(
@@ -160,6 +196,7 @@ def forgetting_report(
     stage_names: Sequence[str],
     domain_names: Sequence[str],
     stage_domains: Sequence[str],
+    start: Sequence[float] | None = None,
 ) -> ForgettingReport:
     """Compute the forgetting report from a (possibly partial) perplexity matrix.
 
@@ -170,6 +207,8 @@ def forgetting_report(
         domain_names: the name of every evaluated domain (matrix columns), unique.
         stage_domains: ``stage_domains[i]`` is the domain stage ``i`` trains (an entry of
             ``domain_names``). Domains named by no stage are evaluation-only.
+        start: row 0, the starting model's perplexity on every domain (None: not measured). It
+            gives the forgetting of evaluation-only domains, each domain's gain and forward transfer.
 
     Returns:
         A :class:`ForgettingReport`.
@@ -179,6 +218,8 @@ def forgetting_report(
             perplexity.
     """
     rows = _validate(perplexity, stage_names, domain_names, stage_domains)
+    row0 = None if start is None else _check_row(
+        start, "start row", "start", "the starting model", domain_names)
     done = len(rows)
     last_row = rows[-1]
     final = {d: last_row[j] for j, d in enumerate(domain_names)}
@@ -203,6 +244,12 @@ def forgetting_report(
             forgetting[d] = final[d] - just_after
             relative[d] = final[d] / just_after - 1.0
 
+    from_start = _start_figures(rows, row0, domain_names, stage_domains, eval_only, plasticity)
+    # evaluation-only domains join the per-domain forgetting; the means stay over trained domains
+    mean_forgetting = _mean(list(forgetting.values()))
+    mean_relative = _mean(list(relative.values()))
+    forgetting.update(from_start.pop("start_forgetting"))
+    relative.update(from_start.pop("relative_start_forgetting"))
     return ForgettingReport(
         perplexity=rows,
         stage_names=list(stage_names),
@@ -212,12 +259,53 @@ def forgetting_report(
         average_final_perplexity=_mean([final[d] for d in trained]),
         plasticity=plasticity,
         mean_plasticity=_mean(list(plasticity.values())),
-        forgetting=forgetting,
-        mean_forgetting=_mean(list(forgetting.values())),
-        relative_forgetting=relative,
-        mean_relative_forgetting=_mean(list(relative.values())),
+        forgetting={d: forgetting[d] for d in domain_names if d in forgetting},
+        mean_forgetting=mean_forgetting,
+        relative_forgetting={d: relative[d] for d in domain_names if d in relative},
+        mean_relative_forgetting=mean_relative,
         eval_only_domains=eval_only,
+        start=row0,
+        **from_start,
     )
+
+
+def _start_figures(
+    rows: list[list[float]],
+    start: list[float] | None,
+    domain_names: Sequence[str],
+    stage_domains: Sequence[str],
+    eval_only: list[str],
+    plasticity: dict[str, float],
+) -> dict[str, Any]:
+    """The figures read against row 0 (see the module docstring); empty without it."""
+    out: dict[str, Any] = {k: {} for k in (
+        "start_forgetting", "relative_start_forgetting", "gain", "relative_gain",
+        "forward_transfer", "relative_forward_transfer")}
+    if start is None:
+        return {**out, "mean_start_forgetting": None, "mean_relative_start_forgetting": None,
+                "mean_gain": None, "mean_relative_gain": None, "mean_forward_transfer": None}
+    s0 = dict(zip(domain_names, start))
+    final = dict(zip(domain_names, rows[-1]))
+    for d in eval_only:
+        out["start_forgetting"][d] = final[d] - s0[d]
+        out["relative_start_forgetting"][d] = final[d] / s0[d] - 1.0
+    for d, p in plasticity.items():
+        out["gain"][d] = s0[d] - p
+        out["relative_gain"][d] = 1.0 - p / s0[d]
+    for d in plasticity:  # domains trained so far
+        first = stage_domains.index(d)
+        if first > 0:  # the first stage's domain has nothing before it but the start
+            before = rows[first - 1][domain_names.index(d)]
+            out["forward_transfer"][d] = s0[d] - before
+            out["relative_forward_transfer"][d] = 1.0 - before / s0[d]
+    return {
+        **out,
+        "mean_start_forgetting": _mean(list(out["start_forgetting"].values())),
+        "mean_relative_start_forgetting": _mean(list(out["relative_start_forgetting"].values())),
+        "mean_gain": _mean(list(out["gain"].values())),
+        "mean_relative_gain": _mean(list(out["relative_gain"].values())),
+        "mean_forward_transfer": _mean(list(out["forward_transfer"].values())),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,10 +321,34 @@ def _fmt(value: float | None, signed: bool = False, percent: bool = False) -> st
     return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
+def _start_headline(report: ForgettingReport) -> list[str]:
+    """The two numbers a user continuing a pretrained model reads first (needs row 0)."""
+    if report.start is None:
+        return []
+    learned = "n/a" if report.mean_relative_gain is None else (
+        f"perplexity {_fmt(-report.mean_relative_gain, percent=True)}, mean gain "
+        f"{_fmt(report.mean_gain, signed=True)}")
+    if report.eval_only_domains:
+        lost = (f"perplexity {_fmt(report.mean_relative_start_forgetting, percent=True)}, mean "
+                f"forgetting {_fmt(report.mean_start_forgetting, signed=True)}")
+    else:
+        lost = ("n/a (no evaluation-only domain: add the domains the starting model should keep "
+                "with eval_only: true)")
+    return [
+        f"learned (trained domains, start -> after own stage): {learned}",
+        f"lost (evaluation-only domains, start -> final): {lost}",
+    ]
+
+
 def _headline(report: ForgettingReport) -> list[str]:
+    return _start_headline(report) + _stage_headline(report)
+
+
+def _stage_headline(report: ForgettingReport) -> list[str]:
     return [
         f"average final perplexity: {_fmt(report.average_final_perplexity)}",
-        f"mean forgetting: {_fmt(report.mean_forgetting, signed=True)} "
+        f"mean forgetting{' (trained domains, since own stage)' if report.start else ''}: "
+        f"{_fmt(report.mean_forgetting, signed=True)} "
         f"({_fmt(report.mean_relative_forgetting, percent=True)})",
         f"mean plasticity: {_fmt(report.mean_plasticity)}",
     ]
@@ -245,12 +357,16 @@ def _headline(report: ForgettingReport) -> list[str]:
 def format_table(report: ForgettingReport) -> str:
     """A fixed-width text table: the matrix, the per-domain figures, then the headline figures."""
     stage_w = max(len("after stage"), *(len(s) for s in report.stage_names))
-    train_w = max(len("trains"), *(len(d) for d in report.stage_domains))
+    train_w = max(len("trains") if report.start is None else len("(before)"),
+                  *(len(d) for d in report.stage_domains))
     col_w = max(9, *(len(d) for d in report.domain_names))
     header = f"{'after stage':<{stage_w}}  {'trains':<{train_w}} |" + "".join(
         f" {d:>{col_w}}" for d in report.domain_names
     )
     lines = [header, "-" * len(header)]
+    if report.start is not None:
+        lines.append(f"{'start':<{stage_w}}  {'(before)':<{train_w}} |"
+                     + "".join(f" {v:>{col_w}.2f}" for v in report.start))
     for i, row in enumerate(report.perplexity):
         lines.append(
             f"{report.stage_names[i]:<{stage_w}}  {report.stage_domains[i]:<{train_w}} |"
@@ -262,17 +378,21 @@ def format_table(report: ForgettingReport) -> str:
         ("plasticity", report.plasticity, {}),
         ("forgetting", report.forgetting, {"signed": True}),
         ("relative forgetting", report.relative_forgetting, {"percent": True}),
+        *((("gain over start", report.gain, {"signed": True}),
+           ("forward transfer", report.forward_transfer, {"signed": True}))
+          if report.start is not None else ()),
     ):
         cells = "".join(f" {_fmt(values.get(d), **kw):>{col_w}}" for d in report.domain_names)
         lines.append(f"{label:<{label_w}} |{cells}")
     lines.append("")
+    lines.extend(_start_headline(report))  # the two numbers read first, when row 0 was measured
     if report.is_partial:
         lines.append(
             f"partial run: {report.completed_stages} of {len(report.stage_names)} stages completed"
         )
     if report.eval_only_domains:
         lines.append(f"evaluation-only domains: {', '.join(report.eval_only_domains)}")
-    lines.extend(_headline(report))
+    lines.extend(_stage_headline(report))
     return "\n".join(lines)
 
 
@@ -311,8 +431,8 @@ def compare_reports(named: Mapping[str, ForgettingReport]) -> str:
 def save_report(report: ForgettingReport, out_dir: str | Path) -> dict[str, Path]:
     """Write ``forgetting.json``, ``forgetting.csv`` and ``forgetting.png`` into ``out_dir``.
 
-    The CSV holds the matrix: a header row ``stage, trains, <domain>...`` then one row per
-    completed stage. Returns the three paths by kind (``"json"``, ``"csv"``, ``"png"``).
+    The CSV holds the matrix: a header row ``stage, trains, <domain>...``, the row ``start`` (the
+    starting model, empty ``trains``) when measured, then one row per completed stage. Returns the three paths by kind (``"json"``, ``"csv"``, ``"png"``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -321,6 +441,8 @@ def save_report(report: ForgettingReport, out_dir: str | Path) -> dict[str, Path
     with paths["csv"].open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["stage", "trains", *report.domain_names])
+        if report.start is not None:
+            writer.writerow(["start", "", *(repr(v) for v in report.start)])
         for i, row in enumerate(report.perplexity):
             writer.writerow([report.stage_names[i], report.stage_domains[i],
                              *(repr(v) for v in row)])
@@ -345,24 +467,29 @@ def _save_heatmap(report: ForgettingReport, path: Path) -> None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    rows, cols = report.completed_stages, len(report.domain_names)
+    matrix = ([report.start] if report.start is not None else []) + report.perplexity
+    labels = (["start (before training)"] if report.start is not None else []) + [
+        f"{report.stage_names[i]} ({report.stage_domains[i]})"
+        for i in range(report.completed_stages)]
+    rows, cols = len(matrix), len(report.domain_names)
     fig = Figure(figsize=(max(6.5, 3.2 + 1.1 * cols), 2.2 + 0.55 * rows))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    finite = [v for row in report.perplexity for v in row if math.isfinite(v)]
+    finite = [v for row in matrix for v in row if math.isfinite(v)]
     lo, hi = (min(finite), max(finite)) if finite else (1.0, 10.0)
     hi = max(hi, lo * 1.0001)  # LogNorm needs vmin < vmax
-    capped = [[min(v, hi) for v in row] for row in report.perplexity]
+    capped = [[min(v, hi) for v in row] for row in matrix]
     # log colour scale: perplexities of different domains differ by multiples, not offsets
     image = ax.imshow(capped, cmap="viridis_r", norm=LogNorm(vmin=lo, vmax=hi), aspect="auto")
-    for i, row in enumerate(report.perplexity):
+    for i, row in enumerate(matrix):
         for j, v in enumerate(row):
             shade = image.norm(min(v, hi))
             ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8,
                     color="white" if shade > 0.5 else "black")
     ax.set_xticks(range(cols), report.domain_names, rotation=30, ha="right")
-    ax.set_yticks(range(rows), [f"{report.stage_names[i]} ({report.stage_domains[i]})"
-                                for i in range(rows)])
+    ax.set_yticks(range(rows), labels)
+    if report.start is not None:  # row 0 is the starting model, not a stage
+        ax.axhline(0.5, color="white", linewidth=3)
     ax.set_xlabel("evaluated domain")
     ax.set_ylabel("after stage (trains)")
     bar = fig.colorbar(image, ax=ax, label="perplexity (log scale)")

@@ -42,8 +42,11 @@ def load_gguf(
         import gguf  # noqa: F401
     except ImportError as e:
         raise ModelError("model.gguf needs the gguf package: pip install 'cltk[gguf]'") from e
-    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype)
-    tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    except (OSError, ValueError, KeyError) as e:  # not GGUF, or an architecture transformers lacks
+        raise ModelError(f"model.gguf: cannot load a causal LM from {p}: {e}") from e
     model.hf_quantizer = None
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
@@ -84,6 +87,9 @@ def build_model(cfg: RunConfig, tokenizer: Any, init_dir: Path | None = None) ->
         torch.manual_seed(cfg.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     check_tokenizer_fits(model, tokenizer)
+    from cltk.model_checks import check_positions
+
+    check_positions(model.config, cfg.data.seq_len)  # the model as built (model_checks read its config)
     model.config.use_cache = False
     return model
 
@@ -110,9 +116,17 @@ def export_pretrained(
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
+    from cltk.rundir import disk_full_guard
+
+    with disk_full_guard(
+        out_dir.parent,
+        f"the export {out_dir.name}",
+        f"{out_dir} is as it was, and a run's stage-end checkpoint is written before its export: "
+        f"free space (delete the partial {tmp}), then rerun with --resume to export again",
+    ):
+        model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
     _replace_dir(tmp, out_dir)
 
 

@@ -37,8 +37,9 @@ def domain_perplexity(
     ids_all = domain.eval["input_ids"]
     n = len(domain.eval)
     mine, n_batches = _batches(n, batch_size)
-    nll = torch.zeros((), dtype=torch.float64)
-    count = torch.zeros((), dtype=torch.float64)
+    # sums stay on the device (no host copy per batch); one all-reduce at the end
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
     for b in range(n_batches):
         idx = mine[b * batch_size : (b + 1) * batch_size]
         pad = len(idx) == 0
@@ -47,11 +48,11 @@ def domain_perplexity(
         logits = forward(ids)
         s, c = token_nll(logits, ids[:, 1:])
         if not pad:
-            nll += s.double().cpu()
-            count += c.double().cpu()
-    totals = dist.all_reduce_sum(torch.stack([nll, count]))
-    mean = float(totals[0] / totals[1])
-    return math.exp(mean), mean, int(totals[1])
+            nll += s.double()
+            count += c.double()
+    total_nll, total_count = dist.all_reduce_sum(torch.stack([nll, count])).tolist()
+    mean = total_nll / total_count
+    return math.exp(mean), mean, int(total_count)
 
 
 def engine_forward(engine) -> Callable[[torch.Tensor], torch.Tensor]:

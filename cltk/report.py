@@ -10,7 +10,7 @@ from cltk import distributed as dist
 from cltk.config import RunConfig
 from cltk.data.prepare import prepare
 from cltk.metrics import ForgettingReport, forgetting_report, format_table, save_report
-from cltk.models import check_tokenizer_fits
+from cltk.models import ModelError, build_model, check_tokenizer_fits
 from cltk.perplexity import evaluate_domains, model_forward
 
 
@@ -24,36 +24,46 @@ def evaluate_models(
     model_dirs: list[Path],
     out_dir: Path | None = None,
     stage_domains: list[str] | None = None,
+    start_dir: Path | None = None,
 ) -> ForgettingReport:
     """Perplexity of each saved model on every domain of ``cfg``; rows in the order given.
 
     Each rank loads a full copy of one model at a time and evaluates its share of every held-out set.
     ``stage_domains`` names the domain each model was trained on (default: read from the directory name
     ``<i>-<domain>[-b<k>]``) for the forgetting and plasticity figures.
+
+    Row 0 (the starting model) is ``start_dir`` when given, else the configured model (``init_from``,
+    ``gguf`` or the seeded inline config) unless ``eval.start`` is false.
     """
     dist.init()
     if not model_dirs:
-        raise FileNotFoundError(f"no saved models to evaluate (looked in {cfg.out / 'stages'})")
+        raise ModelError(f"no saved models to evaluate (looked in {cfg.out / 'stages'})")
     tokenizer, domains = prepare(cfg)
     names = [d.name for d in cfg.domains]
-    rows = []
-    for d in model_dirs:
-        if not (Path(d) / "config.json").is_file():
-            raise FileNotFoundError(f"{d} is not a saved transformers model (no config.json)")
-        model = AutoModelForCausalLM.from_pretrained(str(d)).to(dist.device())
+
+    def row(model) -> list[float]:
+        model = model.to(dist.device())
         check_tokenizer_fits(model, tokenizer)
         ppl = evaluate_domains(
-            model_forward(model),
-            [domains[n] for n in names],
-            cfg.eval.batch_size,
-            dist.device(),
+            model_forward(model), [domains[n] for n in names], cfg.eval.batch_size, dist.device(),
             model,
         )
-        rows.append([ppl[n] for n in names])
-        del model
+        return [ppl[n] for n in names]
+
+    for d in [*model_dirs, *([start_dir] if start_dir is not None else [])]:
+        if not (Path(d) / "config.json").is_file():
+            raise ModelError(f"{d} is not a saved transformers model (no config.json)")
+    start = None
+    if start_dir is not None:
+        start = row(AutoModelForCausalLM.from_pretrained(str(start_dir)))
+    elif cfg.eval.start:
+        start = row(build_model(cfg, tokenizer))
+    rows = [row(AutoModelForCausalLM.from_pretrained(str(d))) for d in model_dirs]
     if stage_domains is None:
         stage_domains = [_domain_of(Path(d).name, names) for d in model_dirs]
-    report = forgetting_report(rows, [Path(d).name for d in model_dirs], names, stage_domains)
+    report = forgetting_report(
+        rows, [Path(d).name for d in model_dirs], names, stage_domains, start=start
+    )
     if dist.is_main():
         if out_dir is not None:
             save_report(report, out_dir)

@@ -169,6 +169,19 @@ class OnlineTeacher:
         """``[b, T-1, V]`` fp32 log-softmax of :meth:`logits` (what the offline cache stores)."""
         return F.log_softmax(self.logits(input_ids), dim=-1, dtype=torch.float32)
 
+    def weights_sha256(self) -> str:
+        """sha256 over the names and fp32 bytes of the teacher's parameters as they are in memory now
+        (gathered a parameter at a time under ZeRO 3; collective: every rank calls it, every rank
+        gets rank 0's digest). The audit of which weights a stage's teacher held: see
+        ``train.log_sequence_ids``."""
+        h = hashlib.sha256()
+        for name, p in self.engine.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+                if dist.is_main():
+                    h.update(name.encode() + b"\0")
+                    h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        return dist.broadcast_object(h.hexdigest())
+
     def param_bytes(self) -> int:
         """Bytes of teacher parameters this rank holds (its partitions under ZeRO 3)."""
         total = 0

@@ -21,8 +21,8 @@ by hand, for what the structure does not reveal). It needs no table of module na
   ...; ``is_transposed`` experts store both the other way round). A layer's FFN units are its
   experts' units, then each dense FFN's (e.g. Qwen2-MoE's shared expert), in that order.
 
-Anything not found is refused with :class:`UnitMapError` (a :class:`cltk.errors.UserError`), naming
-the part and the block.
+Anything not found is refused with :class:`UnitMapError` (a :class:`cltk.models.ModelError`, so a
+:class:`cltk.errors.UserError`), naming the part and the block.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from cltk.errors import UserError
+from cltk.models import ModelError
 
 
-class UnitMapError(UserError):
+class UnitMapError(ModelError):
     """The model's DAS units cannot be mapped: the message names the part not found and the fix."""
 
 

@@ -49,6 +49,8 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
             "a model built from an inline config needs tokenizer.path or "
             "tokenizer.train: {vocab_size: N}",
         )
+    if tok.train:
+        _positive(tok.train.max_chars_per_domain, "tokenizer.train.max_chars_per_domain")
     if tok.train and tok.train.vocab_size < MIN_VOCAB_SIZE:
         raise ConfigError(
             "tokenizer.train.vocab_size",
@@ -56,6 +58,8 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
             f"byte tokens need room), got {tok.train.vocab_size}",
         )
 
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError("seed", f"must be in [0, 2**32), got {cfg.seed}")
     if not cfg.domains:
         raise ConfigError(
             "domains", "list at least one domain: [{name: code, source: {builtin: stdlib}}]"
@@ -70,6 +74,8 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
         if d.name in seen:
             raise ConfigError(f"{key}.name", f"domain name {d.name!r} is used twice")
         seen.add(d.name)
+        if d.max_chars is not None:
+            _positive(d.max_chars, f"{key}.max_chars")
         try:
             check_source(d.source, domain=d.name)
         except CorpusError as e:
@@ -78,6 +84,8 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
         raise ConfigError("domains", "every domain is eval_only: nothing to train")
 
     _positive(cfg.data.seq_len, "data.seq_len")
+    if cfg.data.seq_len < 2:
+        raise ConfigError("data.seq_len", "must be >= 2: each token learns to predict the next one")
     _positive(cfg.data.eval_sequences, "data.eval_sequences")
     t = cfg.train
     _positive(t.micro_batch_size, "train.micro_batch_size")
@@ -86,10 +94,19 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
     _positive(t.epochs, "train.epochs")
     _positive(t.warmup_steps, "train.warmup_steps", allow_zero=True)
     _positive(t.checkpoint_every, "train.checkpoint_every", allow_zero=True)
+    if t.max_steps_per_stage is not None:
+        _positive(t.max_steps_per_stage, "train.max_steps_per_stage")
+    _positive(t.grad_clip, "train.grad_clip", allow_zero=True)
+    _positive(t.weight_decay, "train.weight_decay", allow_zero=True)
+    _positive(t.keep_checkpoints, "train.keep_checkpoints")
+    _positive(t.log_every, "train.log_every")
+    _positive(cfg.eval.batch_size, "eval.batch_size")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise ConfigError("train.betas", f"must be two numbers in [0, 1), got {t.betas}")
     if not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError("train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+    if not 0 < t.decay_share <= 1:
+        raise ConfigError("train.decay_share", f"must be in (0, 1], got {t.decay_share}")
     expected = cfg.global_batch(world_size)
     if t.train_batch_size is not None and t.train_batch_size != expected:
         raise ConfigError(
@@ -120,6 +137,11 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
                 f"{ds_path} sets {k}={ds[k]} but the run config gives {ours}; "
                 f'batch sizes belong in the run config\'s train section: remove {k} or set it to "auto"',
             )
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(
+            "deepspeed", f"{ds_path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}"
+        )
     for k in ("optimizer", "scheduler"):
         if k in ds:
             raise ConfigError(
@@ -168,6 +190,9 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
         from cltk.adapters import check_lora_config  # peft is imported only for LoRA runs
 
         check_lora_config(cfg)
+    from cltk.model_checks import check_model
+
+    check_model(cfg)
 
 
 def load_deepspeed_json(path: Path) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 import os
 from pathlib import Path
 
+import pytest
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # DeepSpeed JIT-compiles its CPU ops (shm all-reduce, CPU Adam) into TORCH_EXTENSIONS_DIR under a file lock.
 # A build killed mid-way leaves the lock behind and every later launch waits on it forever, so the tests
@@ -8,3 +10,34 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault(
     "TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".torch_extensions")
 )
+
+SHM = Path("/dev/shm")
+_SHM_BEFORE = pytest.StashKey[set]()
+
+
+def _deepspeed_shm_buffers() -> set[str]:
+    return {f.name for f in SHM.glob("deepspeed_allreduce_buffer_*")} if SHM.is_dir() else set()
+
+
+def pytest_sessionstart(session):
+    session.config.stash[_SHM_BEFORE] = _deepspeed_shm_buffers()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Every run the suite starts must leave /dev/shm as it found it: DeepSpeed's CPU all-reduce buffers
+    (tens of MB each) that outlive their launch fail the session, and are removed."""
+    before = session.config.stash.get(_SHM_BEFORE, set())
+    left = sorted(_deepspeed_shm_buffers() - before)
+    if not left:
+        return
+    for name in left:
+        (SHM / name).unlink(missing_ok=True)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    message = (
+        f"FAILED: the test session left {len(left)} DeepSpeed shm buffer(s) in /dev/shm (now removed): "
+        + ", ".join(left)
+    )
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_line(message, red=True)
+    session.exitstatus = 1

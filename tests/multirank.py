@@ -19,11 +19,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _remove_shm_buffers(port: str) -> None:
-    """Remove DeepSpeed CPU all-reduce buffers a launch on ``port`` left in /dev/shm (a killed rank
-    cannot clean up), so a long test session does not fill the machine's memory."""
-    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+def remove_shm_buffers(port: str | int) -> list[str]:
+    """Remove DeepSpeed CPU all-reduce buffers a launch on ``port`` left in /dev/shm, and return their
+    names. cltk unlinks them itself once every rank has mapped them; a rank killed before that cannot,
+    and a long test session must not fill the machine's memory with them."""
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    for f in left:
         f.unlink(missing_ok=True)
+    return [f.name for f in left]
 
 
 def deepspeed_bin() -> str:
@@ -65,7 +68,8 @@ def run_ranks(
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
             raise
-        _remove_shm_buffers(cmd[4])
+        finally:
+            remove_shm_buffers(cmd[4])
         if proc.returncode == 0 or "EADDRINUSE" not in out or attempt == 2:
             break
     result = subprocess.CompletedProcess(cmd, proc.returncode, out, "")

@@ -16,7 +16,8 @@ from tests.tiny_run import write_tiny_run
 
 pytestmark = pytest.mark.multirank
 
-LORA_TRAIN = {"lr": 3e-2, "warmup_steps": 1}  # a few steps that move a zero-initialised adapter
+# a few steps that move a zero-initialised adapter; mid-stage checkpoints for the resume test
+LORA_TRAIN = {"lr": 3e-2, "warmup_steps": 1, "checkpoint_every": 2}
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,9 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-def train(tmp: Path, zero: int, cache: Path, base: str, **sections) -> tuple[Path, str]:
+def train(
+    tmp: Path, zero: int, cache: Path, base: str, env=None, args=(), **sections
+) -> tuple[Path, str]:
     cfg = write_tiny_run(
         tmp,
         zero_stage=zero,
@@ -37,7 +40,13 @@ def train(tmp: Path, zero: int, cache: Path, base: str, **sections) -> tuple[Pat
         # small ones (all of a tiny adapter) whole on each rank, and gathering would go untested
         ds = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
         (tmp / "ds.json").write_text(json.dumps(ds))
-    proc = run_ranks(["cltk", "train", "--config", str(cfg)], module=True, timeout=900)
+    proc = run_ranks(
+        ["cltk", "train", "--config", str(cfg), *args],
+        module=True,
+        timeout=900,
+        env=env,
+        check=env is None,
+    )
     return tmp / "out", proc.stdout
 
 
@@ -50,13 +59,18 @@ def stage_json(out: Path, name: str, file: str) -> dict:
     return json.loads((out / "stages" / name / file).read_text())
 
 
+@pytest.fixture(scope="module")
+def frozen_zero3(tmp_path_factory, cache) -> tuple[Path, str]:
+    return train(tmp_path_factory.mktemp("frozen3"), 3, cache, "frozen")
+
+
 def test_frozen_base_zero3_adapters_load_in_a_fresh_process_and_reproduce_the_trained_model(
-    tmp_path, cache
+    frozen_zero3,
 ):
     from peft import AutoPeftModelForCausalLM, PeftModel
     from transformers import AutoModelForCausalLM
 
-    out, log = train(tmp_path, 3, cache, "frozen")
+    out, log = frozen_zero3
     for words in ("parameters trainable", "on disk", "median step", "router accuracy"):
         assert words in log
     ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -93,6 +107,32 @@ def test_frozen_base_zero3_adapters_load_in_a_fresh_process_and_reproduce_the_tr
     assert 0 <= router["accuracy"] <= 1
     assert set(router["choices"]["code"]) == {"base", "code", "bible"}
     assert sum(router["choices"]["code"].values()) == 8  # eval_sequences: every sequence routed
+
+
+def test_lora_run_killed_mid_stage_resumes_to_the_uninterrupted_result(tmp_path, cache, frozen_zero3):
+    """A rank killed in the second domain's stage; --resume restores the adapter engine from the
+    mid-stage checkpoint and ends with the uninterrupted run's matrix, views and adapters."""
+    ref, _ = frozen_zero3
+    out, _ = train(tmp_path, 3, cache, "frozen", env={"CLTK_KILL_AT": "1:3:1", "DEEPSPEED_TIMEOUT": "2"})
+    assert (out / "checkpoints" / "latest").read_text().strip() == "s01-step000002"
+    assert not (out / "forgetting.json").exists()
+    out, log = train(tmp_path, 3, cache, "frozen", args=("--resume",))
+    assert "resumed from checkpoint s01-step000002" in log
+    got = json.loads((out / "forgetting.json").read_text())["perplexity"]
+    want = json.loads((ref / "forgetting.json").read_text())["perplexity"]
+    for a, b in zip(got, want):
+        assert a == pytest.approx(b, rel=1e-6)
+    for view in ("oracle", "routed", "merged"):
+        rep = [json.loads((d / "lora_report.json").read_text()) for d in (out, ref)]
+        for a, b in zip(*(r["views"][view]["perplexity"] for r in rep)):
+            assert a == pytest.approx(b, rel=1e-6), view
+    from safetensors.torch import load_file
+
+    for key in ("code", "bible"):
+        a, b = (load_file(str(d / "adapters" / key / "adapter_model.safetensors")) for d in (out, ref))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
 def test_merged_base_zero2_with_soft_target_blocks_continues_each_domain_adapter(tmp_path, cache):

@@ -77,3 +77,13 @@ def test_rng_round_trip():
     checkpoint.set_rng_state(s)
     b = (random.random(), torch.rand(3))
     assert a[0] == b[0] and torch.equal(a[1], b[1])
+
+
+def test_keep_counts_stage_end_checkpoints_too(tmp_path):
+    """``train.keep_checkpoints`` bounds the disk: an old stage-end checkpoint goes like any other (a later
+    stage starts from the previous stage's export, which is kept, never from its checkpoint)."""
+    tags = ["s00-end", "s01-step000002", "s01-end", "s02-end"]
+    for order, tag in enumerate(tags):
+        checkpoint.save(FakeEngine(), tmp_path, tag, {"stage": 0, "step": 1, "order": order}, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["s01-end", "s02-end"]
+    assert checkpoint.latest_tag(tmp_path) == "s02-end"

@@ -297,3 +297,25 @@ def test_shape_and_argument_errors():
     topv, topi = teacher.topk(3, -1)
     with pytest.raises(ValueError, match="label_logprobs"):
         soft_target_loss_topk(logits, labels, topv, topi, topv[..., 0, None])
+
+
+def test_one_pass_soft_target_equals_the_generic_kernel_and_returns_q_y():
+    """The one-pass soft-target kernel against the generic per-token kernel it replaced (lambda from a
+    separate pass over the teacher): loss and gradient equal; log q_y is the teacher's at the label."""
+    from cltk.losses import _label_logprob, _reduce, _soft_target_weight, _token_losses
+
+    logits, labels, teacher = _inputs(seed=21)
+    raw = teacher * 1.7 + 0.3  # raw logits: both kernels normalise them
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().requires_grad_(True)
+    got, lq = soft_target_loss(a, labels, raw, p=0.8, one_hot_below=0.05, return_label_logprobs=True)
+    safe = labels.clamp_min(0)
+    lam = _soft_target_weight(_label_logprob(raw, safe), 0.8, 0.05)
+    per, valid = _token_losses(b, labels, -100, w_y=lam, w_r=1.0 - lam, teacher=raw)
+    want = _reduce(per, valid, None)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    ref_lq = F.log_softmax(raw, -1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(lq, torch.where(labels != -100, ref_lq, torch.zeros_like(ref_lq)))

@@ -53,6 +53,34 @@ def test_replay_share_mixes_old_domains_per_batch():
     s = sched(n=40, share=0.25, replay=[(1, 30), (2, 30)], global_batch=8)
     assert s.n_replay == 2 and s.n_new == 6
     olds = [d for st in range(len(s)) for d, _ in s.global_step(st) if d != 0]
-    assert len(olds) == 2 * len(s)
+    assert len(olds) == 2 * (len(s) - 1) + 1  # the short last step replays in proportion
     assert {1, 2} == set(olds)
-    assert len(s) == 40 // 6
+    assert len(s) == 7  # ceil(40 / 6): the 4 left over train in a shorter last step
+    last = s.global_step(6)
+    assert sum(d == 0 for d, _ in last) == 4 and sum(d != 0 for d, _ in last) == 1
+    assert sorted(i for st in range(7) for d, i in s.global_step(st) if d == 0) == list(range(40))
+
+
+@pytest.mark.parametrize(
+    "n, batch, epochs, world, micro",
+    [(21, 4, 1.0, 2, 1), (3, 8, 1.0, 2, 2), (13, 8, 2.0, 2, 2), (13, 8, 1.0, 1, 4), (29, 6, 1.0, 3, 1)],
+)
+def test_every_sequence_trains_exactly_once_per_epoch_whatever_the_batch(
+    n, batch, epochs, world, micro
+):
+    s = sched(n=n, global_batch=batch, epochs=epochs)
+    per_rank = [
+        [x for st in range(len(s)) for mb in s.micro_batches(st, r, world, micro) for x in mb]
+        for r in range(world)
+    ]
+    trained = sorted(i for ids in per_rank for _, i in ids)
+    assert trained == sorted(list(range(n)) * int(epochs))  # no tail dropped, nothing repeated
+    for st in range(len(s)):
+        step = s.global_step(st)
+        if epochs == 1:  # a block smaller than the batch is not repeated within a step
+            assert len(set(step)) == len(step)
+        assert len(step) == (batch if st < len(s) - 1 else s.step_size(st))
+        mbs = [s.micro_batches(st, r, world, micro) for r in range(world)]
+        assert all(len(m) == batch // (world * micro) for m in mbs)  # same accumulation everywhere
+        flat = [x for m in mbs for mb in m for x in mb]
+        assert sorted(flat) == sorted(step) and all(len(mb) <= micro for m in mbs for mb in m)

@@ -85,6 +85,35 @@ def check_run(cfg: Path) -> None:
 
 def test_zero2_run_trains_exports_and_reports(reference):
     check_run(reference)
+    check_perplexity_independently(reference)
+
+
+def check_perplexity_independently(cfg_path: Path) -> None:
+    """Each reported perplexity equals exp(mean next-token NLL) of the stage's export over the domain's
+    held-out sequences, computed here with plain torch in one process (the run split the sequences
+    over 2 ranks, evaluated through the DeepSpeed engine and all-reduced the sums)."""
+    import math
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from cltk.config import load_config
+    from cltk.data.prepare import prepare
+
+    cfg = load_config(cfg_path)
+    _, domains = prepare(cfg)
+    names = [d.name for d in cfg.domains]
+    stages = sorted((cfg_path.parent / "out" / "stages").iterdir())
+    for row, stage in zip(report(cfg_path)["perplexity"], stages):
+        model = AutoModelForCausalLM.from_pretrained(str(stage), dtype=torch.float32).eval()
+        for name, reported in zip(names, row):
+            ids = torch.as_tensor(np.asarray(domains[name].eval["input_ids"], dtype=np.int64))
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[:, :-1].double()
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            assert reported == pytest.approx(math.exp(nll.item()), rel=1e-5), (stage.name, name)
 
 
 @pytest.mark.parametrize("zero", [1, 3])
@@ -95,10 +124,26 @@ def test_two_rank_run_trains_exports_and_reports(tmp_path, cache, zero):
 
 
 def test_replay_mixes_earlier_domains_into_later_stages(tmp_path, cache):
+    # the same launch checks a run-long LR schedule: constant, then a cooldown over the last 40%
+    lr = {"schedule": "wsd", "lr_span": "run", "decay_share": 0.4, "decay_shape": "1-sqrt"}
     cfg = write_tiny_run(
-        tmp_path, cache_dir=cache, train={"log_sequence_ids": True}, replay={"share": 0.25}
+        tmp_path,
+        cache_dir=cache,
+        train={"log_sequence_ids": True, **lr},
+        replay={"share": 0.25},
     )
     train(cfg)
+    import csv
+
+    from cltk.config import load_config
+    from cltk.schedules import stage_lr_lambda
+
+    t = load_config(cfg).train
+    logged = [float(r["lr"]) for r in csv.DictReader(open(tmp_path / "out" / "metrics.csv"))]
+    expected = [t.lr * stage_lr_lambda(t, [6, 6], i)(s) for i in (0, 1) for s in range(6)]
+    assert logged == pytest.approx(expected, rel=1e-3)  # metrics.csv keeps 4 digits
+    assert logged[6] == logged[5] == t.lr  # stage 1 does not re-warm
+    assert logged[-1] == pytest.approx(t.lr * t.min_lr_ratio)
     for rank in (0, 1):
         rows = audit(cfg, rank)
         stage0 = {d for s, _, ids in rows if s == 0 for d, _ in ids}

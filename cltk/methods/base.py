@@ -101,7 +101,8 @@ class Method:
 
     def evaluate(self, ctx: StageContext, default: dict[str, float]) -> dict[str, float]:
         """The stage's row of the forgetting matrix (perplexity per domain); ``default`` is the trained
-        model's. A method may replace it (e.g. each domain with its own adapter)."""
+        model's. A method may replace it (e.g. each domain with its own adapter). Row 0, the starting
+        model before any stage (:mod:`cltk.start`), does not pass through this hook."""
         return default
 
     def on_run_end(self, out_dir: Path, report: Any) -> None:

@@ -20,6 +20,7 @@ mean probability of the correct token, in ``metrics.csv`` (``extra``; rank 0's m
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ import torch
 from cltk import distributed as dist
 from cltk.config import RunConfig
 from cltk.losses import (
+    IGNORE_INDEX,
     check_distillation_args,
     check_soft_target_args,
     distillation_loss,
@@ -37,7 +39,7 @@ from cltk.losses import (
 from cltk.methods.base import Method, StageContext
 from cltk.tracking import log
 
-__all__ = ["DistillMethod", "SoftTargetMethod", "cache_dir", "stage_rows"]
+__all__ = ["DistillMethod", "SoftTargetMethod", "audit_teacher", "cache_dir", "stage_rows"]
 
 
 def stage_rows(ctx: StageContext) -> np.ndarray:
@@ -60,10 +62,27 @@ def cache_dir(ctx: StageContext):
     return ctx.cfg.out / "teacher_cache" / ctx.stage.dirname
 
 
-def _mean_label_prob(label_logprobs: torch.Tensor) -> torch.Tensor:
-    """The teacher's mean probability of the label, a 0-dim tensor: the loop reads it after its own
-    synchronisation, so no extra wait on the GPU is added here."""
-    return label_logprobs.detach().float().exp().mean()
+def audit_teacher(ctx: StageContext, teacher: Any, when: str) -> None:
+    """With ``train.log_sequence_ids`` (the audit log), record which weights the stage's teacher held
+    at ``when`` ("start" or "end") in ``<stage dir>/teacher.json``: the teacher's directory and the
+    sha256 of its in-memory parameters (see :meth:`cltk.teacher.OnlineTeacher.weights_sha256`)."""
+    if not ctx.cfg.train.log_sequence_ids:
+        return
+    digest = teacher.weights_sha256()
+    record = ctx.extras.setdefault("teacher_audit", {"teacher_dir": str(teacher.model_dir)})
+    record[f"sha256_{when}"] = digest
+    if when == "end" and dist.is_main():
+        ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+        (ctx.stage_dir / "teacher.json").write_text(json.dumps(record, indent=1))
+
+
+def _mean_label_prob(label_logprobs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The teacher's mean probability of the label over the trained positions (``labels`` not
+    ignored), a 0-dim tensor: the loop reads it after its own synchronisation, so no extra wait on the
+    GPU is added here."""
+    valid = labels != IGNORE_INDEX
+    probs = label_logprobs.detach().float().exp()
+    return (probs * valid).sum() / valid.sum().clamp_min(1)
 
 
 def _label_logprobs(teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -113,6 +132,7 @@ class SoftTargetMethod(Method):
 
         if self.b.teacher == "online":
             self.teacher = OnlineTeacher(ctx.prev_stage_dir, self.cfg, ctx.engine)
+            audit_teacher(ctx, self.teacher, "start")
             log(f"stage {ctx.stage.dirname}: soft targets (p={self.b.p}) from online teacher "
                 f"{ctx.prev_stage_dir.name} (ZeRO {self.teacher.zero_stage})")
             return
@@ -125,19 +145,22 @@ class SoftTargetMethod(Method):
              labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]] | None:
         if self.teacher is not None:
             t = self.teacher.logits(batch["input_ids"]).to(logits.device)
-            loss = soft_target_loss(logits, labels, t, p=self.b.p,
-                                    one_hot_below=self.b.one_hot_below)
-            return loss, {"teacher_p_label": _mean_label_prob(_label_logprobs(t, labels))}
+            # the loss's one pass over the teacher also gives log q_y for the metric
+            loss, label_lp = soft_target_loss(logits, labels, t, p=self.b.p,
+                                              one_hot_below=self.b.one_hot_below,
+                                              return_label_logprobs=True)
+            return loss, {"teacher_p_label": _mean_label_prob(label_lp, labels)}
         if self.cache is not None:
             top_lp, top_ix, label_lp = self.cache.lookup(batch["input_ids"])
             loss = soft_target_loss_topk(logits, labels, top_lp.to(logits.device),
                                          top_ix.to(logits.device), label_lp.to(logits.device),
                                          p=self.b.p, one_hot_below=self.b.one_hot_below)
-            return loss, {"teacher_p_label": _mean_label_prob(label_lp)}
+            return loss, {"teacher_p_label": _mean_label_prob(label_lp, labels)}
         return None
 
     def on_stage_end(self, ctx: StageContext) -> None:
         if self.teacher is not None:
+            audit_teacher(ctx, self.teacher, "end")
             self.teacher.close()
         self.teacher = self.cache = None
 
@@ -192,6 +215,7 @@ class DistillMethod(Method):
         from cltk.teacher import OnlineTeacher
 
         self.teacher = OnlineTeacher(ctx.prev_stage_dir, self.cfg, ctx.engine)
+        audit_teacher(ctx, self.teacher, "start")
         log(f"stage {ctx.stage.dirname}: distillation (alpha={self.d.alpha}, beta={self.d.beta}, "
             f"T={self.d.temperature}) from {ctx.prev_stage_dir.name} "
             f"(ZeRO {self.teacher.zero_stage})")
@@ -203,9 +227,11 @@ class DistillMethod(Method):
         t = self.teacher.logits(batch["input_ids"]).to(logits.device)
         loss = distillation_loss(logits, labels, t, alpha=self.d.alpha, beta=self.d.beta,
                                  temperature=self.d.temperature)
-        return loss, {"teacher_p_label": _mean_label_prob(_label_logprobs(t, labels))}
+        label_lp = _label_logprobs(t, labels.clamp_min(0))
+        return loss, {"teacher_p_label": _mean_label_prob(label_lp, labels)}
 
     def on_stage_end(self, ctx: StageContext) -> None:
         if self.teacher is not None:
+            audit_teacher(ctx, self.teacher, "end")
             self.teacher.close()
         self.teacher = None

@@ -73,6 +73,10 @@ def main() -> None:
     }
     print("probe " + " ".join(f"{k}={v}" for k, v in record.items()), flush=True)
     record["ds"] = {path: ds_steps(path) for path in args.ds_configs}
+    if args.ds_configs:  # DeepSpeed's comm set up its CPU shm buffers: unlink their names
+        from cltk.distributed import release_shm_names
+
+        release_shm_names()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"rank{rank}.jsonl", "a") as f:

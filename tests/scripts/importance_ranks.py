@@ -53,7 +53,10 @@ def main(out: str) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
+    from cltk import distributed as cltk_dist
+
     deepspeed.init_distributed("gloo")
+    cltk_dist.release_shm_names()  # leave /dev/shm as it was, whatever happens next
     rank, world = dist.get_rank(), dist.get_world_size()
     model, batches = build()
     result = scores(model, batches[rank::world])

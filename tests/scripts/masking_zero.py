@@ -291,7 +291,10 @@ def main() -> None:
     import deepspeed
     import torch.distributed as dist
 
+    from cltk import distributed as cltk_dist
+
     deepspeed.init_distributed("gloo")
+    cltk_dist.release_shm_names()  # leave /dev/shm as it was, whatever happens next
     rank = dist.get_rank()
     results = []
     for stage in args.stages:

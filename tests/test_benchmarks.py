@@ -1,0 +1,58 @@
+"""Every benchmark script runs on a tiny setting (seconds), so none can rot unseen.
+
+The figures in docs come from the scripts' full settings; here only that each runs to its table.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.config.hidden_size=32",
+    "model.config.intermediate_size=64",
+    "model.config.num_hidden_layers=1",
+    "model.config.num_attention_heads=4",
+    "model.config.num_key_value_heads=2",
+    "data.seq_len=16",
+    "train.micro_batch_size=2",
+    "train.gradient_accumulation_steps=2",
+    "tokenizer.train.vocab_size=400",
+]
+SETS = [a for kv in TINY for a in ("--set", kv)]
+
+SCRIPTS = {
+    "losses": (
+        ["losses.py", "--batch", "2", "--seq", "8", "--vocab", "64", "--reps", "1", "--rounds", "1"],
+        "| soft target, one pass (cltk) |",
+    ),
+    "step_check": (["step_check.py", "--steps", "1", "--rounds", "1"], "| per micro-batch |"),
+    "soft_targets": (
+        ["soft_targets.py", "--steps", "1", "--rounds", "1", "--warmup", "1", "--topk", "4",
+         "--vocab", "400"],
+        "| offline cache |",
+    ),
+    "das": (
+        ["das.py", "speed", "--steps", "1", "--rounds", "1", "--importance-seqs", "4",
+         "--importance-rounds", "1", "--hook-reps", "1"],
+        "importance, seconds per 1,000 sequences",
+    ),
+    "lora": (["lora.py", "steps", "--steps", "1", "--rounds", "1"], "median step"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_benchmark_script_runs_on_a_tiny_setting(name, tmp_path):
+    argv, expect = SCRIPTS[name]
+    sets = [] if name == "losses" else SETS  # losses.py takes shapes, not a run config
+    cmd = [sys.executable, str(ROOT / "benchmarks" / argv[0]), *argv[1:], *sets]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert expect in out, out[-4000:]
