@@ -149,12 +149,11 @@ def _padded_for_zero3(model: nn.Module, work: list[tuple], device) -> list[tuple
     rank, so all ranks run as many passes: a rank with fewer batches adds passes of weight 0."""
     out = [(ids, mask, ids.shape[0]) for ids, mask in work]
     zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
-    if not zero3 or not (dist.is_available() and dist.is_initialized()):
+    if not zero3 or not cdist.is_initialized():
         return out
-    n = torch.tensor([len(out)], dtype=torch.int64, device=cdist.comm_device())
-    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    n = max(cdist.all_gather_object(len(out)))
     dummy = out[0][:2] if out else (torch.zeros(1, 2, dtype=torch.long, device=device), None)
-    return out + [(*dummy, 0)] * (int(n.item()) - len(out))
+    return out + [(*dummy, 0)] * (n - len(out))
 
 
 def _rank_share(num_samples: int) -> int:
