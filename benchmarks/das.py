@@ -13,25 +13,37 @@ other work; 0: torch's default).
 It builds the config's model (the quickstart's Llama: hidden 256, 4 layers, 8 heads / 4 KV heads,
 FFN 688, vocabulary 4096, sequences of 128 tokens, micro-batch 8, its ZeRO JSON, cltk's AdamW), and
 
-1. times ``cltk.importance.estimate_importance`` in ``proxy`` and ``lm`` mode on
-   ``--importance-seqs`` random sequences (split over the ranks, as ``DasMethod`` does), the modes
-   alternating for ``--importance-rounds`` rounds; printed as seconds per 1,000 sequences. The proxy
-   importance it returns (normalised) is the one the masks below use, so the masked span is what a
-   real stage masks (``|tanh(z)|`` is non-zero almost everywhere: every unit weight is masked).
-2. builds three engines with the same initial weights: ``none``, ``update``
-   (``attach_update_masks`` after ``deepspeed.initialize``, cltk's default) and ``grad``
-   (``register_grad_masks`` before it), and runs ``--steps`` optimizer steps of each per round on
-   the same random token ids (step time does not depend on the text), in a rotated order each round;
-   round 0 warms up and is not timed. Each masked arm's ratio to ``none`` (median step over median
-   step) is taken per round, so a shared machine's drifting load falls on both sides of each ratio;
-   printed: the median ratio over rounds, its quartiles and range. Two clocks: wall, and this
-   process's CPU time (``time.process_time``), which a loaded CPU machine disturbs far less (on a
-   GPU the host waits for the device, and the two agree). The GPU is synchronised before each read.
-3. times the update-mask work alone, ``--hook-reps`` times: the handle's hooks as ``step()`` calls
+1. builds three engines with the same initial weights: ``none``, ``update``
+   (``attach_update_masks`` after ``deepspeed.initialize``: cltk's default, units and token rows of
+   the embedding / LM head) and ``update-units`` (units only: ``das.protect_embeddings: false``).
+2. times ``cltk.importance.estimate_importance`` in ``proxy`` and ``lm`` mode on the ``none``
+   engine (as ``DasMethod`` scores: on the engine being trained, partitioned under ZeRO 3, in its
+   precision) on ``--importance-seqs`` random sequences split over the ranks, the modes alternating
+   for ``--importance-rounds`` rounds; printed as seconds per 1,000 sequences and against training
+   1,000 sequences (the ``none`` arm's median step, scaled). The proxy importance it returns
+   (normalised) is the one the masks use, so the masked span is what a real stage masks
+   (``|tanh(z)|`` is non-zero almost everywhere: every unit weight and token row is masked).
+3. runs ``--steps`` optimizer steps of each arm per round on the same random token ids (step time
+   does not depend on the text), in a rotated order each round; round 0 warms up and is not timed.
+   Each masked arm's ratio to ``none`` (median step over median step) is taken per round, so a
+   shared machine's drifting load falls on both sides of each ratio; printed: the median ratio over
+   rounds, its quartiles and range. Two clocks: wall, and this process's CPU time
+   (``time.process_time``), which a loaded CPU machine disturbs far less (on a GPU the host waits
+   for the device, and the two agree). The GPU is synchronised before each read.
+4. times the update-mask work alone (``update`` arm), ``--hook-reps`` times: the handle's hooks as ``step()`` calls
    them (the copy of the masked span, then the ``lerp``), and the same work with torch's
    multi-tensor ``_foreach`` ops; as a fraction of ``none``'s median step.
 
-Quality (two runs from one base; configs in ``examples/das/``, commands in docs/benchmarks/das.md)::
+Memory (peak memory of scoring importance at a stage's end, side by side; one process or ranks)::
+
+    python benchmarks/das.py memory --importance-seqs 32 [--set ...]
+
+scores ``--mode`` (lm) importance on the engine after one step (what ``DasMethod`` does now), then
+on a second plain fp32 copy of the model (what it did before), and prints the peak memory each adds
+per rank: GPU allocated bytes, or the process's RSS sampled every millisecond on a CPU.
+
+Quality in minutes, with and without the token rows: ``benchmarks/das_quality.py``. Quality (two
+runs from one base; configs in ``examples/das/``, commands in docs/benchmarks/das.md)::
 
     python benchmarks/das.py compare --base runs/das/base runs/das/naive runs/das/das
 
@@ -55,7 +67,7 @@ from _common import VocabOnly, random_batches  # noqa: E402  (benchmarks/ is on 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ARMS = ("none", "update", "grad")
+ARMS = ("none", "update", "update-units")
 
 
 def _sync() -> None:
@@ -95,15 +107,13 @@ def _spread(xs: list[float], fmt: str = "{:.3f}") -> str:
 # ----- cost ---------------------------------------------------------------------------------------
 
 
-def _time_importance(cfg, vocab: int, args) -> tuple[dict[str, list[tuple[float, float]]], dict]:
+def _time_importance(engine, cfg, vocab: int, args) -> tuple[dict[str, list[tuple[float, float]]], dict]:
     """(Wall, CPU) seconds per 1,000 sequences of each mode, per round; and a proxy importance."""
     import torch
 
     from cltk import distributed as dist
     from cltk.importance import estimate_importance, normalize
-    from cltk.models import build_model
 
-    model = build_model(cfg, VocabOnly(vocab)).to(dist.device())
     bs, seq = cfg.train.micro_batch_size, cfg.data.seq_len
     n = args.importance_seqs
     mine = n // dist.world_size() + (1 if dist.rank() < n % dist.world_size() else 0)
@@ -117,39 +127,27 @@ def _time_importance(cfg, vocab: int, args) -> tuple[dict[str, list[tuple[float,
         for mode in modes[rnd % 2 :] + modes[: rnd % 2]:
             dist.barrier()
             start = _clock()
-            raw = estimate_importance(model, batches, mode=mode, seed=cfg.seed)
+            raw = estimate_importance(engine, batches, mode=mode, seed=cfg.seed)
             dist.barrier()
             wall, cpu = _since(start)
             per_1k[mode].append((wall / n * 1000, cpu / n * 1000))
             if mode == "proxy":
                 imp = normalize(raw)
-    del model
     return per_1k, imp
 
 
-def _engines(cfg, vocab: int, imp, total_steps: int) -> tuple[dict, object]:
+def _engines(cfg, vocab: int, total_steps: int) -> dict:
     import torch
 
-    from cltk import distributed as dist
     from cltk.engine import build_engine
-    from cltk.masking import attach_update_masks, param_masks, register_grad_masks
     from cltk.models import build_model
 
-    engines, handle = {}, None
+    engines = {}
     for arm in ARMS:
         torch.manual_seed(cfg.seed)
-        model = build_model(
-            cfg, VocabOnly(vocab)
-        )  # seeded from cfg.seed: the same weights each time
-        if arm == "grad":
-            # On the device first: register_grad_masks moves each mask to the parameter's device
-            # when it registers the hook (a CPU model with a GPU engine fails in backward).
-            model.to(dist.device())
-            register_grad_masks(model, param_masks(model, imp))
+        model = build_model(cfg, VocabOnly(vocab))  # seeded from cfg.seed: the same weights
         engines[arm] = build_engine(cfg, model, total_steps)
-        if arm == "update":
-            handle = attach_update_masks(engines[arm], param_masks(engines[arm].module, imp))
-    return engines, handle
+    return engines
 
 
 def _time_hooks(engine, handle, reps: int) -> list[tuple[float, float]]:
@@ -212,9 +210,14 @@ def cmd_speed(args: argparse.Namespace) -> None:
     cfg.das = cfg.das or DasConfig()
     vocab = int((cfg.model.config or {}).get("vocab_size") or cfg.tokenizer.train.vocab_size)
 
-    imp_times, imp = _time_importance(cfg, vocab, args)
+    from cltk.masking import attach_update_masks, param_masks
+
     total = args.steps * args.rounds + 2
-    engines, handle = _engines(cfg, vocab, imp, total)
+    engines = _engines(cfg, vocab, total)
+    imp_times, imp = _time_importance(engines["none"], cfg, vocab, args)
+    handle = attach_update_masks(engines["update"], param_masks(engines["update"].module, imp))
+    units_only = param_masks(engines["update-units"].module, imp, tokens=False)
+    handle_units = attach_update_masks(engines["update-units"], units_only)
     rng = np.random.default_rng(cfg.seed + dist.rank())
     t = cfg.train
 
@@ -253,15 +256,24 @@ def cmd_speed(args: argparse.Namespace) -> None:
         f"model: {n_params:,} parameters; {dist.world_size()} rank(s), ZeRO {zero}, "
         f"{torch.get_num_threads()} torch thread(s), batch {cfg.global_batch(dist.world_size())} "
         f"x {cfg.data.seq_len} tokens; update masks ({handle.layout}) span "
-        f"{handle.masked_numel:,} elements on rank 0"
+        f"{handle.masked_numel:,} elements on rank 0 ({handle_units.masked_numel:,} without "
+        "the token rows)"
     )
+    base = {k: statistics.median([s[k] for r in times["none"] for s in r]) for k in (0, 1)}
+    seqs = cfg.global_batch(dist.world_size())
     print(
-        f"\nimportance, seconds per 1,000 sequences ({args.importance_seqs} sequences a round, "
-        f"micro-batch {t.micro_batch_size}), wall | this process's CPU:"
+        f"\nimportance on the engine, seconds per 1,000 sequences ({args.importance_seqs} "
+        f"sequences a round, micro-batch {t.micro_batch_size}), and against training 1,000 "
+        f"sequences (unmasked median step x {1000 / seqs:.1f}):"
     )
     for mode, xs in imp_times.items():
-        print(f"  {mode:5s} wall {_spread([x[0] for x in xs], '{:.1f}')}")
-        print(f"  {'':5s} CPU  {_spread([x[1] for x in xs], '{:.1f}')}")
+        for k, clock in enumerate(("wall", "CPU")):
+            per = [x[k] for x in xs]
+            train_1k = base[k] * 1000 / seqs
+            print(
+                f"  {mode:5s} {clock:4s} {_spread(per, '{:.1f}')}; training {train_1k:.1f}: "
+                f"ratio {statistics.median(per) / train_1k:.2f}"
+            )
     print(
         f"\nstep time ({args.rounds} rounds x {args.steps} steps per arm, rotated order); ratio "
         "to none = per round, median masked step / median unmasked step; then over rounds:"
@@ -280,7 +292,6 @@ def cmd_speed(args: argparse.Namespace) -> None:
                 ratios = [m / n for m, n in med]
                 cell = _spread(ratios)
             print(f"| {arm} | {clock} | {statistics.median(steps):.3f} | {cell} |")
-    base = {k: statistics.median([s[k] for r in times["none"] for s in r]) for k in (0, 1)}
     print(
         f"\nupdate-mask work alone, {args.hook_reps} calls, vs the unmasked median step "
         f"({len(handle.targets)} target tensor(s)):"
@@ -303,6 +314,117 @@ def cmd_speed(args: argparse.Namespace) -> None:
         flush=True,
     )
     dist.barrier()
+
+
+class _PeakMemory:
+    """Peak memory above the level at entry: the GPU's allocated bytes, or this process's RSS
+    (sampled every millisecond on a thread: a CPU has no allocator statistics)."""
+
+    def __enter__(self):
+        import ctypes
+        import gc
+        import threading
+
+        import torch
+
+        gc.collect()
+        self.cuda = torch.cuda.is_available()
+        if not self.cuda:  # give memory freed earlier back to the OS, or it hides the next peak
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+            return self
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss())
+        self.added = self.peak - self.start
+
+
+def cmd_memory(args: argparse.Namespace) -> None:
+    """Peak memory of scoring importance after a stage: on the engine just trained (now) against a
+    second plain fp32 copy of the model built from the export (before), side by side."""
+    import torch
+
+    from cltk import distributed as dist
+    from cltk.config import load_config
+    from cltk.engine import train_step
+    from cltk.importance import estimate_importance
+    from cltk.methods.base import StageContext
+    from cltk.models import build_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dist.init()
+    cfg = load_config(args.config, overrides=args.set, world_size=dist.world_size())
+    vocab = int((cfg.model.config or {}).get("vocab_size") or cfg.tokenizer.train.vocab_size)
+    torch.manual_seed(cfg.seed)
+    engine = build_engine_for(cfg, vocab)
+    import numpy as np
+
+    rng = np.random.default_rng(cfg.seed + dist.rank())
+    ctx = StageContext(cfg, None, [], {}, None, Path("."), None, engine=engine)
+    train_step(ctx, [], random_batches(rng, vocab, cfg))  # optimizer states exist, as at stage end
+    gen = torch.Generator().manual_seed(dist.rank())
+    ids = torch.randint(0, vocab, (args.importance_seqs, cfg.data.seq_len), generator=gen)
+    bs = cfg.train.micro_batch_size
+    batches = [{"input_ids": ids[i : i + bs]} for i in range(0, len(ids), bs)]
+    out = {}
+    # The engine first: should memory a CPU process frees stay with it despite malloc_trim, it can
+    # only make the second arm (the copy) look cheaper than it is.
+    with _PeakMemory() as m:
+        estimate_importance(engine, batches, mode=args.mode)
+    out["engine (now)"] = m.added
+    with _PeakMemory() as m:
+        copy = build_model(cfg, VocabOnly(vocab)).to(dist.device())  # as build_model(init_dir=..)
+        estimate_importance(copy, batches, mode=args.mode)
+        del copy
+    out["second fp32 copy (before)"] = m.added
+    peaks = dist.all_gather_object(out)
+    if dist.is_main():
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+        where = "GPU allocated" if torch.cuda.is_available() else "process RSS"
+        print(
+            f"model {n:,} parameters ({n * 4 / 2**20:.0f} MiB in fp32); ZeRO "
+            f"{engine.zero_optimization_stage()}, {'bf16' if engine.bfloat16_enabled() else 'fp32'}"
+            f", {dist.world_size()} rank(s); {args.mode} importance of {args.importance_seqs} "
+            f"sequences of {cfg.data.seq_len} per rank, micro-batch {bs}"
+        )
+        print(f"\n| scoring on | peak {where} added, per rank (MiB) |\n|---|---:|")
+        for arm in out:
+            cells = ", ".join(f"{p[arm] / 2**20:.0f}" for p in peaks)
+            print(f"| {arm} | {cells} |")
+    dist.barrier()
+
+
+def build_engine_for(cfg, vocab: int):
+    from cltk.engine import build_engine
+    from cltk.models import build_model
+
+    return build_engine(cfg, build_model(cfg, VocabOnly(vocab)), 10)
 
 
 # ----- quality ------------------------------------------------------------------------------------
@@ -377,7 +499,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("speed", help="step time with update / grad / no masks; importance time")
+    s = sub.add_parser("speed", help="step time with / without update masks; importance time")
     s.add_argument("--config", default=str(ROOT / "examples" / "quickstart.yaml"))
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--steps", type=int, default=4, help="steps per arm per round")
@@ -393,6 +515,13 @@ def main() -> None:
         "spinning against the other processes of a shared machine",
     )
     s.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    m = sub.add_parser("memory", help="peak memory of importance: on the engine vs a 2nd copy")
+    m.add_argument("--config", default=str(ROOT / "examples" / "quickstart.yaml"))
+    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    m.add_argument("--importance-seqs", type=int, default=32)
+    m.add_argument("--mode", default="lm", choices=["lm", "proxy"])
+    m.add_argument("--threads", type=int, default=1)
+    m.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     c = sub.add_parser("compare", help="tables of the quality runs (after training them)")
     c.add_argument("runs", nargs="+", help="run output directories (forgetting.json inside)")
     c.add_argument("--base", default=None, help="the base run's directory: its final row")
@@ -402,7 +531,8 @@ def main() -> None:
     r.add_argument("--config", required=True, help="a run config: domains, tokenizer, eval")
     r.add_argument("--out", required=True)
     args = p.parse_args()
-    {"speed": cmd_speed, "compare": cmd_compare, "probe": cmd_probe}[args.cmd](args)
+    cmds = {"speed": cmd_speed, "memory": cmd_memory, "compare": cmd_compare, "probe": cmd_probe}
+    cmds[args.cmd](args)
 
 
 if __name__ == "__main__":

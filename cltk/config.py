@@ -180,6 +180,9 @@ class DasConfig:
     mask: Literal["update", "grad"] = _help(
         "mask the optimizer update (holds under Adam) or the grad", "update"
     )
+    protect_embeddings: bool = _help(
+        "also score and mask the token rows of the input embedding and the LM head", True
+    )
     contrastive: ContrastiveConfig | None = _help(
         "DAS contrastive term: two dropout views as positives, the importance-gated view as hard "
         "negative",

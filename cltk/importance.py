@@ -7,6 +7,7 @@ on every unit (:func:`cltk.units.attach_gates`), and score each unit by the mean
 - ``"proxy"`` (DAS's choice for the general knowledge of the model): the KL divergence between the
   token distributions of two forward passes of the same batch with dropout on. Both passes differ
   only by dropout, so the loss measures how much each unit's output is sensitive to noise. The
+  first pass is the target (no graph, no gradient through it): half the backward work and memory. The
   reference code ran these passes with dropout off (both passes equal, importance ~0); Llama-family
   models have no dropout at all. cltk therefore runs the passes in ``model.train()`` *and* adds
   dropout with ``p = proxy_dropout`` on every block's output for those passes only.
@@ -37,9 +38,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cltk import distributed as cdist
-from cltk.units import UnitMap, attach_gates, block_modules, build_unit_map
+from cltk.units import UnitMap, attach_gates, block_modules, build_unit_map, core_model
 
 KEYS = ("heads", "ffn")
+TOKEN_KEYS = ("embed", "head")  # optional: [V] importance of token rows
 
 
 def estimate_importance(
@@ -51,12 +53,14 @@ def estimate_importance(
     num_samples: int | None = None,
     unit_map: UnitMap | None = None,
     seed: int = 0,
+    tokens: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Raw DAS importance of every head and FFN unit of a plain (non-DeepSpeed) HF causal LM.
+    """Raw DAS importance of every head, FFN unit and token row of an HF causal LM.
 
     Args:
-        model: the causal LM (PEFT-wrapped is fine). Its training flag and ``requires_grad`` flags
-            are restored on return.
+        model: the causal LM: plain, PEFT-wrapped, or a DeepSpeed engine (any ZeRO stage: scored
+            on the engine's own, possibly partitioned, weights in its precision). Its training
+            and ``requires_grad`` flags are switched off while it scores and restored on return.
         batches: dicts with ``input_ids`` ``[b, T]`` and optionally ``attention_mask`` ``[b, T]``
             (0 = padding, left out of the loss). On several ranks, each rank passes its own batches.
         mode: ``"proxy"`` (KL between two dropout passes) or ``"lm"`` (next-token loss).
@@ -66,9 +70,12 @@ def estimate_importance(
             last batch is cut). None: every batch given.
         unit_map: the model's map; built when None.
         seed: mixed into the per-batch dropout seed.
+        tokens: also score the token rows of the input embedding (``embed``) and of the LM head
+            (``head``): a gate scaling row r, as for units.
 
     Returns:
-        ``{"heads": [L, H], "ffn": [L, I]}`` float32 on CPU: mean over samples of |d loss / d gate|.
+        ``{"heads": [L, H], "ffn": [L, I]}`` (and ``"embed"``, ``"head"``: ``[V]``) float32 on
+        CPU: mean over samples of |d loss / d gate|.
 
     Raises:
         ValueError: unknown mode, a bad ``proxy_dropout`` or ``num_samples``, or no samples at all.
@@ -79,34 +86,37 @@ def estimate_importance(
         raise ValueError(f"proxy_dropout={proxy_dropout}: must be in [0, 1)")
     if num_samples is not None and num_samples < 1:
         raise ValueError(f"num_samples={num_samples}: must be >= 1 (or None for all batches)")
+    engine = core_model(model) is not model and hasattr(model, "optimizer")
+    if engine:
+        # The module, not engine.forward: the engine hooks every output it returns to run its
+        # backward epilogue (gradient reduction, accumulation scaling) on any backward through it.
+        # ZeRO 3 gathers and releases parameters in hooks on the module itself.
+        model = model.module
     umap = unit_map or build_unit_map(model)
     device = next(model.parameters()).device
     gates = {
         "heads": torch.ones(umap.num_layers, umap.num_heads, device=device, requires_grad=True),
         "ffn": torch.ones(umap.num_layers, umap.intermediate, device=device, requires_grad=True),
     }
+    rows = umap.tokens
+    if tokens and rows is not None:
+        gates["embed"] = torch.ones(rows.vocab, device=device, requires_grad=True)
+        if rows.head_module is not None:
+            gates["head"] = torch.ones(rows.vocab, device=device, requires_grad=True)
     sums = {k: torch.zeros(g.shape, dtype=torch.float64, device=device) for k, g in gates.items()}
+    work = _this_ranks_batches(batches, num_samples, device)
     count = 0
-    share = None if num_samples is None else _rank_share(num_samples)
     with _scoring_state(model, mode, proxy_dropout), _gated(model, umap, gates):
-        for batch in batches:
-            if share is not None and count >= share:
-                break
-            ids = batch["input_ids"].to(device)
-            mask = batch.get("attention_mask")
-            mask = None if mask is None else mask.to(device)
-            if share is not None and count + ids.shape[0] > share:
-                ids = ids[: share - count]
-                mask = None if mask is None else mask[: share - count]
+        for ids, mask, weight in _padded_for_zero3(model, work, device):
             if mode == "proxy":
                 loss = _proxy_loss(model, ids, mask, seed)
             else:
                 loss = _lm_loss(model, ids, mask)
             grads = torch.autograd.grad(loss, list(gates.values()), allow_unused=True)
             for key, g in zip(gates, grads):
-                if g is not None:  # a unit the loss does not reach has importance 0
-                    sums[key] += g.detach().abs().double() * ids.shape[0]
-            count += ids.shape[0]
+                if g is not None and weight:  # a unit the loss does not reach has importance 0
+                    sums[key] += g.detach().abs().double() * weight
+            count += weight
     total = _all_reduce(sums, count)
     if total == 0:
         raise ValueError(
@@ -114,6 +124,36 @@ def estimate_importance(
             "(on every rank, or num_samples >= 1 overall)"
         )
     return {k: (s / total).float().cpu() for k, s in sums.items()}
+
+
+def _this_ranks_batches(batches, num_samples: int | None, device) -> list[tuple]:
+    """``(ids, mask)`` of the batches this rank scores, cut to its share of ``num_samples``."""
+    share = None if num_samples is None else _rank_share(num_samples)
+    out, count = [], 0
+    for batch in batches:
+        if share is not None and count >= share:
+            break
+        ids = batch["input_ids"].to(device)
+        mask = batch.get("attention_mask")
+        mask = None if mask is None else mask.to(device)
+        if share is not None and count + ids.shape[0] > share:
+            ids = ids[: share - count]
+            mask = None if mask is None else mask[: share - count]
+        out.append((ids, mask))
+        count += ids.shape[0]
+    return out
+
+
+def _padded_for_zero3(model: nn.Module, work: list[tuple], device) -> list[tuple]:
+    """``(ids, mask, weight)`` per pass. Under ZeRO 3 every forward gathers parameters from every
+    rank, so all ranks run as many passes: a rank with fewer batches adds passes of weight 0."""
+    out = [(ids, mask, ids.shape[0]) for ids, mask in work]
+    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
+    if not zero3 or not cdist.is_initialized():
+        return out
+    n = max(cdist.all_gather_object(len(out)))
+    dummy = out[0][:2] if out else (torch.zeros(1, 2, dtype=torch.long, device=device), None)
+    return out + [(*dummy, 0)] * (n - len(out))
 
 
 def _rank_share(num_samples: int) -> int:
@@ -142,7 +182,7 @@ def _all_reduce(sums: dict[str, torch.Tensor], count: int) -> int:
 
 @contextmanager
 def _gated(model: nn.Module, umap: UnitMap, gates: dict[str, torch.Tensor]) -> Iterator[None]:
-    handles = attach_gates(model, umap, heads=gates["heads"], ffn=gates["ffn"])
+    handles = attach_gates(model, umap, **gates)
     try:
         yield
     finally:
@@ -152,7 +192,12 @@ def _gated(model: nn.Module, umap: UnitMap, gates: dict[str, torch.Tensor]) -> I
 
 @contextmanager
 def _scoring_state(model: nn.Module, mode: str, p: float) -> Iterator[None]:
-    """Freeze parameters (only the gates need grads), set train/eval, add proxy dropout."""
+    """Freeze parameters (only the gates need grads), set train/eval, add proxy dropout.
+
+    Frozen, no layer keeps its input for a weight gradient: the graph holds half the activations.
+    An engine's module is frozen the same way: DeepSpeed's gradient hooks sit on the parameters
+    (``register_post_accumulate_grad_hook``) and stay when the flags come back.
+    """
     was_training = model.training
     flags = [(q, q.requires_grad) for q in model.parameters()]
     handles = []
@@ -193,11 +238,21 @@ def _batch_rng(ids: torch.Tensor, seed: int) -> Iterator[None]:
 def _proxy_loss(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, seed: int
 ) -> torch.Tensor:
-    """KL(p1 || p2) between two dropout passes, mean over real tokens; grads flow through both."""
+    """KL(p1 || p2) between two dropout passes (up to a constant), mean over real tokens.
+
+    The first pass is the target and builds no graph; the gradient flows through the second. This
+    keeps the proxy's cost at about one training step per batch (one forward without a graph,
+    one with, one backward to the gates) and its memory at one graph, where a gradient through
+    both passes costs two of each. It stays a measure of how sensitive each unit is to the
+    dropout noise: with dropout off both passes are equal and every unit scores 0.
+    """
     with _batch_rng(ids, seed):
-        logp1 = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        logp2 = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-    kl = (logp1.exp() * (logp1 - logp2)).sum(-1)  # [b, T]
+        with torch.no_grad():
+            p1 = F.softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        logits2 = model(input_ids=ids, attention_mask=mask).logits.float()
+    # KL(p1 || p2) = H(p1, p2) - H(p1); H(p1) takes no gradient, so the soft-target cross-entropy
+    # has the KL's gradient at fewer [b, T, V] passes (scores use gradients only).
+    kl = -(p1 * F.log_softmax(logits2, -1)).sum(-1)  # [b, T]
     if mask is None:
         return kl.mean()
     keep = mask.bool()
@@ -215,35 +270,50 @@ def normalize(raw: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     Note that DAS's ``|tanh|`` scores a unit far *below* its layer's mean as high as one far above;
     cltk keeps the published formula.
 
+    Token rows (``embed``, ``head``: ``[V]``) are normalised the same way, the vocabulary being
+    one layer.
+
     Args:
-        raw: ``{"heads": [L, H], "ffn": [L, I]}``.
+        raw: ``{"heads": [L, H], "ffn": [L, I]}`` (and optionally ``"embed"``, ``"head"``).
 
     Returns:
         The same keys and shapes, float32. A layer whose units all score the same gets zeros.
     """
     out = {}
-    for key in KEYS:
+    for key in _present(raw):
         x = raw[key].float()
-        mean = x.mean(dim=1, keepdim=True)
-        std = x.std(dim=1, keepdim=True)
-        z = torch.where(std > 0, (x - mean) / std, torch.zeros_like(x))
-        out[key] = torch.tanh(z).abs()
+        x2 = x[None] if x.dim() == 1 else x
+        mean = x2.mean(dim=1, keepdim=True)
+        std = x2.std(dim=1, keepdim=True)
+        z = torch.where(std > 0, (x2 - mean) / std, torch.zeros_like(x2))
+        out[key] = torch.tanh(z).abs().view_as(x)
     return out
+
+
+def _present(imp: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
+    return KEYS + tuple(k for k in TOKEN_KEYS if k in imp)
 
 
 def accumulate(
     prev: Mapping[str, torch.Tensor] | None, new: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Importance over stages: element-wise max (a unit stays as protected as it ever was)."""
+    """Importance over stages: element-wise max (a unit stays as protected as it ever was).
+
+    A token key present on one side only (e.g. a file from before token rows were scored) is kept.
+    """
     if prev is None:
-        return {k: new[k].clone() for k in KEYS}
-    for k in KEYS:
+        return {k: new[k].clone() for k in _present(new)}
+    out = {k: v.clone() for k, v in prev.items() if k in TOKEN_KEYS}
+    out.update({k: v.clone() for k, v in new.items() if k in TOKEN_KEYS and k not in prev})
+    both = KEYS + tuple(k for k in TOKEN_KEYS if k in prev and k in new)
+    for k in both:
         if prev[k].shape != new[k].shape:
             raise ValueError(
                 f"importance[{k!r}] shapes differ: {tuple(prev[k].shape)} before, "
                 f"{tuple(new[k].shape)} now: the model's units changed between stages"
             )
-    return {k: torch.maximum(prev[k], new[k].to(prev[k])) for k in KEYS}
+    out.update({k: torch.maximum(prev[k], new[k].to(prev[k])) for k in both})
+    return out
 
 
 def check_importance(
@@ -256,10 +326,13 @@ def check_importance(
             f"{where} lacks {missing}: expected tensors 'heads' [layers, heads] and "
             "'ffn' [layers, intermediate]"
         )
-    for k in KEYS:
+    for k in _present(imp):
         t = imp[k]
-        if t.dim() != 2 or not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{where}[{k!r}] must be a finite 2-D tensor, got {tuple(t.shape)}")
+        ndim = 2 if k in KEYS else 1
+        if t.dim() != ndim or not bool(torch.isfinite(t).all()):
+            raise ValueError(
+                f"{where}[{k!r}] must be a finite {ndim}-D tensor, got {tuple(t.shape)}"
+            )
         if bool((t < 0).any() or (t > 1).any()):
             raise ValueError(
                 f"{where}[{k!r}] has values outside [0, 1]: pass raw scores through "
@@ -270,7 +343,9 @@ def check_importance(
             "heads": (umap.num_layers, umap.num_heads),
             "ffn": (umap.num_layers, umap.intermediate),
         }
-        for k in KEYS:
+        if umap.tokens is not None:
+            want.update(embed=(umap.tokens.vocab,), head=(umap.tokens.vocab,))
+        for k in _present(imp):
             if tuple(imp[k].shape) != want[k]:
                 raise ValueError(
                     f"{where}[{k!r}] is {tuple(imp[k].shape)} but the model "
@@ -279,10 +354,11 @@ def check_importance(
 
 
 def save_importance(path: str | os.PathLike, imp: Mapping[str, torch.Tensor]) -> None:
-    """Write normalised importance as safetensors (``heads`` [L, H], ``ffn`` [L, I]), atomically."""
+    """Write normalised importance as safetensors atomically: ``heads`` [L, H], ``ffn`` [L, I]
+    and, when present, the token rows' ``embed`` / ``head`` [V]."""
     check_importance(imp)
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    save_file({k: imp[k].detach().float().cpu().contiguous() for k in KEYS}, tmp)
+    save_file({k: imp[k].detach().float().cpu().contiguous() for k in _present(imp)}, tmp)
     os.replace(tmp, path)
 
 
@@ -304,4 +380,4 @@ def load_importance(
     if unit_map is None and model is not None:
         unit_map = build_unit_map(model)
     check_importance(imp, unit_map, where=os.fspath(path))
-    return {k: imp[k] for k in KEYS}
+    return {k: imp[k] for k in _present(imp)}

@@ -30,6 +30,7 @@ for plain SGD only.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -45,46 +46,62 @@ _CHUNK = 1 << 22  # elements per index chunk when laying masks out (bounds trans
 
 
 def param_masks(
-    model: nn.Module, importance: Mapping[str, torch.Tensor], unit_map: UnitMap | None = None
+    model: nn.Module,
+    importance: Mapping[str, torch.Tensor],
+    unit_map: UnitMap | None = None,
+    tokens: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Per-parameter soft masks ``1 - importance`` on each unit's weights, 1 elsewhere.
 
     A KV head shared by several query heads (grouped-query attention) takes the max importance of
-    the heads sharing it. Parameters outside units (embeddings, norms, output-projection biases)
-    are left out: they are not masked.
+    the heads sharing it. With ``tokens`` and token importance in ``importance`` (``embed`` and
+    ``head``, ``[V]`` each), the rows of the input embedding and the LM head are masked too; a tied
+    embedding takes the max of both. Norms and output-projection biases are left out.
 
     Args:
         model: the model (plain, PEFT-wrapped, or ``engine.module``) whose names the masks use.
-        importance: normalised ``{"heads": [L, H], "ffn": [L, I]}`` in [0, 1].
+        importance: normalised ``{"heads": [L, H], "ffn": [L, I]}`` (and optionally ``"embed"``,
+            ``"head"``: ``[V]``) in [0, 1].
         unit_map: the model's map; built when None.
+        tokens: mask token rows (when ``importance`` has them).
 
     Returns:
         ``{param_name: mask}`` with ``mask`` float32 on CPU, broadcastable to the parameter's full
-        shape: ``[rows, 1]`` for a row mask, ``[1, cols]`` for a column mask, ``[n]`` for a bias
-        (``mask.expand(shape)`` is the element mask). Kept compact on purpose: a full-size mask
-        per parameter would cost as much memory as the model.
+        shape: e.g. ``[rows, 1]`` for a row mask, ``[1, cols]`` for a column mask, ``[n]`` for a
+        bias, ``[E, 1, I]`` for experts' columns (``mask.expand(shape)`` is the element mask). Kept
+        compact on purpose: a full-size mask per parameter would cost as much memory as the model.
     """
     umap = unit_map or build_unit_map(model)
     check_importance(importance, umap)
     vectors: dict[str, torch.Tensor] = {}
-    dims: dict[str, int] = {}
-    for layer, kind, s in umap.slices():
-        scores = importance[kind][layer].float().cpu()  # [U]
-        groups = s.positions.shape[0]
-        group_s = torch.zeros(groups).scatter_reduce(0, s.members, scores, "amax")  # [G]
-        shape = umap.shapes[s.param]
-        if dims.setdefault(s.param, s.dim) != s.dim:
+    dims: dict[str, tuple[int, ...]] = {}
+
+    def vector(name: str, unit_dims: tuple[int, ...]) -> torch.Tensor:
+        if dims.setdefault(name, unit_dims) != unit_dims:
             raise ValueError(
-                f"{s.param} has units along dims {dims[s.param]} and {s.dim}: the "
+                f"{name} has units along dims {dims[name]} and {unit_dims}: the "
                 "unit map is inconsistent (a parameter may only be split one way)"
             )
-        vec = vectors.setdefault(s.param, torch.ones(shape[s.dim]))
+        shape = umap.shapes[name]
+        return vectors.setdefault(name, torch.ones(math.prod(shape[d] for d in unit_dims)))
+
+    for layer, kind, s in umap.slices():
+        scores = importance[kind][layer, s.offset : s.offset + len(s.members)].float().cpu()
+        groups = s.positions.shape[0]
+        group_s = torch.zeros(groups).scatter_reduce(0, s.members, scores, "amax")  # [G]
+        vec = vector(s.param, s.dims)
         keep = (1.0 - group_s)[:, None].expand_as(s.positions)  # [G, k]
         vec[s.positions.flatten()] = torch.minimum(vec[s.positions.flatten()], keep.flatten())
+    rows = umap.tokens
+    if tokens and rows is not None:
+        for key, name in (("embed", rows.embed_param), ("head", rows.head_param)):
+            if name is not None and key in importance:
+                vec = vector(name, (0,))
+                torch.minimum(vec, 1.0 - importance[key].float().cpu(), out=vec)
     masks = {}
     for name, vec in vectors.items():
-        view = [1] * len(umap.shapes[name])
-        view[dims[name]] = -1
+        shape = umap.shapes[name]
+        view = [shape[d] if d in dims[name] else 1 for d in range(len(shape))]
         masks[name] = vec.view(view)
     return masks
 

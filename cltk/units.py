@@ -9,82 +9,48 @@ neurons. A unit owns
   :mod:`cltk.masking` protects a shared KV head as much as the most important head that reads it
   (max over the group), because masking it less would let training move what that head relies on.
 - **an FFN unit** u: its rows of the input projections (gate and up, or fc1, with bias) and its
-  input column of the output projection (down, or fc2).
+  input column of the output projection (down, or fc2). In a mixture-of-experts layer every
+  expert's neurons are units (expert e's neuron u is unit ``e * I + u``), then a shared expert's.
 
 Each unit also has a *gate point*: the input of the attention output projection is the heads'
 outputs laid out ``[..., H * head_dim]`` (head-major), and the input of the FFN output projection is
-the FFN activation ``[..., I]``. Multiplying those inputs by a gate scales one unit's contribution
-(:func:`attach_gates`); :mod:`cltk.importance` takes gradients with respect to such gates.
+the FFN activation ``[..., I]``; experts stored as 3-D tensors are gated through their ``down_proj``
+(scaling its column u scales neuron u's contribution exactly as a gate on the activation).
+Multiplying by a gate scales one unit's contribution (:func:`attach_gates`); :mod:`cltk.importance`
+takes gradients with respect to such gates. The token rows of the input embedding and of the LM
+head (``UnitMap.tokens``) get gates of their own: a gate scaling row r of either.
 
-Supported (tested on tiny random models): Llama, Mistral, Qwen2, GPT-2 (``Conv1D``: weights stored
-``[in, out]``, fused ``c_attn`` laid out q | k | v), GPT-NeoX (fused ``query_key_value`` interleaved
-per head: q_h, k_h, v_h), OPT and Phi. Others: :func:`register_architecture`.
-
-Parameter names are those of the model the map is built on: a PEFT-wrapped model gets its prefixed
-names (``base_model.model....base_layer.weight``), a DeepSpeed engine those of ``engine.module``.
-Shapes come from module attributes, so a ZeRO-3 partitioned model maps too (full shape:
-``param.ds_shape``).
+Which projections hold the units is found from the model's structure
+(:mod:`cltk.unit_discovery`); :func:`register_architecture` names them for a model that structure
+does not reveal. Parameter names are those of the model the map is built on: a PEFT-wrapped model
+gets its prefixed names (``base_model.model....base_layer.weight``), a DeepSpeed engine those of
+``engine.module``. Shapes come from module attributes, so a ZeRO-3 partitioned model maps too (full
+shape: ``param.ds_shape``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-SEPARATE, FUSED_GPT2, FUSED_NEOX = "separate", "fused_gpt2", "fused_neox"
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """Where the units of one architecture live, as module paths.
-
-    Attributes:
-        layers: path from the causal LM to its ``ModuleList`` of blocks, e.g. ``"model.layers"``.
-        attention: ``"separate"`` (q, k, v projections), ``"fused_gpt2"`` (one projection, output
-            laid out q | k | v, each head-major) or ``"fused_neox"`` (one projection, output
-            interleaved per head: q_h, k_h, v_h).
-        qkv: paths inside a block: ``(q, k, v)`` for ``separate``, ``(fused,)`` otherwise.
-        attn_out: attention output projection; its input is the heads' output.
-        ffn_in: projections whose output features are the FFN units (gate and up, or fc1).
-        ffn_out: FFN output projection; its input features are the FFN units.
-    """
-
-    layers: str
-    attention: str
-    qkv: tuple[str, ...]
-    attn_out: str
-    ffn_in: tuple[str, ...]
-    ffn_out: str
-
-
-_LLAMA_LIKE = ArchSpec(
-    "model.layers", SEPARATE, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "self_attn.o_proj", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
+from cltk.unit_discovery import (
+    ARCHITECTURES,
+    ArchSpec,
+    BlockParts,
+    UnitMapError,
+    blocks_path,
+    discover_block,
+    io_features,
+    register_architecture,
 )
-ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "gpt2": ArchSpec("transformer.h", FUSED_GPT2, ("attn.c_attn",), "attn.c_proj", ("mlp.c_fc",),
-                     "mlp.c_proj"),
-    "gpt_neox": ArchSpec("gpt_neox.layers", FUSED_NEOX, ("attention.query_key_value",),
-                         "attention.dense", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h"),
-    "opt": ArchSpec("model.decoder.layers", SEPARATE,
-                    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                    "self_attn.out_proj", ("fc1",), "fc2"),
-    "phi": ArchSpec("model.layers", SEPARATE,
-                    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                    "self_attn.dense", ("mlp.fc1",), "mlp.fc2"),
-}
 
-
-def register_architecture(model_type: str, spec: ArchSpec) -> None:
-    """Add (or replace) the unit map of ``config.model_type == model_type``."""
-    ARCHITECTURES[model_type] = spec
+__all__ = ["ArchSpec", "UnitMap", "UnitMapError", "attach_gates", "build_unit_map",
+           "register_architecture"]
 
 
 @dataclass(frozen=True)
@@ -93,30 +59,59 @@ class UnitSlice:
 
     Attributes:
         param: qualified parameter name in the model the map was built on.
-        role: ``"q"``, ``"k"``, ``"v"``, ``"qkv"`` (fused), ``"o"`` for heads; ``"in"``, ``"out"``
-            for FFN units. ``"o"`` and ``"out"`` are the output side: zeroing them removes exactly
-            the unit's contribution, as a zero gate does.
-        dim: dimension of the stored tensor that indexes units (Conv1D stores ``[in, out]``).
-        positions: ``[G, k]`` long: indices along ``dim`` owned by group g.
-        members: ``[U]`` long: the group of each unit. Groups are units themselves except for
-            shared KV heads (``members[h] = h // (H / H_kv)``).
+        role: ``"q"``, ``"k"``, ``"v"``, ``"o"`` for heads; ``"in"``, ``"out"`` for FFN units.
+            ``"o"`` and ``"out"`` are the output side: zeroing them removes exactly the unit's
+            contribution, as a zero gate does.
+        dims: dimensions of the stored tensor that index units (Conv1D stores ``[in, out]``; 3-D
+            experts use two: expert and feature); ``positions`` index them flattened row-major.
+        positions: ``[G, k]`` long: indices along ``dims`` owned by group g.
+        members: ``[n]`` long: the group of units ``offset .. offset + n - 1`` of the layer.
+            Groups are units themselves except for shared KV heads (``h // (H / H_kv)``).
+        offset: the layer's unit index of ``members[0]`` (FFNs after a layer's experts).
     """
 
     param: str
     role: str
-    dim: int
+    dims: tuple[int, ...]
     positions: torch.Tensor
     members: torch.Tensor
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Where units ``start .. start + count - 1`` of a layer are gated.
+
+    ``param`` None: multiply the input of ``module`` (``[..., count * width]``). Otherwise scale the
+    module's 3-D parameter ``param`` by the gates viewed as ``shape`` during its forward.
+    """
+
+    module: str
+    start: int
+    count: int
+    param: str | None = None
+    shape: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class LayerUnits:
-    """Units of one block: gate points (module names) and parameter slices."""
+    """Units of one block: gate points and parameter slices."""
 
     head_gate: str
-    ffn_gate: str
+    ffn_gates: tuple[Gate, ...]
     heads: tuple[UnitSlice, ...]
     ffn: tuple[UnitSlice, ...]
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """Input embedding and LM head: module paths (gates) and parameter names (masks; tied: same)."""
+
+    vocab: int
+    embed_module: str
+    embed_param: str
+    head_module: str | None
+    head_param: str | None
 
 
 @dataclass(frozen=True)
@@ -131,6 +126,8 @@ class UnitMap:
     intermediate: int
     layers: tuple[LayerUnits, ...]
     shapes: dict[str, torch.Size]
+    blocks: str = ""
+    tokens: TokenRows | None = None
 
     def slices(self) -> list[tuple[int, str, UnitSlice]]:
         """Every ``(layer, kind, slice)`` with kind ``"heads"`` or ``"ffn"``."""
@@ -159,32 +156,15 @@ def core_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _base(module: nn.Module) -> nn.Module:
-    # A PEFT-wrapped projection (e.g. lora.Linear) keeps the original layer as its base layer.
-    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
-
-
-def _io(module: nn.Module) -> tuple[int, int, bool]:
-    """(in_features, out_features, stored transposed) of a Linear or HF Conv1D."""
-    base = _base(module)
-    if hasattr(base, "nf") and hasattr(base, "nx"):  # transformers.pytorch_utils.Conv1D
-        return base.nx, base.nf, True
-    if hasattr(base, "in_features") and hasattr(base, "out_features"):
-        return base.in_features, base.out_features, False
-    raise ValueError(f"{type(base).__name__} is neither a Linear nor a Conv1D: cannot map units")
-
-
-def _unsupported(model: nn.Module, why: str) -> ValueError:
-    from cltk.models import ModelError  # a user's model choice: cltk reports it in one line
-
+def _unsupported(model: nn.Module, why: str) -> UnitMapError:
     core = core_model(model)
     model_type = getattr(getattr(core, "config", None), "model_type", None)
     names = [f"{n} ({type(m).__name__})" for n, m in core.named_modules() if n][:40]
-    return ModelError(
+    return UnitMapError(
         f"no unit map for model type {model_type!r} ({type(core).__name__}): {why}. Modules found: "
-        f"{', '.join(names)}. Add one with cltk.units.register_architecture({model_type!r}, "
-        "ArchSpec(layers=..., attention='separate'|'fused_gpt2'|'fused_neox', qkv=(...), "
-        "attn_out=..., ffn_in=(...), ffn_out=...)) naming those modules (see docs/das.md)."
+        f"{', '.join(names)}. Name its projections with cltk.units.register_architecture("
+        f"{model_type!r}, ArchSpec(layers=..., attention='separate'|'fused_gpt2'|'fused_neox', "
+        "qkv=(...), attn_out=..., ffn_in=(...), ffn_out=...)) (see docs/das.md)."
     )
 
 
@@ -194,117 +174,195 @@ def _arange_groups(n: int, width: int, start: int = 0, stride: int | None = None
     return start + torch.arange(n)[:, None] * stride + torch.arange(width)[None, :]
 
 
+class _Builder:
+    """Turns one block's :class:`BlockParts` into unit slices (names and shapes recorded)."""
+
+    def __init__(self, model: nn.Module, core: nn.Module, num_heads: int):
+        self.core, self.num_heads = core, num_heads
+        self.names: dict[int, str] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            self.names.setdefault(id(p), n)  # a tied weight: the name named_parameters() keeps
+        self.shapes: dict[str, torch.Size] = {}
+
+    def name(self, p: torch.Tensor | None, where: str) -> str | None:
+        if p is None:
+            return None
+        name = self.names.get(id(p))
+        if name is None:
+            raise UnitMapError(f"{where} is not a parameter of the given model")
+        self.shapes[name] = full_shape(p)
+        return name
+
+    def linear(self, path: str) -> tuple[nn.Module, int, int, bool]:
+        mod = self.core.get_submodule(path)
+        feats = io_features(mod)
+        if feats is None:
+            raise UnitMapError(f"{path} ({type(mod).__name__}) is neither a Linear nor a Conv1D")
+        base = mod.get_base_layer() if hasattr(mod, "get_base_layer") else mod
+        return base, *feats
+
+    def add(self, acc: list, path: str, role: str, positions, members, out_side=False, offset=0):
+        base, _, _, transposed = self.linear(path)
+        feature_dim = 1 if transposed else 0  # a Linear stores [out, in], Conv1D [in, out]
+        dim = (1 - feature_dim) if out_side else feature_dim
+        acc.append(UnitSlice(self.name(base.weight, f"{path}.weight"), role, (dim,), positions,
+                             members, offset))
+        bias = None if out_side else getattr(base, "bias", None)
+        if bias is not None:
+            acc.append(UnitSlice(self.name(bias, f"{path}.bias"), role, (0,), positions, members,
+                                 offset))
+
+    def heads(self, path: str, parts: BlockParts) -> tuple[list[UnitSlice], int, int]:
+        """Head slices of one block; returns them, head_dim and the number of KV heads."""
+        h = self.num_heads
+        _, width, _, _ = self.linear(f"{path}.{parts.attn_out}")
+        if width % h:
+            raise UnitMapError(f"{path}.{parts.attn_out} reads {width} features, not a multiple "
+                               f"of num_attention_heads={h}: fix the config")
+        d = width // h
+        outs = [self.linear(f"{path}.{q}")[2] for q in parts.qkv]
+        if parts.layout == "separate":
+            kv, rest = divmod(outs[1], d)
+            if outs[0] != width or rest or outs[2] != outs[1]:
+                raise UnitMapError(f"{path}: q/k/v give {outs} features but the config implies "
+                                   f"{width} queries and heads of {d}: fix the config or register "
+                                   "a matching ArchSpec")
+        else:
+            kv2, rest = divmod(outs[0] - width, d)
+            kv = kv2 // 2
+            if rest or kv2 % 2 or kv < 1:
+                raise UnitMapError(f"{path}.{parts.qkv[0]} gives {outs[0]} features: not q|k|v "
+                                   f"for {h} heads of {d}")
+        if h % kv:
+            raise UnitMapError(f"{path}: {h} heads are not a multiple of {kv} KV heads")
+        r = h // kv
+        own, shared = torch.arange(h), torch.arange(h) // r
+        acc: list[UnitSlice] = []
+        q = [f"{path}.{p}" for p in parts.qkv]
+        if parts.layout == "separate":
+            self.add(acc, q[0], "q", _arange_groups(h, d), own)
+            self.add(acc, q[1], "k", _arange_groups(kv, d), shared)
+            self.add(acc, q[2], "v", _arange_groups(kv, d), shared)
+        elif parts.layout == "blocks":  # q | k | v
+            self.add(acc, q[0], "q", _arange_groups(h, d), own)
+            self.add(acc, q[0], "k", _arange_groups(kv, d, start=h * d), shared)
+            self.add(acc, q[0], "v", _arange_groups(kv, d, start=(h + kv) * d), shared)
+        else:  # per KV group: its r query heads, then k, then v
+            step = (r + 2) * d
+            qpos = (torch.arange(h) // r * step + torch.arange(h) % r * d)[:, None]
+            self.add(acc, q[0], "q", qpos + torch.arange(d), own)
+            self.add(acc, q[0], "k", _arange_groups(kv, d, start=r * d, stride=step), shared)
+            self.add(acc, q[0], "v", _arange_groups(kv, d, start=(r + 1) * d, stride=step), shared)
+        self.add(acc, f"{path}.{parts.attn_out}", "o", _arange_groups(h, d), own, out_side=True)
+        return acc, d, kv
+
+    def ffn(self, path: str, parts: BlockParts, prefix: str) -> tuple[list, list[Gate]]:
+        acc: list[UnitSlice] = []
+        gates: list[Gate] = []
+        offset = 0
+        for ex in parts.experts:
+            mod = self.core.get_submodule(f"{path}.{ex.path}")
+            e, i = ex.num, ex.size
+            units = torch.arange(e * i)
+            base = units // i * (2 * i)  # [E, 2I] flattened: expert e's first row
+            u = units % i
+            pair = (torch.stack([base + 2 * u, base + 2 * u + 1], 1) if ex.interleaved
+                    else torch.stack([base + u, base + i + u], 1))  # gate_u and up_u
+            members = units
+            for attr, fused in ex.ins + ex.biases:
+                p = getattr(mod, attr)
+                rows = pair if fused else units[:, None]
+                dims = (0, 1) if (ex.transposed is False or p.dim() == 2) else (0, 2)
+                acc.append(UnitSlice(self.name(p, f"{path}.{ex.path}.{attr}"), "in", dims, rows,
+                                     members, offset))
+            down = getattr(mod, ex.out)
+            dims = (0, 1) if ex.transposed else (0, 2)
+            acc.append(UnitSlice(self.name(down, f"{path}.{ex.path}.{ex.out}"), "out", dims,
+                                 units[:, None], members, offset))
+            shape = (e, i, 1) if ex.transposed else (e, 1, i)
+            gates.append(Gate(f"{prefix}{path}.{ex.path}", offset, e * i, ex.out, shape))
+            offset += e * i
+        for dense in parts.ffns:
+            _, inter, _, _ = self.linear(f"{path}.{dense.out}")
+            units = torch.arange(inter)
+            for rel, fused in dense.ins:
+                rows = torch.stack([units, units + inter], 1) if fused else units[:, None]
+                self.add(acc, f"{path}.{rel}", "in", rows, units, offset=offset)
+            self.add(acc, f"{path}.{dense.out}", "out", units[:, None], units, out_side=True,
+                     offset=offset)
+            gates.append(Gate(f"{prefix}{path}.{dense.out}", offset, inter))
+            offset += inter
+        return acc, gates
+
+
 def build_unit_map(model: nn.Module) -> UnitMap:
     """Map the units of an HF causal LM (plain, PEFT-wrapped, or inside a DeepSpeed engine).
 
     Raises:
-        ValueError: unknown architecture (lists the modules found and how to register one), or
-            projection sizes that disagree with the config.
+        UnitMapError: a part not found (names it and the modules there, and how to register the
+            architecture), or projection sizes that disagree with the config.
     """
     core = core_model(model)
     config = getattr(core, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise _unsupported(model, "not registered")
-    spec = ARCHITECTURES[model_type]
+    n_heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None) or core.get_input_embeddings().embedding_dim
+    spec = ARCHITECTURES.get(model_type)
     try:
-        blocks = core.get_submodule(spec.layers)
-    except AttributeError as err:
-        raise _unsupported(model, f"no module {spec.layers!r}") from err
-    n_heads = config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-    if n_heads % n_kv:
-        raise ValueError(f"num_attention_heads={n_heads} is not a multiple of "
-                         f"num_key_value_heads={n_kv}: fix the model config")
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        layers_path = blocks_path(core, config)
+        blocks = core.get_submodule(layers_path)
+        if not isinstance(n_heads, int) or n_heads < 1:
+            if spec is None:  # name the missing part first, if one is missing
+                discover_block(blocks[0], f"{layers_path}.0", hidden, 1, model_type)
+            raise UnitMapError("its config has no num_attention_heads")
+    except (UnitMapError, AttributeError) as err:
+        raise _unsupported(model, str(err)) from err
     prefix = _prefix_of(model, core)
-    shapes: dict[str, torch.Size] = {}
-
-    def param(block_path: str, rel: str, attr: str) -> str | None:
-        mod = _base(core.get_submodule(f"{block_path}.{rel}"))
-        p = getattr(mod, attr, None)
-        if p is None:
-            return None
-        name = names.get(id(p))
-        if name is None:
-            raise ValueError(f"{block_path}.{rel}.{attr} is not a parameter of the given model")
-        shapes[name] = full_shape(p)
-        return name
-
-    layers = []
-    kv_members = torch.arange(n_heads) // (n_heads // n_kv)
-    own = torch.arange(n_heads)
+    build = _Builder(model, core, n_heads)
+    layers, kvs, dims = [], set(), set()
     for i in range(len(blocks)):
-        path = f"{spec.layers}.{i}"
+        path = f"{layers_path}.{i}"
         try:
-            mods = {rel: core.get_submodule(f"{path}.{rel}")
-                    for rel in (*spec.qkv, spec.attn_out, *spec.ffn_in, spec.ffn_out)}
+            parts = spec.parts() if spec else discover_block(
+                blocks[i], path, hidden, n_heads, model_type)
+            heads, head_dim, kv = build.heads(path, parts)
+            ffn, gates = build.ffn(path, parts, prefix)
         except AttributeError as err:
             raise _unsupported(model, f"block {path} lacks {err}") from err
-        heads: list[UnitSlice] = []
-        width = n_heads * head_dim
-
-        def add(rel: str, role: str, positions: torch.Tensor, members: torch.Tensor,
-                out_side: bool = False, acc: list = heads) -> None:
-            _, _, transposed = _io(mods[rel])
-            # Rows of a Linear's [out, in] weight are output features; Conv1D stores [in, out].
-            feature_dim = 1 if transposed else 0
-            dim = (1 - feature_dim) if out_side else feature_dim
-            acc.append(UnitSlice(param(path, rel, "weight"), role, dim, positions, members))
-            bias = None if out_side else param(path, rel, "bias")
-            if bias is not None:
-                acc.append(UnitSlice(bias, role, 0, positions, members))
-
-        if spec.attention == SEPARATE:
-            q, k, v = spec.qkv
-            _check(mods[q], None, width, f"{path}.{q}")
-            _check(mods[k], None, n_kv * head_dim, f"{path}.{k}")
-            add(q, "q", _arange_groups(n_heads, head_dim), own)
-            add(k, "k", _arange_groups(n_kv, head_dim), kv_members)
-            add(v, "v", _arange_groups(n_kv, head_dim), kv_members)
-        elif spec.attention == FUSED_GPT2:
-            (qkv,) = spec.qkv
-            _check(mods[qkv], None, 3 * width, f"{path}.{qkv}")
-            pos = torch.cat([_arange_groups(n_heads, head_dim, start=j * width)
-                             for j in range(3)], 1)
-            add(qkv, "qkv", pos, own)
-        elif spec.attention == FUSED_NEOX:
-            (qkv,) = spec.qkv
-            _check(mods[qkv], None, 3 * width, f"{path}.{qkv}")
-            add(qkv, "qkv", _arange_groups(n_heads, 3 * head_dim), own)
-        else:
-            raise ValueError(f"ArchSpec.attention={spec.attention!r}: use 'separate', "
-                             "'fused_gpt2' or 'fused_neox'")
-        _check(mods[spec.attn_out], width, None, f"{path}.{spec.attn_out}")
-        add(spec.attn_out, "o", _arange_groups(n_heads, head_dim), own, out_side=True)
-
-        inter, _, _ = _io(mods[spec.ffn_out])
-        ffn: list[UnitSlice] = []
-        units = torch.arange(inter)
-        for rel in spec.ffn_in:
-            _check(mods[rel], None, inter, f"{path}.{rel}")
-            add(rel, "in", units[:, None], units, acc=ffn)
-        add(spec.ffn_out, "out", units[:, None], units, out_side=True, acc=ffn)
-        layers.append(LayerUnits(
-            head_gate=f"{prefix}{path}.{spec.attn_out}", ffn_gate=f"{prefix}{path}.{spec.ffn_out}",
-            heads=tuple(heads), ffn=tuple(ffn),
-        ))
-    inters = {len(layer.ffn[-1].members) for layer in layers}
-    if len(inters) != 1:
-        raise ValueError(f"layers have different FFN sizes {sorted(inters)}: not supported")
-    return UnitMap(model_type, len(layers), n_heads, n_kv, head_dim, inters.pop(), tuple(layers),
-                   shapes)
+        except UnitMapError as err:
+            raise _unsupported(model, str(err)) from err
+        kvs.add(kv)
+        dims.add(head_dim)
+        layers.append(LayerUnits(f"{prefix}{path}.{parts.attn_out}", tuple(gates),
+                                 tuple(heads), tuple(ffn)))
+    inters = {sum(g.count for g in layer.ffn_gates) for layer in layers}
+    if len(inters) != 1 or len(kvs) != 1 or len(dims) != 1:
+        raise UnitMapError(f"layers differ in FFN units {sorted(inters)}, KV heads {sorted(kvs)} "
+                           f"or head size {sorted(dims)}: DAS needs one shape for every layer")
+    return UnitMap(model_type or type(core).__name__, len(layers), n_heads, kvs.pop(), dims.pop(),
+                   inters.pop(), tuple(layers), build.shapes, layers_path,
+                   _token_rows(model, core, build, prefix))
 
 
-def _check(module: nn.Module, want_in: int | None, want_out: int | None, where: str) -> None:
-    n_in, n_out, _ = _io(module)
-    if (want_in is not None and n_in != want_in) or (want_out is not None and n_out != want_out):
-        raise ValueError(
-            f"{where} is [{n_in} -> {n_out}] but the config implies "
-            f"[{want_in or n_in} -> {want_out or n_out}] (heads, kv heads, head_dim): "
-            "fix the config or register a matching ArchSpec"
-        )
+def _token_rows(model: nn.Module, core: nn.Module, build: _Builder, prefix: str) -> TokenRows | None:
+    """The input embedding and LM head, if the model exposes them the HF way."""
+    try:
+        emb, head = core.get_input_embeddings(), core.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if emb is None or getattr(emb, "weight", None) is None:
+        return None
+    paths = {id(m): n for n, m in core.named_modules()}
+    base = head.get_base_layer() if hasattr(head, "get_base_layer") else head
+    weight = getattr(base, "weight", None) if head is not None else None
+    vocab = full_shape(emb.weight)[0]
+    if weight is not None and full_shape(weight)[0] != vocab:
+        weight = None  # a head over another vocabulary: not token rows of the embedding's
+    return TokenRows(
+        vocab, prefix + paths[id(emb)], build.name(emb.weight, "input embedding"),
+        None if weight is None else prefix + paths[id(head)],
+        None if weight is None else build.name(weight, "output embedding"),
+    )
 
 
 def _prefix_of(model: nn.Module, core: nn.Module) -> str:
@@ -314,7 +372,7 @@ def _prefix_of(model: nn.Module, core: nn.Module) -> str:
     for name, mod in model.named_modules():
         if mod is core:
             return name + "."
-    raise ValueError("the wrapped causal LM is not a submodule of the given model")
+    raise UnitMapError("the wrapped causal LM is not a submodule of the given model")
 
 
 def _gate_pre_hook(gate: Callable[[], torch.Tensor], width: int) -> Callable:
@@ -327,19 +385,58 @@ def _gate_pre_hook(gate: Callable[[], torch.Tensor], width: int) -> Callable:
     return hook
 
 
+def _param_gate_hooks(module: nn.Module, gate: Gate, values: Callable[[], torch.Tensor]) -> list:
+    """Scale ``module.<gate.param>`` by the gates for the module's forward only.
+
+    The scaled tensor shadows the parameter as an instance attribute (the forward reads
+    ``self.down_proj``); the parameter itself is untouched and stays registered.
+    """
+    def before(mod: nn.Module, args: tuple) -> None:
+        p = mod._parameters[gate.param]
+        object.__setattr__(mod, gate.param, p * values().to(p.dtype).view(gate.shape))
+
+    def after(mod: nn.Module, args: tuple, output) -> None:
+        mod.__dict__.pop(gate.param, None)
+
+    return [module.register_forward_pre_hook(before),
+            module.register_forward_hook(after, always_call=True)]
+
+
+def _embed_hook(gate: Callable[[], torch.Tensor]) -> Callable:
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output * gate().to(output.dtype)[args[0]][..., None]
+
+    return hook
+
+
+def _head_hook(gate: Callable[[], torch.Tensor]) -> Callable:
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output * gate().to(output.dtype)
+
+    return hook
+
+
+def _rows(t: torch.Tensor, i: int, start: int, count: int) -> torch.Tensor:
+    return t[i, start : start + count]
+
+
 def attach_gates(
     model: nn.Module,
     umap: UnitMap,
     heads: torch.Tensor | None = None,
     ffn: torch.Tensor | None = None,
+    embed: torch.Tensor | None = None,
+    head: torch.Tensor | None = None,
 ) -> list[RemovableHandle]:
-    """Multiply each head's output and each FFN unit's activation by a gate (forward pre-hooks).
+    """Multiply each head's output, each FFN unit's activation and token rows by a gate.
 
     Args:
         model: the model ``umap`` was built on.
         umap: its unit map.
         heads: ``[L, H]`` gates on the input of each attention output projection, or None.
-        ffn: ``[L, I]`` gates on the input of each FFN output projection, or None.
+        ffn: ``[L, I]`` gates on each FFN unit's activation (experts: their down projection).
+        embed: ``[V]`` gates on the input embedding's rows (the token's vector is scaled).
+        head: ``[V]`` gates on the LM head's rows (the token's logit is scaled).
 
     Returns:
         Hook handles; ``h.remove()`` on each detaches the gates.
@@ -351,15 +448,27 @@ def attach_gates(
             handles.append(mod.register_forward_pre_hook(
                 _gate_pre_hook(lambda i=i: heads[i], umap.head_dim)))
         if ffn is not None:
-            mod = model.get_submodule(layer.ffn_gate)
-            handles.append(mod.register_forward_pre_hook(_gate_pre_hook(lambda i=i: ffn[i], 1)))
+            for g in layer.ffn_gates:
+                mod = model.get_submodule(g.module)
+                values = partial(_rows, ffn, i, g.start, g.count)
+                if g.param is None:
+                    handles.append(mod.register_forward_pre_hook(_gate_pre_hook(values, 1)))
+                else:
+                    handles += _param_gate_hooks(mod, g, values)
+    rows = umap.tokens
+    if rows is not None and embed is not None:
+        mod = model.get_submodule(rows.embed_module)
+        handles.append(mod.register_forward_hook(_embed_hook(lambda: embed)))
+    if rows is not None and head is not None and rows.head_module is not None:
+        mod = model.get_submodule(rows.head_module)
+        handles.append(mod.register_forward_hook(_head_hook(lambda: head)))
     return handles
 
 
 def block_modules(model: nn.Module) -> list[nn.Module]:
-    """The decoder blocks of a supported model, in order (e.g. for hooks on hidden states)."""
+    """The decoder blocks of a mappable model, in order (e.g. for hooks on hidden states)."""
     core = core_model(model)
-    model_type = getattr(getattr(core, "config", None), "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise _unsupported(model, "not registered")
-    return list(core.get_submodule(ARCHITECTURES[model_type].layers))
+    try:
+        return list(core.get_submodule(blocks_path(core, getattr(core, "config", None))))
+    except (UnitMapError, AttributeError) as err:
+        raise _unsupported(model, str(err)) from err

@@ -40,7 +40,14 @@ SCRIPTS = {
     "das": (
         ["das.py", "speed", "--steps", "1", "--rounds", "1", "--importance-seqs", "4",
          "--importance-rounds", "1", "--hook-reps", "1"],
-        "importance, seconds per 1,000 sequences",
+        "importance on the engine, seconds per 1,000 sequences",
+    ),
+    "das_memory": (["das.py", "memory", "--importance-seqs", "2"], "| second fp32 copy (before) |"),
+    "das_quality": (
+        ["das_quality.py", "--seeds", "1", "--base-steps", "2", "--steps", "2", "--chars", "20000",
+         "--vocab", "400", "--seq-len", "16", "--eval-seqs", "4", "--importance-seqs", "4",
+         "--hidden", "32", "--layers", "1"],
+        "| das-units |",
     ),
     "lora": (["lora.py", "steps", "--steps", "1", "--rounds", "1"], "median step"),
 }
@@ -49,7 +56,7 @@ SCRIPTS = {
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_benchmark_script_runs_on_a_tiny_setting(name, tmp_path):
     argv, expect = SCRIPTS[name]
-    sets = [] if name == "losses" else SETS  # losses.py takes shapes, not a run config
+    sets = [] if name in ("losses", "das_quality") else SETS  # these take shapes, not a config
     cmd = [sys.executable, str(ROOT / "benchmarks" / argv[0]), *argv[1:], *sets]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

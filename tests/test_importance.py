@@ -41,14 +41,35 @@ def test_proxy_is_finite_and_nonzero_on_a_dropout_free_llama(script):
     umap = build_unit_map(model)
     assert raw["heads"].shape == (umap.num_layers, umap.num_heads)
     assert raw["ffn"].shape == (umap.num_layers, umap.intermediate)
-    for t in raw.values():
-        assert bool(torch.isfinite(t).all()) and bool((t > 0).all())
+    for k in ("heads", "ffn"):
+        assert bool(torch.isfinite(raw[k]).all()) and bool((raw[k] > 0).all())
+    # Token rows: the input embedding's rows score where their token occurs; every head row does.
+    seen = torch.zeros(64, dtype=torch.bool)
+    seen[torch.cat([b["input_ids"].flatten() for b in batches[:2]])] = True
+    assert raw["embed"].shape == raw["head"].shape == (64,)
+    assert bool((raw["embed"][seen] > 0).all()) and bool((raw["embed"][~seen] == 0).all())
+    assert bool((raw["head"] > 0).all())
     # Without the dropout cltk adds, both passes of a dropout-free model are equal: nothing scores.
     flat = estimate_importance(model, batches[:2], mode="proxy", proxy_dropout=0.0)
     assert float(flat["heads"].abs().max()) < 1e-4 * float(raw["heads"].max())
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "opt", "phi", "qwen2"])
+def test_token_row_scores_are_gate_gradients(script):
+    """|d loss / d gate_r| of a gate scaling row r equals |<W_r, d loss / d W_r>| (one batch)."""
+    model, batches = script.build()
+    ids = batches[0]["input_ids"]
+    raw = estimate_importance(model, [{"input_ids": ids}], mode="lm")
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    for key, w in (("embed", model.model.embed_tokens.weight), ("head", model.lm_head.weight)):
+        want = (w.detach() * w.grad).sum(-1).abs()
+        torch.testing.assert_close(raw[key], want, rtol=1e-4, atol=1e-9)
+    assert "embed" not in estimate_importance(model, [{"input_ids": ids}], mode="lm",
+                                              tokens=False)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "opt", "phi", "qwen2", "mixtral",
+                                  "falcon-gqa"])
 def test_every_mapped_architecture_scores(arch):
     from tests.test_units import tiny
 
@@ -146,6 +167,10 @@ def test_accumulate_is_elementwise_max():
     acc = accumulate(accumulate(None, a), b)
     for k in a:
         assert torch.equal(acc[k], torch.maximum(a[k], b[k]))
+    # Token rows accumulate the same way; a file without them (older runs) keeps the new ones.
+    ta, tb = {**a, "embed": torch.tensor([0.1, 0.8])}, {**b, "embed": torch.tensor([0.5, 0.2])}
+    assert torch.equal(accumulate(ta, tb)["embed"], torch.tensor([0.5, 0.8]))
+    assert torch.equal(accumulate(a, tb)["embed"], tb["embed"])
     with pytest.raises(ValueError, match="shapes differ"):
         accumulate(a, {"heads": torch.zeros(1, 3), "ffn": b["ffn"]})
 
@@ -156,10 +181,12 @@ def test_save_load_roundtrip_and_errors(tmp_path, script):
     imp = {
         "heads": torch.rand(umap.num_layers, umap.num_heads),
         "ffn": torch.rand(umap.num_layers, umap.intermediate),
+        "embed": torch.rand(64),
+        "head": torch.rand(64),
     }
     path = tmp_path / "importance.safetensors"
     save_importance(path, imp)
-    assert set(load_file(path)) == {"heads", "ffn"}
+    assert set(load_file(path)) == {"heads", "ffn", "embed", "head"}
     back = load_importance(path, model=model)
     for k in imp:
         assert torch.equal(back[k], imp[k])
@@ -167,6 +194,9 @@ def test_save_load_roundtrip_and_errors(tmp_path, script):
         load_importance(tmp_path / "missing.safetensors", model=model)
     with pytest.raises(ValueError, match="outside \\[0, 1\\]"):
         save_importance(tmp_path / "raw.safetensors", {k: v * 5 for k, v in imp.items()})
+    with pytest.raises(ValueError, match="another model"):
+        save_importance(tmp_path / "v.safetensors", {**imp, "embed": torch.rand(65)})
+        load_importance(tmp_path / "v.safetensors", model=model)
     wrong = {"heads": torch.rand(umap.num_layers, umap.num_heads + 1), "ffn": imp["ffn"]}
     save_importance(tmp_path / "wrong.safetensors", wrong)
     with pytest.raises(ValueError, match="another model"):

@@ -137,11 +137,12 @@ def test_model_files_that_are_not_models(tmp_path, capsys):
 
 def test_models_a_method_cannot_use(tmp_path, capsys, process_group):
     """Found when the stage's model is built (the model type decides), before the first step."""
-    bloom = {"config": {"model_type": "bloom", "hidden_size": 32, "n_head": 4, "n_layer": 2}}
+    mamba = {"config": {"model_type": "mamba", "hidden_size": 32, "num_hidden_layers": 2}}
     small = dict(domains=[{"name": "code", "source": {"builtin": "stdlib"}, "max_chars": 6000}])
-    cfg = write_tiny_run(tmp_path / "das", model=bloom, das={}, **small)
+    cfg = write_tiny_run(tmp_path / "das", model=mamba, das={}, **small)
     assert_one_line(
-        *train(capsys, cfg), "no unit map for model type 'bloom'", "register_architecture"
+        *train(capsys, cfg), "no unit map for model type 'mamba'", "no attention module",
+        "register_architecture",
     )
     lora = {"target_modules": ["q_prj"]}
     cfg = write_tiny_run(tmp_path / "lora", lora=lora, **small)

@@ -5,8 +5,14 @@ already knows is scored with the proxy (KL between two dropout passes on the fir
 domain, importance for that domain is scored with the LM loss and accumulated by element-wise max. While a
 later domain trains, a unit of accumulated importance s changes about (1 - s) as much as it would unmasked:
 by default the optimizer's *update* is masked (holds under Adam, weight decay included; ZeRO 0-3), or, as an
-option correct for SGD only, the gradient. Every stage directory holds the accumulated importance that the
-next stage uses, as ``importance.safetensors``.
+option correct for SGD only, the gradient. With ``das.protect_embeddings`` (default) the token rows of the
+input embedding and the LM head are scored and masked the same way. Every stage directory holds the
+accumulated importance that the next stage uses, as ``importance.safetensors``.
+
+Scoring runs on the model being trained, not on a second copy: the DeepSpeed engine's module (partitioned
+under ZeRO 3, in the run's precision), before the first stage's first step (proxy) and after each domain's
+last step (LM loss). Only ``mask: grad``, whose hooks must exist before ``deepspeed.initialize``, scores the
+first proxy on the plain model being trained, before the engine wraps it.
 """
 
 from __future__ import annotations
@@ -30,7 +36,6 @@ from cltk.importance import (
 )
 from cltk.masking import attach_update_masks, param_masks, register_grad_masks
 from cltk.methods.base import Method, StageContext
-from cltk.models import build_model
 from cltk.tracking import log
 from cltk.units import UnitMap, attach_gates, block_modules, build_unit_map
 
@@ -59,34 +64,42 @@ class DasMethod(Method):
             rows = train[np.sort(mine[i : i + bs]).tolist()]["input_ids"]
             yield {"input_ids": torch.as_tensor(np.asarray(rows, dtype=np.int64))}
 
-    def _score(self, ctx: StageContext, model: torch.nn.Module, domain: str, mode: str) -> dict:
-        model.to(dist.device())
+    def _score(self, ctx: StageContext, model: Any, domain: str, mode: str) -> dict:
+        """Normalised importance on ``model``: the engine, or (``mask: grad``) the plain model."""
+        if isinstance(model, torch.nn.Module) and not hasattr(model, "optimizer"):
+            model.to(dist.device())
+        what = "proxy KL" if mode == "proxy" else "LM loss"
+        log(f"das: scoring {domain} ({what}, {self.das.importance_samples} sequences)")
         raw = estimate_importance(
             model,
             self._batches(ctx, domain),
             mode=mode,
             proxy_dropout=self.das.proxy_dropout,
             seed=self.cfg.seed,
+            tokens=self.das.protect_embeddings,
         )
         return normalize(raw)
 
+    def _masks(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        assert self.importance is not None
+        return param_masks(model, self.importance, tokens=self.das.protect_embeddings)
+
     # ----- hooks ------------------------------------------------------------------------------------
     def on_stage_start(self, ctx: StageContext) -> None:
-        if ctx.prev_stage_dir is None:
-            log(
-                f"das: scoring what the initial model knows (proxy KL, {self.das.importance_samples} "
-                f"sequences of {ctx.stage.domain})"
-            )
-            self.importance = self._score(ctx, ctx.model, ctx.stage.domain, "proxy")
-        else:
+        build_unit_map(ctx.model)  # a model DAS cannot map is refused before the engine is built
+        self.importance = None
+        if ctx.prev_stage_dir is not None:
             self.importance = load_importance(ctx.prev_stage_dir / IMPORTANCE_FILE, model=ctx.model)
+        elif self.das.mask == "grad":  # its hooks go on before deepspeed.initialize
+            self.importance = self._score(ctx, ctx.model, ctx.stage.domain, "proxy")
         if self.das.mask == "grad":
-            self.handles = register_grad_masks(ctx.model, param_masks(ctx.model, self.importance))
+            self.handles = register_grad_masks(ctx.model, self._masks(ctx.model))
 
     def on_engine_ready(self, ctx: StageContext) -> None:
+        if self.importance is None:  # what the initial model knows, scored on the engine
+            self.importance = self._score(ctx, ctx.engine, ctx.stage.domain, "proxy")
         if self.das.mask == "update":
-            assert self.importance is not None
-            masks = param_masks(ctx.engine.module, self.importance)
+            masks = self._masks(ctx.engine.module)
             self.handles = [attach_update_masks(ctx.engine, masks)]
 
     def extra_loss(
@@ -158,17 +171,10 @@ class DasMethod(Method):
         self.handles = []
         assert self.importance is not None
         stage = ctx.stage
-        if (
-            stage.block == stage.blocks - 1
-        ):  # the domain is done: score it on the model just trained
-            log(
-                f"das: scoring units for {stage.domain} (LM loss, {self.das.importance_samples} sequences)"
-            )
-            trained = build_model(self.cfg, ctx.tokenizer, init_dir=ctx.stage_dir)
+        if stage.block == stage.blocks - 1:  # the domain is done: score the engine just trained
             self.importance = accumulate(
-                self.importance, self._score(ctx, trained, stage.domain, "lm")
+                self.importance, self._score(ctx, ctx.engine, stage.domain, "lm")
             )
-            del trained
         if dist.is_main():
             save_importance(ctx.stage_dir / IMPORTANCE_FILE, self.importance)
         dist.barrier()

@@ -11,10 +11,14 @@ fragments straddle ranks), masks it with a fixed importance pattern, trains 50 s
 random tokens and gathers the full weights. Run kinds: ``update`` (update masks, AdamW with weight
 decay built by DeepSpeed from its config), ``update_client`` (the same with a torch AdamW handed
 over), ``update_bf16`` (update masks, bf16 weights: DeepSpeed's BF16_Optimizer at ZeRO 1),
-``grad_sgd`` (gradient masks, SGD) and ``grad_adamw`` (gradient masks, AdamW: expected NOT to
-protect). Rank 0 writes per run: mean |move| of importance-0 and 0.9 elements and their ratio, the
-largest move of importance-1 elements; for update runs the layout used, that move after
-``handle.remove()`` and (fp32) the element-by-element probe of the first step (:func:`probe`).
+``update_offload`` (update masks, optimizer offloaded to the CPU: DeepSpeedCPUAdam, compiled on
+first use), ``grad_sgd`` (gradient masks, SGD) and ``grad_adamw`` (gradient masks, AdamW: expected
+NOT to protect). Rank 0 writes per run: mean |move| of importance-0 and 0.9 elements and their
+ratio, the largest move of importance-1 elements; for update runs the layout used, that move after
+``handle.remove()`` and (fp32) the element-by-element probe of the first step (:func:`probe`); for
+``update`` and ``update_offload`` the exact check of the first step against an unmasked engine
+(:func:`exact`). ``importance`` / ``importance_bf16`` score DAS importance on the engine (fp32 or
+bf16) and on the plain fp32 model, and write how far they differ (:func:`importance_agreement`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import torch
 import transformers as T
 
 STEPS, LR, WD = 50, 1e-2, 0.1
-RUNS = ("update", "update_client", "update_bf16", "grad_sgd", "grad_adamw")
+RUNS = ("update", "update_client", "update_bf16", "update_offload", "grad_sgd", "grad_adamw",
+        "importance", "importance_bf16")
 
 
 def tiny_llama() -> torch.nn.Module:
@@ -59,7 +64,7 @@ def pattern(layers: int, heads: int, inter: int) -> dict[str, torch.Tensor]:
     return {"heads": h, "ffn": ffn}
 
 
-def ds_config(stage: int, client: bool, bf16: bool = False) -> dict:
+def ds_config(stage: int, client: bool, bf16: bool = False, offload: bool = False) -> dict:
     cfg = {
         "train_micro_batch_size_per_gpu": 4,
         "gradient_accumulation_steps": 1,
@@ -69,6 +74,8 @@ def ds_config(stage: int, client: bool, bf16: bool = False) -> dict:
     }
     if bf16:  # ZeRO 1 + bf16 + fp32 gradient accumulation: DeepSpeed's BF16_Optimizer
         cfg.update(bf16={"enabled": True}, data_types={"grad_accum_dtype": "fp32"})
+    if offload:  # the optimizer steps on the CPU: DeepSpeedCPUAdam, as cltk.engine builds it
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     if not client:
         cfg["optimizer"] = {
             "type": "AdamW",
@@ -145,23 +152,92 @@ def probe(before, after, masks) -> dict:
     return {"probe_over": over, "probe_under": under}
 
 
+def exact(before, masked, free, masks) -> dict:
+    """After one step from equal weights on equal data, each masked element's move must be its
+    mask times the unmasked engine's move: the worst miss, relative to the step size (lr)."""
+    worst, free_max = 0.0, 0.0
+    for name, mask in masks.items():
+        d_free = free[name] - before[name]
+        want = mask.expand(d_free.shape) * d_free
+        worst = max(worst, float((masked[name] - before[name] - want).abs().max()))
+        free_max = max(free_max, float(d_free.abs().max()))
+    return {"exact_err": worst / LR, "free_max": free_max / LR}
+
+
+def optimizer_for(kind: str, model):
+    if kind == "grad_sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.5)
+    if kind in ("grad_adamw", "update_client"):
+        return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
+    if kind == "update_offload":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(model.parameters(), lr=LR, weight_decay=WD, adamw_mode=True)
+    return None
+
+
+def first_step_free(stage: int, kind: str, rank: int) -> dict[str, torch.Tensor]:
+    """The same engine without masks, one step: the free update the masked one is measured by."""
+    import deepspeed
+
+    model = tiny_llama()
+    opt = optimizer_for(kind, model)
+    config = ds_config(stage, opt is not None, offload=kind == "update_offload")
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    train(engine, 1, rank)
+    out = full_weights(engine, stage)
+    engine.destroy()
+    return out
+
+
+def importance_agreement(stage: int, kind: str, rank: int) -> dict:
+    """Importance scored on the engine (partitioned under ZeRO 3, bf16 for ``importance_bf16``)
+    against the plain fp32 model every rank held before: raw scores and normalised ones."""
+    import deepspeed
+
+    from cltk.importance import estimate_importance, normalize
+
+    gen = torch.Generator().manual_seed(7 + rank)
+    # rank 0 scores 3 batches, rank 1 two: under ZeRO 3 the ranks must still run equal passes
+    batches = [{"input_ids": torch.randint(0, 64, (2, 16), generator=gen)}
+               for _ in range(3 - rank)]
+    plain = tiny_llama()
+    engine, *_ = deepspeed.initialize(
+        model=tiny_llama(), config=ds_config(stage, False, bf16=kind == "importance_bf16"))
+    out = {"stage": stage, "run": kind}
+    for mode in ("proxy", "lm"):
+        want = estimate_importance(plain, batches, mode=mode)
+        got = estimate_importance(engine, batches, mode=mode)
+        assert want.keys() == got.keys() == {"heads", "ffn", "embed", "head"}, got.keys()
+        nw, ng = normalize(want), normalize(got)
+        out[mode] = {
+            k: {
+                "raw_rel_err": float((got[k] - want[k]).abs().max() / want[k].abs().max()),
+                "norm_max_err": float((ng[k] - nw[k]).abs().max()),
+                "norm_mean_err": float((ng[k] - nw[k]).abs().mean()),
+            }
+            for k in want
+        }
+    engine.destroy()
+    return out
+
+
 def run(stage: int, kind: str, rank: int) -> dict:
     import deepspeed
 
     from cltk.masking import attach_update_masks, param_masks, register_grad_masks
     from cltk.units import build_unit_map
 
+    if kind.startswith("importance"):
+        return importance_agreement(stage, kind, rank)
+    free = first_step_free(stage, kind, rank) if kind in ("update", "update_offload") else None
     model = tiny_llama()
     umap = build_unit_map(model)
     masks = param_masks(model, pattern(umap.num_layers, umap.num_heads, umap.intermediate))
     if kind.startswith("grad"):
         register_grad_masks(model, masks)
-    opt = None
-    if kind == "grad_sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    elif kind in ("grad_adamw", "update_client"):
-        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
-    config = ds_config(stage, opt is not None, kind == "update_bf16")
+    opt = optimizer_for(kind, model)
+    config = ds_config(stage, opt is not None, kind == "update_bf16", kind == "update_offload")
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     if stage == 3:  # the map also reads a partitioned model (full shapes from ds_shape)
         again = param_masks(
@@ -177,6 +253,8 @@ def run(stage: int, kind: str, rank: int) -> dict:
     out = {"stage": stage, "run": kind, **moves(before, after, masks)}
     if kind in ("update", "update_client"):  # fp32 AdamW: bf16 rounding would blur the reading
         out.update(probe(before, first, masks))
+    if free is not None:
+        out.update(exact(before, first, free, masks))
     if handle is not None:
         out["layout"], out["masked_numel_rank"] = handle.layout, handle.masked_numel
         handle.remove()
@@ -228,7 +306,9 @@ def main() -> None:
                 continue
             res = run(stage, kind, rank)
             results.append(res)
-            if rank == 0:
+            if rank == 0 and kind.startswith("importance"):
+                print(f"IMPORTANCE stage={stage} run={kind} {json.dumps(res)}", flush=True)
+            elif rank == 0:
                 print(
                     f"MASKING stage={stage} run={kind} ratio={res['ratio']:.3f} "
                     f"pooled={res['pooled_ratio']:.3f} worst={res['worst_param_ratio']:.3f} "
