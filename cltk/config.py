@@ -350,6 +350,23 @@ def _set_override(raw: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(value)
 
 
+def read_raw(path: str | os.PathLike, overrides: list[str] | None = None) -> tuple[dict, Path]:
+    """The mapping a YAML config file holds, with ``key.sub=value`` overrides applied, and the file's
+    directory (relative paths resolve against it). Shared by every cltk config loader."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("", f"config file {p} not found")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError("", f"{p} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"{p} must hold a mapping of sections, got {type(raw).__name__}")
+    for o in overrides or []:
+        _set_override(raw, o)
+    return raw, p.resolve().parent
+
+
 def load_config(
     path: str | os.PathLike | None = None,
     overrides: list[str] | None = None,
@@ -368,16 +385,7 @@ def load_config(
     if raw is None:
         if path is None:
             raise ConfigError("", "give a config file (--config RUN.yaml)")
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError("", f"config file {p} not found")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError("", f"{p} is not valid YAML: {e}") from e
-        if not isinstance(raw, dict):
-            raise ConfigError("", f"{p} must hold a mapping of sections, got {type(raw).__name__}")
-        base = p.resolve().parent
+        raw, base = read_raw(path)
     raw = json.loads(json.dumps(raw))  # deep copy; overrides must not touch the caller's mapping
     for o in overrides or []:
         _set_override(raw, o)

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from cltk.config import read_raw
 from cltk.errors import UserError
 
 VARIANTS = ("addner", "extendner")
@@ -219,24 +218,5 @@ def check_config(cfg: NerConfig) -> None:
 
 def load_ner_config(path: str | Path, overrides: list[str] | None = None) -> NerConfig:
     """Load ``path`` (YAML), apply ``key.sub=value`` overrides (values parsed as YAML), check."""
-    p = Path(path)
-    if not p.is_file():
-        raise NerConfigError("", f"config file {p} not found")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise NerConfigError("", f"{p} is not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise NerConfigError("", f"{p} must hold a mapping")
-    for o in overrides or []:
-        key, sep, value = o.partition("=")
-        if not sep:
-            raise NerConfigError("--set", f"expected KEY=VALUE, got {o!r}")
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise NerConfigError(key, "cannot set a key inside a non-mapping")
-        node[parts[-1]] = yaml.safe_load(value)
-    return parse_config(raw, p.resolve().parent)
+    raw, base = read_raw(path, overrides)
+    return parse_config(raw, base)
