@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from cltk.losses_fused import SoftTargetPass
+from cltk.losses_fused import SoftTargetPass, chunk_slices, lam_from_q
 
 __all__ = [
     "causal_lm_loss",
@@ -106,8 +106,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _chunks(rows: int, vocab: int) -> list[slice]:
-    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
-    return [slice(s, min(s + step, rows)) for s in range(0, rows, step)]
+    return chunk_slices(rows, vocab, CHUNK_ELEMENTS)
 
 
 def _teacher_log_r(t: Tensor, temperature: float, valid: Tensor, dtype: torch.dtype) -> Tensor:
@@ -252,13 +251,7 @@ def _soft_target_weight(label_logprob: Tensor, p: float, one_hot_below: float | 
     y entry, lambda + (1 - lambda) q_y = p, and any other entry, (1 - lambda) q_j.
     """
     q_y = label_logprob.detach().to(_compute_dtype(label_logprob.dtype)).exp()
-    # q_y = 1 makes the ratio 0/0; such tokens satisfy q_y >= p and take lambda = 0 below, so
-    # clamping the denominator only keeps NaN out of the discarded branch of where().
-    lam = (p - q_y) / (1.0 - q_y).clamp_min(torch.finfo(q_y.dtype).tiny)
-    lam = torch.where(q_y >= p, torch.zeros_like(lam), lam.clamp(0.0, 1.0))
-    if one_hot_below is not None:
-        lam = torch.where(q_y < one_hot_below, torch.ones_like(lam), lam)
-    return lam
+    return lam_from_q(q_y, p, one_hot_below)
 
 
 # ---------------------------------------------------------------------------------------------

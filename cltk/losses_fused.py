@@ -17,13 +17,18 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 
-def _chunks(rows: int, vocab: int, elements: int) -> list[slice]:
+def chunk_slices(rows: int, vocab: int, elements: int) -> list[slice]:
+    """Row slices of a ``[rows, vocab]`` tensor holding about ``elements`` entries each."""
     step = max(1, elements // max(vocab, 1))
     return [slice(s, min(s + step, rows)) for s in range(0, rows, step)]
 
 
-def _lam_from_q(q_y: Tensor, p: float, one_hot_below: float | None) -> Tensor:
-    """``lambda = max(0, (p - q_y) / (1 - q_y))`` (0 where ``q_y >= p``), 1 below ``one_hot_below``."""
+def lam_from_q(q_y: Tensor, p: float, one_hot_below: float | None) -> Tensor:
+    """``lambda = max(0, (p - q_y) / (1 - q_y))`` (0 where ``q_y >= p``), 1 below ``one_hot_below``.
+
+    ``q_y = 1`` makes the ratio 0/0; such tokens satisfy ``q_y >= p`` and take 0, so clamping the
+    denominator only keeps NaN out of the discarded branch of ``where()``.
+    """
     lam = (p - q_y) / (1.0 - q_y).clamp_min(torch.finfo(q_y.dtype).tiny)
     lam = torch.where(q_y >= p, torch.zeros_like(lam), lam.clamp(0.0, 1.0))
     if one_hot_below is not None:
@@ -51,14 +56,14 @@ class SoftTargetPass(torch.autograd.Function):
         log_q_y = torch.empty(n, dtype=dtype, device=logits.device)
         lam = torch.empty(n, dtype=dtype, device=logits.device)
         tiny = torch.finfo(dtype).tiny
-        for s in _chunks(n, vocab, chunk_elements):
+        for s in chunk_slices(n, vocab, chunk_elements):
             v = valid[s]
             lp = torch.log_softmax(logits[s], -1, dtype=dtype)
             q = torch.softmax(teacher[s], -1, dtype=dtype)
             if not bool(v.all()):  # an ignored row may hold NaN/inf: keep it out of every sum
                 q[~v] = 0.0
             q_y = q.gather(1, y[s]).squeeze(1)
-            lam[s] = lam_s = _lam_from_q(q_y, p, one_hot_below)
+            lam[s] = lam_s = lam_from_q(q_y, p, one_hot_below)
             ce_y = -lp.gather(1, y[s]).squeeze(1)
             ce_q = -(q.mul_(lp)).sum(-1)
             loss = lam_s * ce_y + (1.0 - lam_s) * ce_q
@@ -80,7 +85,7 @@ class SoftTargetPass(torch.autograd.Function):
         y = safe.unsqueeze(1)
         g = torch.where(valid, grad_out.to(dtype), torch.zeros_like(lam))
         grad = torch.empty_like(logits)
-        for s in _chunks(n, vocab, ctx.chunk_elements):
+        for s in chunk_slices(n, vocab, ctx.chunk_elements):
             v = valid[s]
             chunk = torch.softmax(logits[s], -1, dtype=dtype).mul_(g[s].unsqueeze(1))
             q = torch.softmax(teacher[s], -1, dtype=dtype)
