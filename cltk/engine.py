@@ -179,9 +179,7 @@ def train_step(
                 m.after_backward(ctx)
             lr = float(engine.get_lr()[0])  # the LR this update applies (the scheduler steps in step())
         engine.step()
-    out = {k: v for k, v in totals.items()}
-    out["lr"] = lr
-    return out
+    return {**totals, "lr": lr}
 
 
 def _reduce_and_check(
@@ -194,10 +192,9 @@ def _reduce_and_check(
     """One all-reduce of the step's weighted loss terms and one host copy of them with this rank's
     method metrics; raises :class:`NonFiniteLossError` on every rank if any term is NaN/inf anywhere."""
     reduced = dist.all_reduce_sum(terms_sum) / count
-    n_metrics = len(metric_sums)
-    local = [v.reshape(()) / (count // dist.world_size()) for v in metric_sums.values()]
-    values = torch.cat([reduced.double(), torch.stack(local).double() if local else reduced[:0].double()])
-    values = values.cpu().tolist()
+    per_rank = count // dist.world_size()  # this rank's micro-batches
+    local = [v.reshape(()) / per_rank for v in metric_sums.values()]
+    values = torch.cat([reduced, *(v.reshape(1) for v in local)]).double().cpu().tolist()
     terms = dict(zip(names, values[: len(names)]))
     if not all(math.isfinite(v) for v in terms.values()):
         raise NonFiniteLossError(
@@ -205,5 +202,5 @@ def _reduce_and_check(
             "update: the last checkpoint is intact. Lower train.lr, check the data, or resume from the "
             "last checkpoint"
         )
-    terms.update(zip(metric_sums, values[len(names) : len(names) + n_metrics]))
+    terms.update(zip(metric_sums, values[len(names) :]))
     return terms
