@@ -16,7 +16,7 @@ import yaml
 
 from cltk import cli
 from tests.multirank import free_port
-from tests.tiny_run import write_tiny_run
+from tests.tiny_run import TINY_MODEL, write_tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -110,17 +110,7 @@ def test_domain_max_chars_zero(tmp_path, capsys):
     ],
 )
 def test_model_config_mistakes(tmp_path, capsys, patch, words):
-    model = {
-        "config": {
-            "model_type": "llama",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            **patch,
-        }
-    }
+    model = {"config": {**TINY_MODEL, **patch}}
     line = assert_one_line(*train(capsys, write_tiny_run(tmp_path, model=model)), *words)
     assert len(line) < 400  # the closest names, not every model type transformers knows
 

@@ -9,6 +9,16 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# the tiny run's inline model config (a 2-layer Llama with grouped KV heads)
+TINY_MODEL = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
 
 
 def write_tiny_run(
@@ -26,17 +36,7 @@ def write_tiny_run(
         "output_dir": "out",
         "seed": 7,
         "deepspeed": "ds.json",
-        "model": {
-            "config": {
-                "model_type": "llama",
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "max_position_embeddings": 64,
-            }
-        },
+        "model": {"config": dict(TINY_MODEL)},
         "tokenizer": {"train": {"vocab_size": 400, "max_chars_per_domain": 40000}},
         "domains": [
             {"name": "code", "source": {"builtin": "stdlib"}, "max_chars": 40000},
