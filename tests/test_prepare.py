@@ -3,6 +3,7 @@ mixtures inside a domain, and bad input named by file and line before any traini
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -224,3 +225,29 @@ def test_two_ranks_prepare_once_and_train_a_mixture_in_proportion(tmp_path):
         assert len(ids) == 8 and not {tuple(x) for x in a["ids"]} & {tuple(x) for x in b["ids"]}
         assert sum(i < split for _, i in ids) == 6 and sum(i >= split for _, i in ids) == 2
     assert json.loads((out / "forgetting.json").read_text())["perplexity"][0][0] > 1
+
+
+def test_runs_sharing_a_cache_share_the_trained_tokenizer(tmp_path, monkeypatch):
+    """BPE ties are broken by hash-map order per process, so the tokenizer is trained once per input
+    and reused from the cache by any run on the same data (the same token ids, the same packing)."""
+    first = _cfg(tmp_path / "one")
+    second = load_config(write_tiny_run(
+        tmp_path / "two", domains=[dataclasses.asdict(d) for d in first.domains],
+        data={"seq_len": 16, "eval_sequences": 10, "cache_dir": str(first.cache_dir)},
+        tokenizer={"train": {"vocab_size": 400, "max_chars_per_domain": 20000}},
+    ), world_size=1)
+    tok = prep.prepare_tokenizer(first)
+    assert len(list(first.cache_dir.glob("tokenizer-*"))) == 1
+    real = prep.train_tokenizer
+    monkeypatch.setattr(prep, "train_tokenizer", lambda *a, **k: pytest.fail("trained again"))
+    again = prep.prepare_tokenizer(second)
+    assert second.out != first.out
+    assert (second.out / "tokenizer" / "tokenizer.json").read_bytes() == (
+        first.out / "tokenizer" / "tokenizer.json").read_bytes()
+    assert again.encode("the of and") == tok.encode("the of and")
+    # a different vocabulary is another entry, trained anew
+    monkeypatch.setattr(prep, "train_tokenizer", real)
+    second.tokenizer.train.vocab_size = 420
+    (second.out / "tokenizer" / "tokenizer_config.json").unlink()
+    prep.prepare_tokenizer(second)
+    assert len(list(first.cache_dir.glob("tokenizer-*"))) == 2

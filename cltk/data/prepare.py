@@ -16,8 +16,12 @@ is refused.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
+
+import tokenizers
 
 from cltk import distributed as dist
 from cltk.config import DomainConfig, RunConfig
@@ -110,8 +114,31 @@ def _save_or_check(out: Path, tok: Any) -> None:
 
 
 def _train_if_missing(cfg: RunConfig, out: Path) -> None:
-    if not (out / "tokenizer_config.json").is_file():
-        train_tokenizer(_tokenizer_texts(cfg), cfg.tokenizer.train.vocab_size, out, seed=cfg.seed)
+    """Train the run's tokenizer into ``OUT/tokenizer``, through the cache.
+
+    BPE training breaks ties between equally frequent pairs by hash-map order, which differs between
+    processes, so two trainings on the same text can differ on a small corpus. The trained tokenizer
+    is therefore kept in ``data.cache_dir`` under a key of its inputs (the training domains' sources,
+    their files' path/size/mtime, the budgets, vocabulary and seed): runs that share a cache and train
+    on the same data get the same tokenizer, hence the same packed data.
+    """
+    if (out / "tokenizer_config.json").is_file():
+        return
+    t = cfg.tokenizer.train
+    key = settings_key({
+        "tokenizer_train": [t.vocab_size, t.max_chars_per_domain, cfg.seed, tokenizers.__version__],
+        "domains": [[d.name, _parts(cfg, d)] for d in cfg.train_domains()],
+    })
+    cached = cfg.cache_dir / f"tokenizer-{key}"
+    if not (cached / "tokenizer_config.json").is_file():
+        tmp = cfg.cache_dir / f".tokenizer-{key}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        train_tokenizer(_tokenizer_texts(cfg), t.vocab_size, tmp, seed=cfg.seed)
+        try:
+            tmp.replace(cached)  # atomic: a cache entry is whole or absent
+        except OSError:  # another run stored it first: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(cached, out, dirs_exist_ok=True)
 
 
 def _tokenizer_texts(cfg: RunConfig):

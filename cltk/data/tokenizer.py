@@ -5,9 +5,10 @@ characters fall back to their UTF-8 bytes ``<0x00>``..``<0xFF>``, ids laid out l
 ``<unk>``, ``<s>``, ``</s>``, the 256 bytes, then the learned pieces).
 
 It is trained with HF ``tokenizers`` rather than the ``sentencepiece`` library because (measured
-here) its Rust BPE trainer takes well under a second on 2 MB at vocab 4096, training is
-deterministic, and the result is a ``tokenizer.json`` that ``AutoTokenizer`` loads offline with no
+here) its Rust BPE trainer takes well under a second on 2 MB at vocab 4096 and the result is a ``tokenizer.json`` that ``AutoTokenizer`` loads offline with no
 slow-to-fast conversion (which would need ``sentencepiece`` and ``protobuf`` at load time).
+Training is not reproducible across processes when pairs tie (hash-map order), which is why runs
+take trained tokenizers through the data cache (``cltk.data.prepare``).
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
     """A stable hash of what decides token ids: vocabulary, special tokens and encoding rules.
 
-    Equal for the same tokenizer saved and reloaded, or trained twice on the same text; different
+    Equal for the same tokenizer saved and reloaded, or trained twice to the same vocabulary; different
     when any token, id, special token or (for fast tokenizers) merge or pre-tokenizer changes.
     Used as a cache key and to catch a tokenizer that does not match a cache or a model.
 
