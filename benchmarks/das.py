@@ -16,7 +16,7 @@ FFN 688, vocabulary 4096, sequences of 128 tokens, micro-batch 8, its ZeRO JSON,
 1. builds three engines with the same initial weights: ``none``, ``update``
    (``attach_update_masks`` after ``deepspeed.initialize``: cltk's default, units and token rows of
    the embedding / LM head) and ``update-units`` (units only: ``das.protect_embeddings: false``).
-2. times ``cltk.importance.estimate_importance`` in ``proxy`` and ``lm`` mode on the ``none``
+2. times ``cltk.methods.das.importance.estimate_importance`` in ``proxy`` and ``lm`` mode on the ``none``
    engine (as ``DasMethod`` scores: on the engine being trained, partitioned under ZeRO 3, in its
    precision) on ``--importance-seqs`` random sequences split over the ranks, the modes alternating
    for ``--importance-rounds`` rounds; printed as seconds per 1,000 sequences and against training
@@ -112,7 +112,7 @@ def _time_importance(engine, cfg, vocab: int, args) -> tuple[dict[str, list[tupl
     import torch
 
     from cltk import distributed as dist
-    from cltk.importance import estimate_importance, normalize
+    from cltk.methods.das.importance import estimate_importance, normalize
 
     bs, seq = cfg.train.micro_batch_size, cfg.data.seq_len
     n = args.importance_seqs
@@ -158,16 +158,14 @@ def _time_hooks(engine, handle, reps: int) -> list[tuple[float, float]]:
     Not under ZeRO 3: DeepSpeed puts a sub-group's flat tensor into ``param_groups`` only inside
     its ``step()``, so called from outside the hooks find nothing to mask (the caller skips it).
     """
-    import torch
+    from cltk.zero_view import zero_view
 
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    if not isinstance(inner, torch.optim.Optimizer):
-        inner = engine.optimizer
+    parts = list(enumerate(zero_view(engine).partitions))
     out = []
     for _ in range(reps + 1):  # the first call warms up
         start = _clock()
-        handle._before(inner, (), {})
-        handle._after(inner, (), {})
+        handle._before(parts)
+        handle._after(parts)
         out.append(_since(start))
     return out[1:]
 
@@ -201,7 +199,7 @@ def cmd_speed(args: argparse.Namespace) -> None:
     from cltk import distributed as dist
     from cltk.config import DasConfig, load_config
     from cltk.engine import train_step
-    from cltk.methods.base import StageContext
+    from cltk.method import StageContext
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -210,7 +208,7 @@ def cmd_speed(args: argparse.Namespace) -> None:
     cfg.das = cfg.das or DasConfig()
     vocab = int((cfg.model.config or {}).get("vocab_size") or cfg.tokenizer.train.vocab_size)
 
-    from cltk.masking import attach_update_masks, param_masks
+    from cltk.methods.das.masking import attach_update_masks, param_masks
 
     total = args.steps * args.rounds + 2
     engines = _engines(cfg, vocab, total)
@@ -372,8 +370,8 @@ def cmd_memory(args: argparse.Namespace) -> None:
     from cltk import distributed as dist
     from cltk.config import load_config
     from cltk.engine import train_step
-    from cltk.importance import estimate_importance
-    from cltk.methods.base import StageContext
+    from cltk.method import StageContext
+    from cltk.methods.das.importance import estimate_importance
     from cltk.models import build_model
 
     if args.threads:

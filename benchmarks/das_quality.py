@@ -3,7 +3,7 @@
     flock /tmp/cltk-heavy.lock python benchmarks/das_quality.py --seeds 1 2
 
 One process, no DeepSpeed (update masks on a plain torch AdamW: the ZeRO-0 layout of
-``cltk.masking``; the 2-rank ZeRO layouts are tested in tests/test_masking.py). It
+``cltk.methods.das.masking``; the 2-rank ZeRO layouts are tested in tests/test_masking.py). It
 
 1. trains a byte-fallback BPE tokenizer (``--vocab``) on Python stdlib code and Shakespeare
    (cltk's builtin corpora, ``--chars`` of each), packs both into ``--seq-len`` sequences and keeps
@@ -58,7 +58,7 @@ def perplexity(model, seqs: torch.Tensor, bs: int = 16) -> float:
 
 
 def train(model, seqs: torch.Tensor, steps: int, args, seed: int, masks=None) -> None:
-    from cltk.masking import attach_update_masks
+    from cltk.methods.das.masking import attach_update_masks
 
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
@@ -104,8 +104,8 @@ def main() -> None:
 
     from cltk.data.corpora import load_documents
     from cltk.data.tokenizer import train_tokenizer
-    from cltk.importance import estimate_importance, normalize
-    from cltk.masking import param_masks
+    from cltk.methods.das.importance import estimate_importance, normalize
+    from cltk.methods.das.masking import param_masks
 
     start = time.perf_counter()
     docs = {

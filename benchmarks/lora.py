@@ -51,8 +51,8 @@ sys.path.insert(0, str(ROOT))
 def _engine(cfg, lora: bool, total_steps: int):
     import peft
 
-    from cltk.adapters import peft_config
     from cltk.engine import build_engine
+    from cltk.methods.lora.adapters import peft_config
     from cltk.models import build_model
 
     vocab = int((cfg.model.config or {}).get("vocab_size") or cfg.tokenizer.train.vocab_size)
@@ -67,10 +67,10 @@ def cmd_steps(args: argparse.Namespace) -> None:
     import torch
 
     from cltk import distributed as dist
-    from cltk.adapters import export_state_dicts, save_adapter
     from cltk.config import LoraConfig, load_config
     from cltk.engine import train_step
-    from cltk.methods.base import StageContext
+    from cltk.method import StageContext
+    from cltk.methods.lora.adapters import export_state_dicts, save_adapter
     from cltk.models import export_pretrained, parameter_counts
 
     dist.init()

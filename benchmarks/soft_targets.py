@@ -92,8 +92,8 @@ def main() -> None:
     from cltk.data.packing import PackedDomain
     from cltk.data.sampler import Pool, StageSchedule
     from cltk.engine import build_engine, train_step
-    from cltk.methods.base import StageContext
-    from cltk.methods.soft_targets import SoftTargetMethod
+    from cltk.method import StageContext
+    from cltk.methods.soft_targets.method import SoftTargetMethod
     from cltk.models import build_model, export_pretrained
     from cltk.plan import Stage
     from cltk.teacher import OnlineTeacher

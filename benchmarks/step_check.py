@@ -42,7 +42,7 @@ def main() -> None:
     from cltk import distributed as dist
     from cltk.config import load_config
     from cltk.engine import build_engine, train_step
-    from cltk.methods.base import Method, StageContext
+    from cltk.method import Method, StageContext
     from cltk.models import build_model
 
     class PerMicroBatchCheck(Method):

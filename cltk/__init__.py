@@ -6,6 +6,7 @@ result = cltk.train(cfg)            # runs every stage; result.report is the for
 print(result.report.forgetting)
 """
 
+from cltk import methods  # noqa: F401  (registers every method cltk ships)
 from cltk.config import ConfigError, RunConfig, load_config
 
 __version__ = "0.1.0"

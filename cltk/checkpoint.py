@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from cltk import distributed as dist
+from cltk.errors import UserError
 
 STATE_FILE = "cltk_state.json"
 LATEST = "latest"
@@ -69,12 +70,53 @@ def read_state(root: Path, tag: str) -> dict[str, Any]:
     return json.loads((Path(root) / tag / STATE_FILE).read_text())
 
 
-def save(engine, root: Path, tag: str, state: dict[str, Any], keep: int) -> None:
+def rank_tensors_file(directory: Path, rank: int | None = None) -> Path:
+    """Where rank ``rank`` (default: this one) keeps the methods' tensor state in a checkpoint or stage."""
+    return Path(directory) / f"methods_rank{dist.rank() if rank is None else rank}.pt"
+
+
+def save_rank_tensors(directory: Path, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+    """This rank's method tensors ``{method: {name: tensor}}`` into ``directory`` (nothing when empty)."""
+    tensors = {k: v for k, v in tensors.items() if v}
+    if tensors:
+        tmp = rank_tensors_file(directory).with_suffix(".tmp")
+        torch.save({k: {n: t.detach().cpu() for n, t in v.items()} for k, v in tensors.items()}, tmp)
+        os.replace(tmp, rank_tensors_file(directory))
+
+
+def load_rank_tensors(directory: Path, world_size: int) -> dict[str, dict[str, torch.Tensor]]:
+    """What :func:`save_rank_tensors` wrote for this rank; ``{}`` when no method kept tensors.
+
+    Raises:
+        UserError: the tensors were written by a run with another number of ranks (a method's tensors are
+            laid out like that run's ZeRO partitions).
+    """
+    directory = Path(directory)
+    saved = sorted(directory.glob("methods_rank*.pt"))
+    if not saved:
+        return {}
+    if len(saved) != world_size or not rank_tensors_file(directory).is_file():
+        raise UserError(
+            f"{directory} holds method state of {len(saved)} rank(s), laid out like their ZeRO "
+            f"partitions, and this run has {world_size}: resume it with {len(saved)} rank(s)"
+        )
+    return torch.load(rank_tensors_file(directory), map_location="cpu", weights_only=True)
+
+
+def save(
+    engine,
+    root: Path,
+    tag: str,
+    state: dict[str, Any],
+    keep: int,
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> None:
     """Save a full checkpoint as ``root/tag`` (collective: every rank calls it).
 
     Args:
         state: JSON-able cltk state (stage, step, method state...), written last as the completion mark.
         keep: complete checkpoints kept; older ones are deleted after the new one is in place.
+        tensors: this rank's method tensors ``{method: {name: tensor}}`` (see :func:`save_rank_tensors`).
     """
     root = Path(root)
     tmp_tag = f".tmp-{tag}"
@@ -89,6 +131,7 @@ def save(engine, root: Path, tag: str, state: dict[str, Any], keep: int) -> None
             str(root), tag=tmp_tag, client_state={"universal_checkpoint_info": {}}, save_latest=False
         )
         torch.save(rng_state(), root / tmp_tag / f"rng_rank{dist.rank()}.pt")
+        save_rank_tensors(root / tmp_tag, tensors or {})
     dist.barrier()
     if dist.is_main():
         with _disk_full_guard(root, tag):

@@ -19,6 +19,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from cltk import registry
 from cltk.errors import UserError
 
 
@@ -30,7 +31,7 @@ class ConfigError(UserError):
         super().__init__(f"{key}: {message}" if key else message)
 
 
-def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
+def option(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
     kw: dict[str, Any] = {"metadata": {"help": text}}
     if factory is not dataclasses.MISSING:
         kw["default_factory"] = factory
@@ -41,13 +42,13 @@ def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclas
 
 @dataclass
 class ModelConfig:
-    init_from: str | None = _help("local HF model directory to start from (weights only)", None)
-    gguf: str | None = _help("a .gguf file to load into a trainable model (dequantised)", None)
-    config: dict[str, Any] | None = _help(
+    init_from: str | None = option("local HF model directory to start from (weights only)", None)
+    gguf: str | None = option("a .gguf file to load into a trainable model (dequantised)", None)
+    config: dict[str, Any] | None = option(
         "inline transformers config for a model built from scratch, e.g. {model_type: llama, ...}",
         None,
     )
-    dtype: Literal["auto", "float32", "bfloat16"] = _help(
+    dtype: Literal["auto", "float32", "bfloat16"] = option(
         "weights dtype at load; auto follows the DeepSpeed precision", "auto"
     )
 
@@ -57,170 +58,102 @@ class ModelConfig:
 
 @dataclass
 class TokenizerTrainConfig:
-    vocab_size: int = _help("vocabulary size of the tokenizer trained on the corpora", 4096)
-    max_chars_per_domain: int = _help("characters of each domain used to train it", 1_000_000)
+    vocab_size: int = option("vocabulary size of the tokenizer trained on the corpora", 4096)
+    max_chars_per_domain: int = option("characters of each domain used to train it", 1_000_000)
 
 
 @dataclass
 class TokenizerConfig:
-    path: str | None = _help("a transformers tokenizer directory; default: the model's own", None)
-    train: TokenizerTrainConfig | None = _help(
+    path: str | None = option("a transformers tokenizer directory; default: the model's own", None)
+    train: TokenizerTrainConfig | None = option(
         "train a SentencePiece-style tokenizer on the corpora", None
     )
 
 
 @dataclass
 class DomainConfig:
-    name: str = _help("domain name (unique; used in file names and the forgetting matrix)", "")
-    source: dict[str, Any] = _help(
+    name: str = option("domain name (unique; used in file names and the forgetting matrix)", "")
+    source: dict[str, Any] = option(
         "one of {builtin: NAME}, {files: GLOB}, {jsonl: PATH, field: text}, {hf_dataset: DIR, field}, "
         "or a mixture {mix: [{files: A, weight: 0.7}, {jsonl: B, weight: 0.3}]}",
         factory=dict,
     )
-    max_chars: int | None = _help(
+    max_chars: int | None = option(
         "read at most this many characters (a seeded sample of the source's files or 1 MiB pieces)", None
     )
-    eval_only: bool = _help("evaluate on it but never train it", False)
+    eval_only: bool = option("evaluate on it but never train it", False)
 
 
 @dataclass
 class DataConfig:
-    seq_len: int = _help("tokens per packed training sequence", 256)
-    eval_sequences: int = _help("held-out sequences per domain for perplexity", 64)
-    cache_dir: str | None = _help("tokenised-data cache; default OUTPUT_DIR/../.cltk-cache", None)
-
-
-@dataclass
-class ReplayConfig:
-    share: float = _help("share r of each batch drawn from earlier domains' training data", 0.0)
+    seq_len: int = option("tokens per packed training sequence", 256)
+    eval_sequences: int = option("held-out sequences per domain for perplexity", 64)
+    cache_dir: str | None = option("tokenised-data cache; default OUTPUT_DIR/../.cltk-cache", None)
 
 
 @dataclass
 class TrainConfig:
-    micro_batch_size: int = _help("sequences per rank per forward pass", 4)
-    gradient_accumulation_steps: int = _help("micro-batches per optimizer step", 1)
-    train_batch_size: int | None = _help(
+    micro_batch_size: int = option("sequences per rank per forward pass", 4)
+    gradient_accumulation_steps: int = option("micro-batches per optimizer step", 1)
+    train_batch_size: int | None = option(
         "global batch; must equal micro_batch_size x gradient_accumulation_steps x world size", None
     )
-    epochs: float = _help("passes over each stage's data (fractions allowed)", 1.0)
-    max_steps_per_stage: int | None = _help("cap on optimizer steps per stage", None)
-    lr: float = _help("peak learning rate", 3e-4)
-    min_lr_ratio: float = _help("final LR as a share of the peak", 0.1)
-    warmup_steps: int = _help("linear warmup steps at the start of each LR span", 10)
-    schedule: Literal["cosine", "linear", "constant", "wsd"] = _help(
+    epochs: float = option("passes over each stage's data (fractions allowed)", 1.0)
+    max_steps_per_stage: int | None = option("cap on optimizer steps per stage", None)
+    lr: float = option("peak learning rate", 3e-4)
+    min_lr_ratio: float = option("final LR as a share of the peak", 0.1)
+    warmup_steps: int = option("linear warmup steps at the start of each LR span", 10)
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = option(
         "after warmup: cosine / linear decay, constant, or wsd (stable, then decay at the end)",
         "cosine",
     )
-    lr_span: Literal["stage", "run"] = _help(
+    lr_span: Literal["stage", "run"] = option(
         "stage: re-warm and re-decay every stage; run: one schedule over the whole run (no re-warm)",
         "stage",
     )
-    decay_share: float = _help("wsd: the last share of the span that decays", 0.1)
-    decay_shape: Literal["linear", "cosine", "1-sqrt"] = _help("wsd: shape of the decay", "linear")
-    weight_decay: float = _help("decoupled weight decay (AdamW)", 0.01)
-    betas: list[float] = _help("AdamW betas", factory=lambda: [0.9, 0.95])
-    grad_clip: float = _help("gradient clipping norm (0 = off)", 1.0)
-    checkpoint_every: int = _help(
+    decay_share: float = option("wsd: the last share of the span that decays", 0.1)
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = option("wsd: shape of the decay", "linear")
+    weight_decay: float = option("decoupled weight decay (AdamW)", 0.01)
+    betas: list[float] = option("AdamW betas", factory=lambda: [0.9, 0.95])
+    grad_clip: float = option("gradient clipping norm (0 = off)", 1.0)
+    checkpoint_every: int = option(
         "also checkpoint every N steps inside a stage (0 = stage ends only)", 0
     )
-    keep_checkpoints: int = _help(
+    keep_checkpoints: int = option(
         "newest full checkpoints kept, stage-end and mid-stage alike (stage exports are always kept)",
         2,
     )
-    log_every: int = _help("log a line every N steps", 10)
-    log_sequence_ids: bool = _help(
+    log_every: int = option("log a line every N steps", 10)
+    log_sequence_ids: bool = option(
         "write the ids of every trained sequence per rank (audit)", False
     )
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = _help("sequences per rank per eval forward", 8)
-    heatmap: bool = _help("draw forgetting.png", True)
-    start: bool = _help(
+    batch_size: int = option("sequences per rank per eval forward", 8)
+    heatmap: bool = option("draw forgetting.png", True)
+    start: bool = option(
         "evaluate the starting model on every domain first: row 0 of the forgetting matrix", True
     )
 
 
 @dataclass
-class BlocksConfig:
-    k: int = _help("number of incremental blocks each domain is split into", 1)
-    p: float = _help("mass the correct token holds at least in the soft targets", 0.9)
-    one_hot_below: float | None = _help(
-        "one-hot target where the teacher gives y less than this", None
-    )
-    teacher: Literal["online", "offline"] = _help(
-        "run the teacher beside the student, or cache top-k", "online"
-    )
-    topk: int = _help("log-probs per token kept by the offline teacher cache", 64)
-    across_domains: bool = _help(
-        "the first block of a domain learns from the previous domain's model", True
-    )
-
-
-@dataclass
-class DistillConfig:
-    alpha: float = _help("weight of KL(teacher || student)", 1.0)
-    beta: float = _help("weight of the cross-entropy on the labels", 1.0)
-    temperature: float = _help("softmax temperature of the KL term", 1.0)
-
-
-@dataclass
-class ContrastiveConfig:
-    weight: float = _help("weight of the DAS contrastive term added to the loss", 0.1)
-    temperature: float = _help("temperature of the contrastive softmax", 0.05)
-
-
-@dataclass
-class DasConfig:
-    importance_samples: int = _help(
-        "sequences of each domain used to estimate unit importance", 256
-    )
-    proxy_dropout: float = _help("dropout of the two passes of the first domain's proxy KL", 0.1)
-    mask: Literal["update", "grad"] = _help(
-        "mask the optimizer update (holds under Adam) or the grad", "update"
-    )
-    protect_embeddings: bool = _help(
-        "also score and mask the token rows of the input embedding and the LM head", True
-    )
-    contrastive: ContrastiveConfig | None = _help(
-        "DAS contrastive term: two dropout views as positives, the importance-gated view as hard "
-        "negative",
-        None,
-    )
-
-
-@dataclass
-class LoraConfig:
-    r: int = _help("LoRA rank", 8)
-    alpha: float = _help("LoRA alpha", 16.0)
-    dropout: float = _help("LoRA dropout", 0.0)
-    target_modules: list[str] | None = _help(
-        "module names to adapt; default: the attention projections", None
-    )
-    per: Literal["domain", "block"] = _help("one adapter per domain or per block", "domain")
-    base: Literal["frozen", "merged"] = _help(
-        "adapters on the original base, or merged stage by stage", "frozen"
-    )
-
-
-@dataclass
 class RunConfig:
-    name: str = _help("run name", "run")
-    output_dir: str = _help("where checkpoints, exports and metrics go", "runs/run")
-    seed: int = _help("seed of data order, init and dropout", 1234)
-    deepspeed: str = _help("DeepSpeed JSON (ZeRO and precision), e.g. ds_configs/zero2.json", "")
-    model: ModelConfig = _help("the model", factory=ModelConfig)
-    tokenizer: TokenizerConfig = _help("the tokenizer", factory=TokenizerConfig)
-    domains: list[DomainConfig] = _help("domains in training order", factory=list)
-    data: DataConfig = _help("packing and held-out split", factory=DataConfig)
-    replay: ReplayConfig = _help("replay of earlier domains", factory=ReplayConfig)
-    train: TrainConfig = _help("optimisation", factory=TrainConfig)
-    eval: EvalConfig = _help("evaluation", factory=EvalConfig)
-    blocks: BlocksConfig | None = _help("incremental soft-target blocks", None)
-    distill: DistillConfig | None = _help("distillation from the previous stage", None)
-    das: DasConfig | None = _help("DAS unit-importance soft-masking", None)
-    lora: LoraConfig | None = _help("a LoRA adapter per domain or block", None)
+    name: str = option("run name", "run")
+    output_dir: str = option("where checkpoints, exports and metrics go", "runs/run")
+    seed: int = option("seed of data order, init and dropout", 1234)
+    deepspeed: str = option("DeepSpeed JSON (ZeRO and precision), e.g. ds_configs/zero2.json", "")
+    model: ModelConfig = option("the model", factory=ModelConfig)
+    tokenizer: TokenizerConfig = option("the tokenizer", factory=TokenizerConfig)
+    domains: list[DomainConfig] = option("domains in training order", factory=list)
+    data: DataConfig = option("packing and held-out split", factory=DataConfig)
+    train: TrainConfig = option("optimisation", factory=TrainConfig)
+    eval: EvalConfig = option("evaluation", factory=EvalConfig)
+    sections: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "the config section of every method turned on, by name (cltk.registry)"},
+    )
     base_dir: str = field(
         default=".", metadata={"help": "directory relative paths resolve against"}
     )
@@ -252,7 +185,23 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("base_dir")
+        d.update(d.pop("sections"))  # each method's section at the top level, as in the YAML
         return d
+
+    # a method's section reads as an attribute: cfg.das is the das section, or None when it is off
+    def __getattr__(self, name: str) -> Any:
+        if name != "sections" and registry.get(name) is not None:
+            return self.sections.get(name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if registry.get(name) is not None:
+            if value is None:
+                self.sections.pop(name, None)
+            else:
+                self.sections[name] = value
+            return
+        object.__setattr__(self, name, value)
 
 
 # ----- loading ---------------------------------------------------------------------------------------
@@ -324,8 +273,18 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "base_dir"]
-    kwargs = {}
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in ("base_dir", "sections")]
+    kwargs: dict[str, Any] = {}
+    if cls is RunConfig:  # the methods' sections come from the registry
+        sections = {}
+        for k in list(raw):
+            spec = registry.get(str(k))
+            if spec is not None and raw[k] is not None:
+                sections[k] = _convert(raw.pop(k), spec.config, str(k))
+            elif spec is not None:
+                raw.pop(k)
+        kwargs["sections"] = sections
+        names = names + [s.name for s in registry.specs()]
     for k, v in raw.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
@@ -402,7 +361,7 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, st
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name == "base_dir":
+        if f.name in ("base_dir", "sections"):
             continue
         key = f"{prefix}{f.name}"
         tp = hints[f.name]
@@ -423,4 +382,8 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, st
         tname = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
         tname = tname.replace("NoneType", "None")
         rows.append((key, tname, default, f.metadata.get("help", "")))
+    if cls is RunConfig:
+        for spec in registry.specs():
+            rows.append((prefix + spec.name, "section (optional)", "", spec.help))
+            rows.extend(describe(spec.config, f"{prefix}{spec.name}."))
     return rows

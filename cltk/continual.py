@@ -26,16 +26,17 @@ from cltk import checkpoint
 from cltk import distributed as dist
 from cltk.config import RunConfig
 from cltk.data.prepare import prepare
-from cltk.data.sampler import Pool, StageSchedule, mixture_pool
+from cltk.data.sampler import StageSchedule, mixture_pool
 from cltk.engine import build_engine, train_step
 from cltk.errors import UserError
+from cltk.forward import engine_forward
 from cltk.grow import check_config, check_plan, complete_row
-from cltk.methods import build_methods
-from cltk.methods.base import Method, StageContext
+from cltk.method import Method, StageContext
 from cltk.metrics import ForgettingReport, forgetting_report, format_table, save_report
 from cltk.models import build_model, export_pretrained, parameter_counts
-from cltk.perplexity import engine_forward, evaluate_domains
+from cltk.perplexity import evaluate_domains
 from cltk.plan import Stage, plan_json, plan_stages
+from cltk.registry import build_methods
 from cltk.rundir import check_global_batch, check_run_dir
 from cltk.schedules import stage_lr_lambda
 from cltk.start import start_row
@@ -142,8 +143,7 @@ class ContinualRun:
             if done is not None:
                 rows.append(complete_row(self.cfg, self.tokenizer, self.domains,
                                          self.domain_names, sdir, done, STAGE_FILE))
-                for m in self.methods:
-                    m.load_state_dict(done.get("methods", {}).get(m.name, {}))
+                self._load_method_state(done, sdir)
                 log(f"stage {stage.dirname}: already complete, skipped")
                 continue
             tag = None
@@ -165,14 +165,30 @@ class ContinualRun:
     def stage_dir(self, stage: Stage) -> Path:
         return self.out / "stages" / stage.dirname
 
+    def _context(self, stage: Stage) -> StageContext:
+        prev = self.stage_dir(self.stages[stage.index - 1]) if stage.index > 0 else None
+        return StageContext(
+            self.cfg, stage, self.stages, self.domains, self.tokenizer, self.stage_dir(stage), prev
+        )
+
+    def _load_method_state(self, state: dict, directory: Path) -> None:
+        """Restore every method's JSON state from ``state`` and its tensors from ``directory``."""
+        tensors = checkpoint.load_rank_tensors(directory, dist.world_size())
+        for m in self.methods:
+            m.load_state_dict(state.get("methods", {}).get(m.name, {}))
+            m.load_state_tensors(tensors.get(m.name, {}))
+
+    def _method_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {m.name: m.state_tensors() for m in self.methods}
+
     def schedule(self, stage: Stage) -> StageSchedule:
         c = self.cfg
-        earlier = {s.domain_index for s in self.stages[: stage.index] if s.domain != stage.domain}
-        replay = [Pool(i, np.arange(len(self.train_arrays[i]))) for i in sorted(earlier)]
+        ctx = self._context(stage)
+        mixes = [mix for m in self.methods for mix in m.mixes(ctx)]
         return StageSchedule(
             mixture_pool(stage.domain_index, stage.indices, *_parts(self.train_arrays[stage.domain_index])),
-            replay,
-            c.replay.share,
+            [p for mix in mixes for p in mix.pools],
+            sum(mix.share for mix in mixes),
             c.global_batch(dist.world_size()),
             c.train.epochs,
             c.train.max_steps_per_stage,
@@ -184,13 +200,10 @@ class ContinualRun:
         c = self.cfg
         if tag is not None:
             check_global_batch(tag, state, c, dist.world_size())
-        prev = self.stage_dir(self.stages[stage.index - 1]) if stage.index > 0 else None
-        ctx = StageContext(
-            c, stage, self.stages, self.domains, self.tokenizer, self.stage_dir(stage), prev
-        )
+        ctx = self._context(stage)
         ctx.schedule = schedule = self.schedule(stage)
         seed_everything(c.seed + stage.index)
-        init_dir = prev
+        init_dir = ctx.prev_stage_dir
         for m in self.methods:
             init_dir = m.init_dir(ctx, init_dir)
         model = build_model(c, self.tokenizer, init_dir=init_dir)
@@ -212,8 +225,7 @@ class ContinualRun:
         if tag is not None:
             state = checkpoint.load(engine, self.ckpt_root, tag)
             start = state["step"]
-            for m in self.methods:
-                m.load_state_dict(state.get("methods", {}).get(m.name, {}))
+            self._load_method_state(state, self.ckpt_root / tag)
             log(f"stage {stage.dirname}: resumed from checkpoint {tag} at step {start}")
         self.tracker.truncate(stage.index, start)
         trainable, total = parameter_counts(engine.module)
@@ -227,6 +239,7 @@ class ContinualRun:
         self._export(ctx)
         for m in self.methods:
             m.on_stage_end(ctx)
+        checkpoint.save_rank_tensors(ctx.stage_dir, self._method_tensors())
         ppl = evaluate_domains(
             engine_forward(engine),
             [self.domains[n] for n in self.domain_names],
@@ -322,7 +335,9 @@ class ContinualRun:
             "global_batch": self.cfg.global_batch(dist.world_size()),
             "methods": {m.name: m.state_dict() for m in self.methods},
         }
-        checkpoint.save(ctx.engine, self.ckpt_root, tag, state, self.cfg.train.keep_checkpoints)
+        checkpoint.save(
+            ctx.engine, self.ckpt_root, tag, state, self.cfg.train.keep_checkpoints, self._method_tensors()
+        )
         log(f"checkpoint {tag} saved")
 
     def _export(self, ctx: StageContext) -> None:

@@ -170,7 +170,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     """``[n, ...]`` on each rank -> ``[world * n, ...]`` (rank 0's rows first) on ``x``'s device.
 
-    Every rank passes the same shape. Not differentiable (see :mod:`cltk.contrastive` for that).
+    Every rank passes the same shape. Not differentiable (see :mod:`cltk.methods.das.contrastive` for that).
     """
     if not is_initialized():
         return x

@@ -6,7 +6,6 @@ what happens to one accumulated batch.
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any, Callable
 
@@ -17,8 +16,9 @@ from cltk import distributed as dist
 from cltk.config import RunConfig
 from cltk.errors import UserError
 from cltk.extensions import check_build_locks
+from cltk.forward import forward_logits
 from cltk.losses import IGNORE_INDEX, causal_lm_loss
-from cltk.methods.base import Method, StageContext
+from cltk.method import Method, StageContext
 from cltk.schedules import stage_lr_lambda
 from cltk.validate import deepspeed_config
 
@@ -81,31 +81,6 @@ def build_engine(
 
 def compute_dtype(engine) -> torch.dtype:
     return torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
-
-
-def keeps_logits(module: torch.nn.Module) -> bool:
-    base = module.get_base_model() if hasattr(module, "get_base_model") else module  # PEFT
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
-
-
-def next_token_logits(
-    forward: Callable[..., Any], module: torch.nn.Module, input_ids: torch.Tensor
-) -> torch.Tensor:
-    """Logits [b, T-1, V] of positions 0..T-2 of ``input_ids`` [b, T] (row t predicts token t+1).
-
-    The LM head runs on those T-1 positions only (``logits_to_keep``), so the result is contiguous and
-    no [b, T, V] tensor is sliced and copied; models without ``logits_to_keep`` fall back to a slice.
-    ``forward`` is the engine (or model) called; ``module`` the model inside it.
-    """
-    if keeps_logits(module):
-        keep = torch.arange(input_ids.shape[1] - 1, device=input_ids.device)
-        return forward(input_ids=input_ids, logits_to_keep=keep).logits
-    return forward(input_ids=input_ids).logits[:, :-1].contiguous()
-
-
-def forward_logits(engine, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Aligned (logits [b, T-1, V], labels [b, T-1]) of a packed batch [b, T]."""
-    return next_token_logits(engine, engine.module, input_ids), input_ids[:, 1:]
 
 
 def train_step(

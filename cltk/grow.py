@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from cltk import checkpoint
+from cltk import checkpoint, registry
 from cltk import distributed as dist
 from cltk.config import RunConfig
 from cltk.errors import UserError
@@ -99,12 +99,10 @@ def check_config(cfg: RunConfig) -> list[str]:
             f"{cfg.out} holds a run that this config changes: " + "; ".join(changes) + f". {_HOW}"
         )
     added = [d["name"] for d in new["domains"][len(old.get("domains") or []) :]]
-    if added and cfg.lora is not None and cfg.lora.base == "frozen":
-        raise RunChangedError(
-            f"domains {added} were appended, but a run with lora.base: frozen cannot grow yet (its "
-            "earlier stages' adapter views would lack the new domains); start a new output_dir with "
-            "every domain, or use lora.base: merged"
-        )
+    for spec, section in registry.active(cfg) if added else []:
+        why = spec.grow_refusal(section)
+        if why:
+            raise RunChangedError(f"domains {added} were appended, but {why}")
     if added:
         log(f"grow: domains {', '.join(added)} appended to the run in {cfg.out}")
     return added

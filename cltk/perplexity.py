@@ -15,7 +15,6 @@ import torch
 
 from cltk import distributed as dist
 from cltk.data.packing import PackedDomain
-from cltk.engine import next_token_logits
 from cltk.losses import token_nll
 
 
@@ -53,16 +52,6 @@ def domain_perplexity(
     total_nll, total_count = dist.all_reduce_sum(torch.stack([nll, count])).tolist()
     mean = total_nll / total_count
     return math.exp(mean), mean, int(total_count)
-
-
-def engine_forward(engine) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``ids [b, T] -> next-token logits [b, T-1, V]`` through a DeepSpeed engine."""
-    return lambda ids: next_token_logits(engine, engine.module, ids)
-
-
-def model_forward(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``ids [b, T] -> next-token logits [b, T-1, V]`` through a plain model."""
-    return lambda ids: next_token_logits(model, model, ids)
 
 
 def evaluate_domains(

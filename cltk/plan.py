@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cltk import registry
 from cltk.config import RunConfig
 from cltk.data.sampler import split_blocks
 
@@ -34,7 +35,7 @@ class Stage:
 
 def plan_stages(cfg: RunConfig, train_sizes: dict[str, int]) -> list[Stage]:
     """Stages in training order. ``train_sizes`` maps each domain to its number of training sequences."""
-    k = cfg.blocks.k if cfg.blocks else 1
+    k = registry.stages_per_domain(cfg)
     stages: list[Stage] = []
     for di, d in enumerate(cfg.domains):
         if d.eval_only:

@@ -9,9 +9,10 @@ from transformers import AutoModelForCausalLM
 from cltk import distributed as dist
 from cltk.config import RunConfig
 from cltk.data.prepare import prepare
+from cltk.forward import model_forward
 from cltk.metrics import ForgettingReport, forgetting_report, format_table, save_report
 from cltk.models import ModelError, build_model, check_tokenizer_fits
-from cltk.perplexity import evaluate_domains, model_forward
+from cltk.perplexity import evaluate_domains
 
 
 def run_stage_dirs(cfg: RunConfig) -> list[Path]:

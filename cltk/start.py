@@ -23,7 +23,8 @@ import torch
 from cltk import checkpoint
 from cltk import distributed as dist
 from cltk.config import RunConfig
-from cltk.perplexity import engine_forward, evaluate_domains
+from cltk.forward import engine_forward
+from cltk.perplexity import evaluate_domains
 from cltk.tracking import log
 from cltk.validate import deepspeed_config
 

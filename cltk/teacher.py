@@ -1,4 +1,5 @@
-"""The online teacher: the frozen previous stage, run beside the student by its own engine.
+"""The online teacher: the frozen previous stage, run beside the student by its own engine (shared by the
+soft-target and distillation methods, and by the offline teacher cache that it fills).
 
 The teacher of stage ``i`` is the export of stage ``i - 1`` (a ``save_pretrained`` directory). It is
 loaded once per stage and wrapped by a second ``deepspeed.initialize`` with no optimizer:
@@ -18,6 +19,7 @@ from __future__ import annotations
 import copy
 import gc
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +29,16 @@ import torch.nn.functional as F
 
 from cltk import distributed as dist
 from cltk.config import RunConfig
-from cltk.engine import next_token_logits
+from cltk.forward import next_token_logits
+from cltk.losses import IGNORE_INDEX
 from cltk.tracking import log
 from cltk.validate import deepspeed_config
 
 __all__ = [
     "OnlineTeacher",
+    "audit_teacher",
+    "label_logprobs",
+    "mean_label_prob",
     "check_teacher_dir",
     "checkpoint_key",
     "teacher_ds_config",
@@ -196,3 +202,39 @@ class OnlineTeacher:
             self.engine.destroy()
             self.engine = None
         gc.collect()
+
+
+def audit_teacher(ctx: Any, teacher: Any, when: str) -> None:
+    """With ``train.log_sequence_ids`` (the audit log), record which weights the stage's teacher held
+    at ``when`` ("start" or "end") in ``<stage dir>/teacher.json``: the teacher's directory and the
+    sha256 of its in-memory parameters (see :meth:`cltk.teacher.OnlineTeacher.weights_sha256`)."""
+    if not ctx.cfg.train.log_sequence_ids:
+        return
+    digest = teacher.weights_sha256()
+    record = ctx.extras.setdefault("teacher_audit", {"teacher_dir": str(teacher.model_dir)})
+    record[f"sha256_{when}"] = digest
+    if when == "end" and dist.is_main():
+        ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+        (ctx.stage_dir / "teacher.json").write_text(json.dumps(record, indent=1))
+
+
+def mean_label_prob(label_logprobs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The teacher's mean probability of the label over the trained positions (``labels`` not
+    ignored), a 0-dim tensor: the loop reads it after its own synchronisation, so no extra wait on the
+    GPU is added here."""
+    valid = labels != IGNORE_INDEX
+    probs = label_logprobs.detach().float().exp()
+    return (probs * valid).sum() / valid.sum().clamp_min(1)
+
+
+def label_logprobs(teacher_logits: torch.Tensor, labels: torch.Tensor,
+                    rows: int = 1024) -> torch.Tensor:
+    """log softmax(teacher_logits) at the labels ``[b, T-1]``, ``rows`` positions at a time (no
+    ``[tokens, vocab]`` fp32 temporary)."""
+    flat = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    y = labels.reshape(-1, 1)
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+    for s in range(0, flat.shape[0], rows):
+        chunk = flat[s:s + rows].float()
+        out[s:s + rows] = chunk.gather(1, y[s:s + rows]).squeeze(1) - torch.logsumexp(chunk, -1)
+    return out.view(labels.shape)

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cltk import registry
 from cltk.config import ConfigError, RunConfig
 
 
@@ -22,7 +23,6 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
     """Check a config as a whole; raise :class:`ConfigError` naming the key and the fix."""
     from cltk.data.corpora import CorpusError, check_source
     from cltk.data.tokenizer import MIN_VOCAB_SIZE
-    from cltk.losses import check_distillation_args, check_soft_target_args
 
     m = cfg.model
     given = [k for k in ("init_from", "gguf", "config") if getattr(m, k)]
@@ -115,9 +115,6 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
             f"gradient_accumulation_steps {t.gradient_accumulation_steps} x world size {world_size} "
             f"= {expected}; change one of them or drop train_batch_size",
         )
-    if not 0 <= cfg.replay.share < 1:
-        raise ConfigError("replay.share", f"must be in [0, 1), got {cfg.replay.share}")
-
     if not cfg.deepspeed:
         raise ConfigError(
             "deepspeed", "name a DeepSpeed JSON, e.g. deepspeed: ds_configs/zero2.json"
@@ -150,49 +147,31 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
                 "LR schedule (train.lr, train.schedule...): remove it",
             )
 
-    b = cfg.blocks
-    if b is not None:
-        _positive(b.k, "blocks.k")
-        try:
-            check_soft_target_args(b.p, b.one_hot_below)
-        except ValueError as e:
-            key = "blocks.p" if "soft target p" in str(e) else "blocks.one_hot_below"
-            raise ConfigError(key, str(e)) from e
-        _positive(b.topk, "blocks.topk")
-    if cfg.distill is not None:
-        d = cfg.distill
-        try:
-            check_distillation_args(d.alpha, d.beta, d.temperature)
-        except ValueError as e:
-            raise ConfigError("distill", str(e)) from e
-        if b is not None and b.k > 1:
-            raise ConfigError(
-                "distill",
-                "soft-target blocks and distillation both replace the loss "
-                "with a teacher's; choose one (blocks.k > 1 or distill)",
-            )
-    if cfg.das is not None:
-        _positive(cfg.das.importance_samples, "das.importance_samples")
-        if cfg.das.contrastive is not None:
-            _positive(cfg.das.contrastive.weight, "das.contrastive.weight", allow_zero=True)
-            _positive(cfg.das.contrastive.temperature, "das.contrastive.temperature")
-        if not 0 < cfg.das.proxy_dropout < 1:
-            raise ConfigError(
-                "das.proxy_dropout", f"must be in (0, 1), got {cfg.das.proxy_dropout}"
-            )
-        if cfg.lora is not None:
-            raise ConfigError(
-                "das",
-                "DAS masks the updates of the base model's heads and FFN units, but with lora only "
-                "the adapters train, so the masks would protect nothing; use one of das or lora",
-            )
-    if cfg.lora is not None:
-        from cltk.adapters import check_lora_config  # peft is imported only for LoRA runs
-
-        check_lora_config(cfg)
+    check_methods(cfg)
     from cltk.model_checks import check_model
 
     check_model(cfg)
+
+
+def check_methods(cfg: RunConfig) -> None:
+    """Each active method's own checks, then the combinations no method can judge alone."""
+    active = registry.active(cfg)
+    for spec, section in active:
+        spec.check(cfg, section)
+    replacers = [spec.name for spec, section in active if spec.replaces_loss(section)]
+    if len(replacers) > 1:
+        raise ConfigError(
+            replacers[1],
+            f"{' and '.join(replacers)} each replace the main loss (only one can); choose one of them",
+        )
+    frozen = [spec.name for spec, section in active if spec.freezes_base(section)]
+    on_base = [spec.name for spec, _ in active if spec.acts_on_base]
+    if frozen and on_base:
+        raise ConfigError(
+            on_base[0],
+            f"{on_base[0]} acts on the base model's weights, but with {frozen[0]} only the adapters "
+            f"train, so it would protect nothing; use one of {on_base[0]} or {frozen[0]}",
+        )
 
 
 def load_deepspeed_json(path: Path) -> dict[str, Any]:

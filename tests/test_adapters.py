@@ -13,7 +13,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from cltk.adapters import (
+from cltk.config import ConfigError, load_config
+from cltk.losses import distillation_loss
+from cltk.methods.lora.adapters import (
     LoraMethod,
     adapter_key,
     default_target_modules,
@@ -23,11 +25,9 @@ from cltk.adapters import (
     peft_config,
     save_adapter,
 )
-from cltk.config import ConfigError, load_config
-from cltk.losses import distillation_loss
+from cltk.methods.lora.routing import MEAN, _Candidates, evaluate_frozen, load_adapter_model, route
 from cltk.models import export_pretrained
 from cltk.plan import Stage
-from cltk.routing import MEAN, _Candidates, evaluate_frozen, load_adapter_model, route
 from tests.tiny_run import write_tiny_run
 
 VOCAB, T = 64, 24

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from cltk.contrastive import contrastive_loss, gather_with_grad, mean_pool
+from cltk.methods.das.contrastive import contrastive_loss, gather_with_grad, mean_pool
 from tests.tiny_run import ROOT, write_tiny_run
 
 

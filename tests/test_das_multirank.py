@@ -16,7 +16,7 @@ pytestmark = pytest.mark.multirank
 def test_das_run_saves_accumulated_importance_and_slows_important_units(tmp_path, zero):
     from transformers import AutoModelForCausalLM
 
-    from cltk.masking import param_masks
+    from cltk.methods.das.masking import param_masks
 
     cfg = write_tiny_run(
         tmp_path,

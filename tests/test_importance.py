@@ -9,14 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cltk.importance import (
+from cltk.methods.das.importance import (
     accumulate,
     estimate_importance,
     load_importance,
     normalize,
     save_importance,
 )
-from cltk.units import build_unit_map
+from cltk.methods.das.units import build_unit_map
 from tests.multirank import run_ranks
 
 SCRIPT = Path(__file__).parent / "scripts" / "importance_ranks.py"

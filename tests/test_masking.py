@@ -10,9 +10,9 @@ import pytest
 import torch
 import transformers as T
 
-import cltk.masking as masking
-from cltk.masking import attach_update_masks, param_masks, register_grad_masks
-from cltk.units import attach_gates, build_unit_map
+from cltk import zero_view
+from cltk.methods.das.masking import attach_update_masks, param_masks, register_grad_masks
+from cltk.methods.das.units import attach_gates, build_unit_map
 from tests.multirank import run_ranks
 
 SCRIPT = Path(__file__).parent / "scripts" / "masking_zero.py"
@@ -114,14 +114,14 @@ def test_grad_masks_scale_gradients():
 
 @pytest.mark.parametrize("shape,mask_shape", [((7, 5), (7, 1)), ((7, 5), (1, 5)), ((11,), (11,))])
 def test_flat_values_equal_the_expanded_mask(monkeypatch, shape, mask_shape):
-    monkeypatch.setattr(masking, "_CHUNK", 4)  # cross chunk boundaries
+    monkeypatch.setattr(zero_view, "_CHUNK", 4)  # cross chunk boundaries
     mask = torch.rand(mask_shape)
     full = mask.expand(shape).flatten()
     for start, n in [(0, full.numel()), (3, 7), (full.numel() - 2, 2)]:
-        got = masking._flat_values(mask, torch.Size(shape), start, n)
+        got = zero_view.flat_values(mask, torch.Size(shape), start, n)
         assert torch.equal(got, full[start : start + n])
     with pytest.raises(ValueError, match="outside"):
-        masking._flat_values(mask, torch.Size(shape), full.numel() - 1, 2)
+        zero_view.flat_values(mask, torch.Size(shape), full.numel() - 1, 2)
 
 
 def test_update_masks_on_a_plain_optimizer():

@@ -14,11 +14,17 @@ import torch.nn.functional as F
 
 from cltk.config import load_config
 from cltk.losses import distillation_loss, soft_target_loss
-from cltk.methods.base import StageContext
-from cltk.methods.soft_targets import DistillMethod, SoftTargetMethod
+from cltk.method import StageContext
+from cltk.methods.soft_targets.method import DistillMethod, SoftTargetMethod
+from cltk.methods.soft_targets.teacher_cache import (
+    CacheKeys,
+    TeacherCache,
+    data_key,
+    finalize,
+    write_shard,
+)
 from cltk.plan import Stage
 from cltk.teacher import teacher_ds_config
-from cltk.teacher_cache import CacheKeys, TeacherCache, data_key, finalize, write_shard
 from tests.tiny_run import write_tiny_run
 
 V, T, B = 40, 10, 3

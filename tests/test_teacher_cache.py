@@ -10,8 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cltk.teacher import check_teacher_dir, checkpoint_key
-from cltk.teacher_cache import (
+from cltk.methods.soft_targets.teacher_cache import (
     MANIFEST,
     CacheKeys,
     StaleCacheError,
@@ -21,6 +20,7 @@ from cltk.teacher_cache import (
     row_keys,
     write_shard,
 )
+from cltk.teacher import check_teacher_dir, checkpoint_key
 
 V, T = 50, 9
 

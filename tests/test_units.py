@@ -7,8 +7,14 @@ import pytest
 import torch
 import transformers as T
 
-from cltk.masking import param_masks
-from cltk.units import ArchSpec, UnitMapError, attach_gates, build_unit_map, register_architecture
+from cltk.methods.das.masking import param_masks
+from cltk.methods.das.units import (
+    ArchSpec,
+    UnitMapError,
+    attach_gates,
+    build_unit_map,
+    register_architecture,
+)
 
 V, E, FFN, H = 64, 32, 48, 4
 BASE = dict(
@@ -281,7 +287,7 @@ def test_registered_architecture_overrides_the_structure():
     try:
         spec = build_unit_map(model)
     finally:
-        from cltk.units import ARCHITECTURES
+        from cltk.methods.das.units import ARCHITECTURES
 
         ARCHITECTURES.pop("gpt_neox")
     for (_, _, a), (_, _, b) in zip(found.slices(), spec.slices(), strict=True):

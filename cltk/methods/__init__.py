@@ -1,30 +1,10 @@
-"""Continual-learning methods, each one file on the :class:`~cltk.methods.base.Method` interface."""
+"""The continual-learning methods cltk ships, one package each; importing this registers them all
+(:mod:`cltk.registry`). A method's package holds its config section, its checks, its hooks and its
+helpers; see docs/writing-a-method.md.
+"""
 
 from __future__ import annotations
 
-from cltk.config import RunConfig
-from cltk.methods.base import Method, StageContext
+from cltk.methods import das, distill, lora, replay, soft_targets
 
-__all__ = ["Method", "StageContext", "build_methods"]
-
-
-def build_methods(cfg: RunConfig) -> list[Method]:
-    """The methods a run config asks for, in hook order (each takes the whole config)."""
-    methods: list[Method] = []
-    if cfg.lora is not None:
-        from cltk.adapters import LoraMethod
-
-        methods.append(LoraMethod(cfg))
-    if cfg.blocks is not None and cfg.blocks.k > 1:
-        from cltk.methods.soft_targets import SoftTargetMethod
-
-        methods.append(SoftTargetMethod(cfg))
-    if cfg.distill is not None:
-        from cltk.methods.soft_targets import DistillMethod
-
-        methods.append(DistillMethod(cfg))
-    if cfg.das is not None:
-        from cltk.methods.das import DasMethod
-
-        methods.append(DasMethod(cfg))
-    return methods
+__all__ = ["das", "distill", "lora", "replay", "soft_targets"]

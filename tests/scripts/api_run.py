@@ -10,7 +10,7 @@ import cltk
 import cltk.continual
 from cltk.continual import ContinualRun
 from cltk.engine import NonFiniteLossError
-from cltk.methods.base import Method
+from cltk.method import Method
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.tiny_run import write_tiny_run  # noqa: E402

@@ -36,7 +36,7 @@ def build() -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
 
 def scores(model, batches) -> dict[str, torch.Tensor]:
     """Raw importance of both modes; ``lm`` stops at LM_SAMPLES sequences over all ranks."""
-    from cltk.importance import estimate_importance
+    from cltk.methods.das.importance import estimate_importance
 
     proxy = estimate_importance(model, batches, mode="proxy", proxy_dropout=0.1)
     lm = estimate_importance(model, batches, mode="lm", num_samples=LM_SAMPLES)

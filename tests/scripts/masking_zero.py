@@ -195,7 +195,7 @@ def importance_agreement(stage: int, kind: str, rank: int) -> dict:
     against the plain fp32 model every rank held before: raw scores and normalised ones."""
     import deepspeed
 
-    from cltk.importance import estimate_importance, normalize
+    from cltk.methods.das.importance import estimate_importance, normalize
 
     gen = torch.Generator().manual_seed(7 + rank)
     # rank 0 scores 3 batches, rank 1 two: under ZeRO 3 the ranks must still run equal passes
@@ -225,8 +225,8 @@ def importance_agreement(stage: int, kind: str, rank: int) -> dict:
 def run(stage: int, kind: str, rank: int) -> dict:
     import deepspeed
 
-    from cltk.masking import attach_update_masks, param_masks, register_grad_masks
-    from cltk.units import build_unit_map
+    from cltk.methods.das.masking import attach_update_masks, param_masks, register_grad_masks
+    from cltk.methods.das.units import build_unit_map
 
     if kind.startswith("importance"):
         return importance_agreement(stage, kind, rank)

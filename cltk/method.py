@@ -1,11 +1,13 @@
-"""The one interface every continual-learning method plugs into.
+"""The one interface every continual-learning method plugs into (see docs/writing-a-method.md).
 
 A stage runs: ``init_dir`` -> ``prepare_model`` -> ``on_stage_start`` -> ``deepspeed.initialize`` -> ``on_engine_ready`` ->
 per micro-batch ``loss`` (at most one method replaces the base cross-entropy) + ``extra_loss`` -> backward
 -> at the accumulation boundary ``after_backward`` (gradient transforms) -> ``engine.step()`` (update
 transforms hook the optimizer in ``on_engine_ready``) -> ... -> ``export`` -> ``on_stage_end`` (may
-write files into the stage directory) -> ``evaluate``; after the last stage ``on_run_end``. ``state_dict`` travels in every checkpoint.
-A new method is one file implementing the hooks it needs; the loop never branches on a method's name.
+write files into the stage directory) -> ``evaluate``; after the last stage ``on_run_end``. ``state_dict`` (JSON) and ``state_tensors`` (this rank's
+tensors) travel in every checkpoint and stage directory. Before the stage's data is laid out, ``mixes``
+adds sequences drawn into every step (replay). A new method is one folder under ``cltk/methods/`` that
+registers itself (:mod:`cltk.registry`); the loop never branches on a method's name.
 """
 
 from __future__ import annotations
@@ -19,7 +21,18 @@ import torch
 if TYPE_CHECKING:
     from cltk.config import RunConfig
     from cltk.data.packing import PackedDomain
+    from cltk.data.sampler import Pool
     from cltk.plan import Stage
+
+
+@dataclass
+class Mix:
+    """Sequences a method mixes into every step of a stage: ``share`` of each global batch drawn from
+    ``pools`` (uniformly over all their sequences). ``name`` labels it in errors and logs."""
+
+    name: str
+    pools: list[Pool]
+    share: float
 
 
 @dataclass
@@ -55,6 +68,12 @@ class Method:
     def prepare_model(self, ctx: StageContext, model: torch.nn.Module) -> torch.nn.Module:
         """Return the model to train (e.g. wrapped with an adapter); before ``deepspeed.initialize``."""
         return model
+
+    def mixes(self, ctx: StageContext) -> list[Mix]:
+        """Sequences drawn into every step of this stage besides its own (e.g. replay). Called before the
+        stage's schedule exists, so ``ctx.schedule`` is None here; the shares of all methods' mixes must
+        leave room for new data."""
+        return []
 
     def on_stage_start(self, ctx: StageContext) -> None:
         """The plain model exists (``ctx.model``); gradient hooks go here, before DeepSpeed wraps it."""
@@ -109,7 +128,16 @@ class Method:
         """After the last stage and the forgetting report (rank-collective): extra reports."""
 
     def state_dict(self) -> dict[str, Any]:
+        """JSON-able state, the same on every rank (written by rank 0)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's tensor state (e.g. a Fisher diagonal laid out like this rank's ZeRO partition),
+        saved per rank beside the checkpoint and the stage export; empty when there is none."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_tensors` returned on this rank (empty: nothing was saved)."""

@@ -1,7 +1,7 @@
 """DAS unit importance: gradients of a loss with respect to virtual gates on heads and FFN units.
 
 Ke et al., "Continual Pre-training of Language Models" (ICLR 2023), section 3.1: put a gate of 1
-on every unit (:func:`cltk.units.attach_gates`), and score each unit by the mean over samples of
+on every unit (:func:`cltk.methods.das.units.attach_gates`), and score each unit by the mean over samples of
 ``|d loss / d gate|``. Two losses:
 
 - ``"proxy"`` (DAS's choice for the general knowledge of the model): the KL divergence between the
@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cltk import distributed as cdist
-from cltk.units import UnitMap, attach_gates, block_modules, build_unit_map, core_model
+from cltk.methods.das.units import UnitMap, attach_gates, block_modules, build_unit_map, core_model
 
 KEYS = ("heads", "ffn")
 TOKEN_KEYS = ("embed", "head")  # optional: [V] importance of token rows
@@ -336,7 +336,7 @@ def check_importance(
         if bool((t < 0).any() or (t > 1).any()):
             raise ValueError(
                 f"{where}[{k!r}] has values outside [0, 1]: pass raw scores through "
-                "cltk.importance.normalize first"
+                "cltk.methods.das.importance.normalize first"
             )
     if umap is not None:
         want = {

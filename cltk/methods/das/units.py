@@ -6,7 +6,7 @@ neurons. A unit owns
 - **a head** h: its rows of the query/key/value projections (and of their biases) and its input
   columns of the attention output projection (``o_proj``). With grouped-query attention a KV head is
   shared by ``H / H_kv`` query heads; the map records that sharing (``UnitSlice.members``) and
-  :mod:`cltk.masking` protects a shared KV head as much as the most important head that reads it
+  :mod:`cltk.methods.das.masking` protects a shared KV head as much as the most important head that reads it
   (max over the group), because masking it less would let training move what that head relies on.
 - **an FFN unit** u: its rows of the input projections (gate and up, or fc1, with bias) and its
   input column of the output projection (down, or fc2). In a mixture-of-experts layer every
@@ -16,12 +16,12 @@ Each unit also has a *gate point*: the input of the attention output projection 
 outputs laid out ``[..., H * head_dim]`` (head-major), and the input of the FFN output projection is
 the FFN activation ``[..., I]``; experts stored as 3-D tensors are gated through their ``down_proj``
 (scaling its column u scales neuron u's contribution exactly as a gate on the activation).
-Multiplying by a gate scales one unit's contribution (:func:`attach_gates`); :mod:`cltk.importance`
+Multiplying by a gate scales one unit's contribution (:func:`attach_gates`); :mod:`cltk.methods.das.importance`
 takes gradients with respect to such gates. The token rows of the input embedding and of the LM
 head (``UnitMap.tokens``) get gates of their own: a gate scaling row r of either.
 
 Which projections hold the units is found from the model's structure
-(:mod:`cltk.unit_discovery`); :func:`register_architecture` names them for a model that structure
+(:mod:`cltk.methods.das.unit_discovery`); :func:`register_architecture` names them for a model that structure
 does not reveal. Parameter names are those of the model the map is built on: a PEFT-wrapped model
 gets its prefixed names (``base_model.model....base_layer.weight``), a DeepSpeed engine those of
 ``engine.module``. Shapes come from module attributes, so a ZeRO-3 partitioned model maps too (full
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from cltk.unit_discovery import (
+from cltk.methods.das.unit_discovery import (
     ARCHITECTURES,
     ArchSpec,
     BlockParts,
@@ -48,6 +48,7 @@ from cltk.unit_discovery import (
     io_features,
     register_architecture,
 )
+from cltk.zero_view import full_shape
 
 __all__ = ["ArchSpec", "UnitMap", "UnitMapError", "attach_gates", "build_unit_map",
            "register_architecture"]
@@ -137,11 +138,6 @@ class UnitMap:
         return out
 
 
-def full_shape(param: torch.Tensor) -> torch.Size:
-    """A parameter's full shape, also when ZeRO 3 has partitioned it (``ds_shape``)."""
-    return torch.Size(getattr(param, "ds_shape", param.shape))
-
-
 def core_model(model: nn.Module) -> nn.Module:
     """The HF causal LM inside a DeepSpeed engine and/or a PEFT wrapper."""
     seen = 0
@@ -162,7 +158,7 @@ def _unsupported(model: nn.Module, why: str) -> UnitMapError:
     names = [f"{n} ({type(m).__name__})" for n, m in core.named_modules() if n][:40]
     return UnitMapError(
         f"no unit map for model type {model_type!r} ({type(core).__name__}): {why}. Modules found: "
-        f"{', '.join(names)}. Name its projections with cltk.units.register_architecture("
+        f"{', '.join(names)}. Name its projections with cltk.methods.das.units.register_architecture("
         f"{model_type!r}, ArchSpec(layers=..., attention='separate'|'fused_gpt2'|'fused_neox', "
         "qkv=(...), attn_out=..., ffn_in=(...), ffn_out=...)) (see docs/das.md)."
     )

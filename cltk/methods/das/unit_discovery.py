@@ -1,6 +1,6 @@
 """Find a causal LM's DAS units from its structure: decoder blocks, attention and FFN projections.
 
-:func:`cltk.units.build_unit_map` uses this for every model whose ``model_type`` is not registered
+:func:`cltk.methods.das.units.build_unit_map` uses this for every model whose ``model_type`` is not registered
 (:func:`register_architecture`, kept here with its :class:`ArchSpec`: a model's module paths named
 by hand, for what the structure does not reveal). It needs no table of module names:
 
@@ -292,7 +292,7 @@ SEPARATE, FUSED_GPT2, FUSED_NEOX = "separate", "fused_gpt2", "fused_neox"
 @dataclass(frozen=True)
 class ArchSpec:
     """Where the units of one architecture live, as module paths (for models that
-    :mod:`cltk.unit_discovery` cannot read).
+    :mod:`cltk.methods.das.unit_discovery` cannot read).
 
     Attributes:
         layers: path from the causal LM to its ``ModuleList`` of blocks, e.g. ``"model.layers"``.

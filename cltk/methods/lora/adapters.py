@@ -1,4 +1,4 @@
-"""LoRA adapters per domain (or per block) through PEFT, as a :class:`~cltk.methods.base.Method`.
+"""LoRA adapters per domain (or per block) through PEFT, as a :class:`~cltk.method.Method`.
 
 Each stage trains one LoRA adapter in its own DeepSpeed engine: the trainable set is fixed at
 ``deepspeed.initialize``, so the loop's one engine per stage is exactly one engine per adapter.
@@ -24,7 +24,7 @@ Files of a run::
 
 Under ZeRO 3 the adapter weights are gathered (``zero.GatheredParameters``) before they are saved
 or merged; without that the files would hold empty tensors. Evaluation (three views for ``frozen``)
-lives in :mod:`cltk.routing`.
+lives in :mod:`cltk.methods.lora.routing`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import torch
 
 from cltk import distributed as dist
 from cltk.config import ConfigError, RunConfig
-from cltk.methods.base import Method, StageContext
+from cltk.method import Method, StageContext
 from cltk.tracking import log
 
 TRAIN_ADAPTER = "default"  # PEFT's in-memory name of the adapter a stage trains
@@ -344,7 +344,7 @@ class LoraMethod(Method):
     def evaluate(self, ctx: StageContext, default: dict[str, float]) -> dict[str, float]:
         """``frozen``: the row with each domain's own adapter (the other views go to
         ``lora_eval.json``); ``merged``: the trained model's row as it is."""
-        from cltk import routing
+        from cltk.methods.lora import routing
 
         record: dict[str, Any] = {"stage": ctx.stage.index, "name": ctx.stage.name,
                                   "base": self.lcfg.base, "latest_full": dict(default),
@@ -369,7 +369,7 @@ class LoraMethod(Method):
         return row
 
     def on_run_end(self, out_dir: Path, report: Any) -> None:
-        from cltk import routing
+        from cltk.methods.lora import routing
 
         if dist.is_main():
             stages = Path(out_dir) / "stages"

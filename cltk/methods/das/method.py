@@ -24,9 +24,10 @@ import torch
 
 from cltk import distributed as dist
 from cltk.config import RunConfig
-from cltk.contrastive import contrastive_loss, gather_with_grad, mean_pool
-from cltk.engine import keeps_logits
-from cltk.importance import (
+from cltk.forward import keeps_logits
+from cltk.method import Method, StageContext
+from cltk.methods.das.contrastive import contrastive_loss, gather_with_grad, mean_pool
+from cltk.methods.das.importance import (
     accumulate,
     dropout_hook,
     estimate_importance,
@@ -34,10 +35,9 @@ from cltk.importance import (
     normalize,
     save_importance,
 )
-from cltk.masking import attach_update_masks, param_masks, register_grad_masks
-from cltk.methods.base import Method, StageContext
+from cltk.methods.das.masking import attach_update_masks, param_masks, register_grad_masks
+from cltk.methods.das.units import UnitMap, attach_gates, block_modules, build_unit_map
 from cltk.tracking import log
-from cltk.units import UnitMap, attach_gates, block_modules, build_unit_map
 
 IMPORTANCE_FILE = "importance.safetensors"
 
@@ -109,7 +109,7 @@ class DasMethod(Method):
         logits: torch.Tensor,
         labels: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """The DAS contrastive term (``das.contrastive``), see :mod:`cltk.contrastive`.
+        """The DAS contrastive term (``das.contrastive``), see :mod:`cltk.methods.das.contrastive`.
 
         Three extra forwards of the micro-batch through ``ctx.engine`` (the same number on every
         rank, as ZeRO-3 needs): two with dropout ``proxy_dropout`` on every block's output (the

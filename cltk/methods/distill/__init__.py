@@ -1,0 +1,44 @@
+"""Distillation from the previous stage (``distill:``): ``alpha * KL + beta * CE`` against the previous
+stage's export, from the second stage on. The hooks are in :mod:`.method`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cltk.config import ConfigError, RunConfig, option
+from cltk.losses import check_distillation_args
+from cltk.registry import MethodSpec, register
+
+
+@dataclass
+class DistillConfig:
+    alpha: float = option("weight of KL(teacher || student)", 1.0)
+    beta: float = option("weight of the cross-entropy on the labels", 1.0)
+    temperature: float = option("softmax temperature of the KL term", 1.0)
+
+
+def check(cfg: RunConfig, d: DistillConfig) -> None:
+    try:
+        check_distillation_args(d.alpha, d.beta, d.temperature)
+    except ValueError as e:
+        raise ConfigError("distill", str(e)) from e
+
+
+def build(cfg: RunConfig, section: DistillConfig) -> Any:
+    from cltk.methods.distill.method import DistillMethod  # torch and DeepSpeed: on use
+
+    return DistillMethod(cfg)
+
+
+SPEC = register(
+    MethodSpec(
+        name="distill",
+        config=DistillConfig,
+        build=build,
+        help="distillation from the previous stage",
+        check=check,
+        replaces_loss=lambda d: True,
+        order=30,
+    )
+)

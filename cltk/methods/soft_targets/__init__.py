@@ -1,0 +1,64 @@
+"""Incremental soft-target blocks (``blocks:``): each domain split into ``k`` stages, every stage after the
+first trained against its predecessor's soft targets, moved so the correct token holds at least ``p``.
+
+Here: the config section and its checks; the hooks are in :mod:`.method`, the offline top-k teacher cache
+in :mod:`.teacher_cache`, the transformers ``Trainer`` door in :mod:`.hf_trainer`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from cltk.config import ConfigError, RunConfig, option
+from cltk.losses import check_soft_target_args
+from cltk.registry import MethodSpec, register
+
+
+@dataclass
+class BlocksConfig:
+    k: int = option("number of incremental blocks each domain is split into", 1)
+    p: float = option("mass the correct token holds at least in the soft targets", 0.9)
+    one_hot_below: float | None = option(
+        "one-hot target where the teacher gives y less than this", None
+    )
+    teacher: Literal["online", "offline"] = option(
+        "run the teacher beside the student, or cache top-k", "online"
+    )
+    topk: int = option("log-probs per token kept by the offline teacher cache", 64)
+    across_domains: bool = option(
+        "the first block of a domain learns from the previous domain's model", True
+    )
+
+
+def check(cfg: RunConfig, b: BlocksConfig) -> None:
+    if b.k < 1:
+        raise ConfigError("blocks.k", f"must be > 0, got {b.k}")
+    try:
+        check_soft_target_args(b.p, b.one_hot_below)
+    except ValueError as e:
+        key = "blocks.p" if "soft target p" in str(e) else "blocks.one_hot_below"
+        raise ConfigError(key, str(e)) from e
+    if b.topk < 1:
+        raise ConfigError("blocks.topk", f"must be > 0, got {b.topk}")
+
+
+def build(cfg: RunConfig, section: BlocksConfig) -> Any:
+    from cltk.methods.soft_targets.method import SoftTargetMethod  # torch and DeepSpeed: on use
+
+    return SoftTargetMethod(cfg)
+
+
+SPEC = register(
+    MethodSpec(
+        name="blocks",
+        config=BlocksConfig,
+        build=build,
+        help="incremental soft-target blocks",
+        check=check,
+        active=lambda b: b.k > 1,
+        replaces_loss=lambda b: b.k > 1,
+        stages_per_domain=lambda b: b.k,
+        order=20,
+    )
+)

@@ -1,0 +1,111 @@
+"""The methods a run can use, each registered once by its own package under ``cltk/methods/``.
+
+A method registers a :class:`MethodSpec`: the name of its config section (``das:``, ``ewc:`` ...), the
+dataclass that section loads into, its checks, and how to build its hooks. The core (config loading,
+validation, the loop) asks this registry and never names a method: a new method is one folder that calls
+:func:`register`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from cltk.config import RunConfig
+    from cltk.method import Method
+
+
+def _always(section: Any) -> bool:
+    return True
+
+
+def _never(section: Any) -> bool:
+    return False
+
+
+def _no_check(cfg: RunConfig, section: Any) -> None:
+    return None
+
+
+def _one(section: Any) -> int:
+    return 1
+
+
+def _no_refusal(section: Any) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method as the core sees it.
+
+    Attributes:
+        name: its config section and the key of its state in checkpoints (``das``).
+        config: the dataclass its section loads into (every field with ``help`` metadata).
+        build: ``build(cfg, section) -> Method``, called once per run.
+        help: one line for ``cltk config-reference`` and docs/config.md.
+        check: ``check(cfg, section)`` raises :class:`~cltk.config.ConfigError` naming the key.
+        active: whether a given section turns the method on (e.g. blocks with ``k > 1``).
+        replaces_loss: whether, when active, it replaces the main loss (at most one such method runs).
+        acts_on_base: it changes or protects the base model's weights, so it means nothing when only
+            adapters train (refused next to a method with ``freezes_base``).
+        freezes_base: only its own new parameters train (LoRA on a frozen base).
+        stages_per_domain: how many stages each domain is split into (incremental blocks).
+        grow_refusal: why a finished run with this section cannot take appended domains (None: it can).
+        order: hook order among active methods (lower first).
+    """
+
+    name: str
+    config: type
+    build: Callable[[RunConfig, Any], Method]
+    help: str
+    check: Callable[[RunConfig, Any], None] = _no_check
+    active: Callable[[Any], bool] = _always
+    replaces_loss: Callable[[Any], bool] = _never
+    acts_on_base: bool = False
+    freezes_base: Callable[[Any], bool] = _never
+    stages_per_domain: Callable[[Any], int] = _one
+    grow_refusal: Callable[[Any], str | None] = _no_refusal
+    order: int = 50
+
+
+_SPECS: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Add a method (once per name); returns the spec so a module can keep it."""
+    old = _SPECS.get(spec.name)
+    if old is not None and old != spec:
+        raise ValueError(f"a method named {spec.name!r} is already registered")
+    _SPECS[spec.name] = spec
+    return spec
+
+
+def specs() -> list[MethodSpec]:
+    """Every registered method, in hook order."""
+    return sorted(_SPECS.values(), key=lambda s: (s.order, s.name))
+
+
+def get(name: str) -> MethodSpec | None:
+    return _SPECS.get(name)
+
+
+def active(cfg: RunConfig) -> list[tuple[MethodSpec, Any]]:
+    """The methods a config turns on, with their sections, in hook order."""
+    out = []
+    for spec in specs():
+        section = cfg.sections.get(spec.name)
+        if section is not None and spec.active(section):
+            out.append((spec, section))
+    return out
+
+
+def stages_per_domain(cfg: RunConfig) -> int:
+    """Stages each domain is split into: the most any active method asks for (1 without blocks)."""
+    return max([spec.stages_per_domain(section) for spec, section in active(cfg)] or [1])
+
+
+def build_methods(cfg: RunConfig) -> list[Method]:
+    """The hooks of every method the config turns on, in hook order."""
+    return [spec.build(cfg, section) for spec, section in active(cfg)]
