@@ -197,9 +197,10 @@ def cmd_speed(args: argparse.Namespace) -> None:
     import torch
 
     from cltk import distributed as dist
-    from cltk.config import DasConfig, load_config
+    from cltk.config import load_config
     from cltk.engine import train_step
     from cltk.method import StageContext
+    from cltk.methods.das import DasConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -67,9 +67,10 @@ def cmd_steps(args: argparse.Namespace) -> None:
     import torch
 
     from cltk import distributed as dist
-    from cltk.config import LoraConfig, load_config
+    from cltk.config import load_config
     from cltk.engine import train_step
     from cltk.method import StageContext
+    from cltk.methods.lora import LoraConfig
     from cltk.methods.lora.adapters import export_state_dicts, save_adapter
     from cltk.models import export_pretrained, parameter_counts
 

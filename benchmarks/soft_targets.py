@@ -142,7 +142,7 @@ def main() -> None:
 
     online = SoftTargetMethod(cfg)
     online.on_engine_ready(ctx)
-    off_cfg = replace(cfg, blocks=replace(cfg.blocks, teacher="offline"))
+    off_cfg = replace(cfg, sections={**cfg.sections, "blocks": replace(cfg.blocks, teacher="offline")})
     offline = SoftTargetMethod(off_cfg)
     dist.barrier()
     t0 = time.perf_counter()

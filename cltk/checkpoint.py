@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from cltk import distributed as dist
+from cltk.diskfull import disk_full_guard
 from cltk.errors import UserError
 
 STATE_FILE = "cltk_state.json"
@@ -147,9 +148,7 @@ def save(
 
 
 def _disk_full_guard(root: Path, tag: str):
-    """A full disk mid-save is a :class:`~cltk.rundir.DiskFullError` saying what is still intact."""
-    from cltk.rundir import describe_latest, disk_full_guard
-
+    """A full disk mid-save is a :class:`~cltk.diskfull.DiskFullError` saying what is still intact."""
     return disk_full_guard(
         root,
         f"checkpoint {tag}",
@@ -226,3 +225,17 @@ def load(engine, root: Path, tag: str) -> dict[str, Any]:
     if rng_file.is_file():  # absent when resuming at another world size
         set_rng_state(torch.load(rng_file, weights_only=False))
     return read_state(root, tag)
+
+
+def describe_latest(root: Path) -> str:
+    """What a resume would start from, for the messages above."""
+    try:
+        tag = latest_tag(root)
+    except (RuntimeError, OSError):
+        tag = None
+    if tag is None:
+        return "no earlier checkpoint exists; finished stages under stages/ are intact"
+    return (
+        f"the last good checkpoint {tag} is intact ({root / LATEST} names it): free "
+        "space, then rerun with --resume"
+    )

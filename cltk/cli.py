@@ -85,7 +85,7 @@ def _rank() -> int:
 
 
 def _no_space(e: BaseException) -> BaseException | None:
-    from cltk.rundir import no_space_error
+    from cltk.diskfull import no_space_error
 
     return no_space_error(e)
 

@@ -20,15 +20,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from cltk import registry
-from cltk.errors import UserError
-
-
-class ConfigError(UserError):
-    """A run config that cannot run; the message names the key and the fix."""
-
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(f"{key}: {message}" if key else message)
+from cltk.errors import ConfigError
 
 
 def option(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:

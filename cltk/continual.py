@@ -28,7 +28,6 @@ from cltk.config import RunConfig
 from cltk.data.prepare import prepare
 from cltk.data.sampler import StageSchedule, mixture_pool
 from cltk.engine import build_engine, train_step
-from cltk.errors import UserError
 from cltk.forward import engine_forward
 from cltk.grow import check_config, check_plan, complete_row
 from cltk.method import Method, StageContext
@@ -43,10 +42,6 @@ from cltk.start import start_row
 from cltk.tracking import Tracker, log
 
 STAGE_FILE = "stage.json"
-
-
-class RunExistsError(UserError):
-    """Starting afresh would overwrite an existing run's checkpoints."""
 
 
 @dataclass

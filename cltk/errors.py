@@ -10,3 +10,11 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """Bad input a user can fix; the message names the cause (key, file and line) and the fix."""
+
+
+class ConfigError(UserError):
+    """A run config that cannot run; the message names the key and the fix."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}" if key else message)

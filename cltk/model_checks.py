@@ -16,9 +16,12 @@ import inspect
 import struct
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cltk.config import ConfigError, RunConfig
+from cltk.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cltk.config import RunConfig
 
 GGUF_MAGIC = b"GGUF"
 # Config attributes every transformers model accepts (PretrainedConfig's own arguments), beyond the

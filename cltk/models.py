@@ -116,7 +116,7 @@ def export_pretrained(
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    from cltk.rundir import disk_full_guard
+    from cltk.diskfull import disk_full_guard
 
     with disk_full_guard(
         out_dir.parent,

@@ -53,6 +53,8 @@ class MethodSpec:
         freezes_base: only its own new parameters train (LoRA on a frozen base).
         stages_per_domain: how many stages each domain is split into (incremental blocks).
         grow_refusal: why a finished run with this section cannot take appended domains (None: it can).
+        run_files: what it writes at the top of the output directory (removed with the other leftovers
+            when an attempt that finished no stage is started again).
         order: hook order among active methods (lower first).
     """
 
@@ -67,6 +69,7 @@ class MethodSpec:
     freezes_base: Callable[[Any], bool] = _never
     stages_per_domain: Callable[[Any], int] = _one
     grow_refusal: Callable[[Any], str | None] = _no_refusal
+    run_files: tuple[str, ...] = ()
     order: int = 50
 
 

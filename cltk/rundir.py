@@ -17,23 +17,23 @@ While writing (:func:`disk_full_guard`): a write that fails because the disk is 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from cltk import checkpoint, registry
 from cltk import distributed as dist
 from cltk.config import RunConfig
 from cltk.errors import UserError
 from cltk.tracking import log
 
 # What a run writes into its output directory (besides checkpoints/ and stages/*/stage.json, which mark a
-# run): removed when an attempt that finished nothing is started again. config.yaml and plan.json are
+# run; the methods' own files are their specs' run_files): removed when an attempt that finished nothing
+# is started again. config.yaml and plan.json are
 # rewritten by every run and may be a user's own files, so they stay; dot files (the fault-injection
 # markers), anything else in the directory, and anything the config points at are left alone.
 LEFTOVERS = (
@@ -44,9 +44,6 @@ LEFTOVERS = (
     "sequence_ids",
     "stages",
     "checkpoints",
-    "teacher_cache",
-    "lora_base",
-    "adapters",
     "forgetting.json",
     "forgetting.csv",
     "forgetting.png",
@@ -69,17 +66,10 @@ RESUMABLE_KEYS = frozenset(
         "eval.heatmap",
     }
 )
-# Below this many free bytes a failed write is taken as a full disk (torch.save reports ENOSPC only as
-# "unexpected pos ..."; the disk is then left with ~0 bytes free).
-_FULL_BELOW_BYTES = 1 << 20
 
 
 class RunDirError(UserError):
     """The output directory cannot be used as it is; the message names the path and the fix."""
-
-
-class DiskFullError(UserError):
-    """The disk filled up while cltk wrote a checkpoint or an export."""
 
 
 def holds_run(out: Path) -> bool:
@@ -172,8 +162,6 @@ def check_global_batch(tag: str, state: dict[str, Any], cfg: RunConfig, world_si
 
 
 def _check_resume(cfg: RunConfig, out: Path) -> None:
-    from cltk import checkpoint
-
     saved_path = out / "config.yaml"
     if saved_path.is_file():
         saved = yaml.safe_load(saved_path.read_text()) or {}
@@ -219,7 +207,7 @@ def _clean_leftovers(cfg: RunConfig, out: Path) -> list[str]:
         return []
     referenced = _referenced_paths(cfg)
     removed = []
-    for name in LEFTOVERS:
+    for name in LEFTOVERS + tuple(f for spec in registry.specs() for f in spec.run_files):
         p = out / name
         if any(r == p.resolve() or p.resolve() in r.parents for r in referenced):
             continue
@@ -233,12 +221,15 @@ def _clean_leftovers(cfg: RunConfig, out: Path) -> list[str]:
     return removed
 
 
+class RunExistsError(UserError):
+    """Starting afresh would overwrite an existing run's checkpoints."""
+
+
 def check_run_dir(cfg: RunConfig, resume: bool) -> None:
     """Everything about the output directory that must hold before any work (see the module docstring).
 
     Call on every rank after the process group is up: each rank checks, rank 0 alone cleans.
     """
-    from cltk.continual import RunExistsError
 
     out = cfg.out
     _writable_dir(out, "output_dir")
@@ -262,61 +253,3 @@ def check_run_dir(cfg: RunConfig, resume: bool) -> None:
                 f"nothing stale is reused: {', '.join(removed)}"
             )
     dist.barrier()
-
-
-def no_space_error(exc: BaseException) -> BaseException | None:
-    """The exception in ``exc``'s chain that says the disk is full (ENOSPC), or None."""
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            return e
-        if "No space left on device" in str(e) or "os error 28" in str(e):
-            return e
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def _is_disk_full(exc: BaseException, path: Path) -> bool:
-    if no_space_error(exc) is not None:
-        return True
-    try:
-        return shutil.disk_usage(path).free < _FULL_BELOW_BYTES
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def disk_full_guard(path: Path, writing: str, intact: str) -> Iterator[None]:
-    """Turn a write that failed on a full disk into a :class:`DiskFullError`; other errors pass.
-
-    Args:
-        path: where the write goes (named in the message, and whose free space is checked).
-        writing: what was being written, e.g. "checkpoint s01-end".
-        intact: what is still good and how to go on, e.g. "the last good checkpoint s00-end is intact".
-    """
-    try:
-        yield
-    except DiskFullError:
-        raise
-    except Exception as e:
-        if not _is_disk_full(e, Path(path)):
-            raise
-        raise DiskFullError(f"no space left on {path} while writing {writing}; {intact}") from e
-
-
-def describe_latest(root: Path) -> str:
-    """What a resume would start from, for the messages above."""
-    from cltk import checkpoint
-
-    try:
-        tag = checkpoint.latest_tag(root)
-    except (RuntimeError, OSError):
-        tag = None
-    if tag is None:
-        return "no earlier checkpoint exists; finished stages under stages/ are intact"
-    return (
-        f"the last good checkpoint {tag} is intact ({root / checkpoint.LATEST} names it): free "
-        "space, then rerun with --resume"
-    )

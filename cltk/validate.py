@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cltk import registry
-from cltk.config import ConfigError, RunConfig
+from cltk.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cltk.config import RunConfig
 
 
 def _positive(value: float, key: str, allow_zero: bool = False) -> None:

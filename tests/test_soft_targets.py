@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from cltk.config import load_config
 from cltk.losses import distillation_loss, soft_target_loss
 from cltk.method import StageContext
-from cltk.methods.soft_targets.method import DistillMethod, SoftTargetMethod
+from cltk.methods.distill.method import DistillMethod
+from cltk.methods.soft_targets.method import SoftTargetMethod
 from cltk.methods.soft_targets.teacher_cache import (
     CacheKeys,
     TeacherCache,

@@ -207,8 +207,8 @@ def test_full_disk_while_checkpointing_or_exporting_keeps_the_last_good_checkpoi
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from cltk import checkpoint
+    from cltk.diskfull import DiskFullError
     from cltk.models import export_pretrained
-    from cltk.rundir import DiskFullError
 
     disk = tmp_path / "disk"
     _tmpfs(disk, "600k")

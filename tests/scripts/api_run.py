@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 import cltk
-import cltk.continual
+import cltk.rundir
 from cltk.continual import ContinualRun
 from cltk.engine import NonFiniteLossError
 from cltk.method import Method
@@ -38,7 +38,7 @@ print("LATEST:", latest)
 try:
     cltk.train(cfg)  # a fresh start into the same output dir must not overwrite the run
     raise SystemExit("a fresh start overwrote an existing run")
-except cltk.continual.RunExistsError as e:
+except cltk.rundir.RunExistsError as e:
     print("REFUSED:", e)
 try:  # resuming with another global batch would silently shift the data position
     cltk.train(cltk.load_config(path, overrides=["train.micro_batch_size=1"]), resume=True)

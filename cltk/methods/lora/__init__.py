@@ -55,6 +55,7 @@ SPEC = register(
         check=check,
         freezes_base=lambda section: True,
         grow_refusal=_grow_refusal,
+        run_files=("lora_base", "adapters"),
         order=10,
     )
 )

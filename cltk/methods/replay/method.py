@@ -3,18 +3,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from cltk.config import RunConfig
 from cltk.data.sampler import Pool
 from cltk.method import Method, Mix, StageContext
-from cltk.methods.replay import ReplayConfig
 
 
 class ReplayMethod(Method):
     name = "replay"
 
-    def __init__(self, cfg: RunConfig, section: ReplayConfig):
+    def __init__(self, cfg: RunConfig, section: Any):
         self.cfg, self.r = cfg, section
 
     def mixes(self, ctx: StageContext) -> list[Mix]:

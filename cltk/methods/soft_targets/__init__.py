@@ -59,6 +59,7 @@ SPEC = register(
         active=lambda b: b.k > 1,
         replaces_loss=lambda b: b.k > 1,
         stages_per_domain=lambda b: b.k,
+        run_files=("teacher_cache",),
         order=20,
     )
 )

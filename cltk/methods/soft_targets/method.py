@@ -110,7 +110,7 @@ class SoftTargetMethod(Method):
             # the loss's one pass over the teacher also gives log q_y for the metric
             loss, label_lp = soft_target_loss(logits, labels, t, p=self.b.p,
                                               one_hot_below=self.b.one_hot_below,
-                                              returnlabel_logprobs=True)
+                                              return_label_logprobs=True)
             return loss, {"teacher_p_label": mean_label_prob(label_lp, labels)}
         if self.cache is not None:
             top_lp, top_ix, label_lp = self.cache.lookup(batch["input_ids"])
