@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from cltk import distributed as dist
+from cltk import registry
 from cltk.config import RunConfig
 from cltk.errors import UserError
 from cltk.tracking import log
@@ -203,7 +204,7 @@ def _referenced_paths(cfg: RunConfig) -> list[Path]:
     """Every path the config points at (a tokenizer, a model, corpora...): never removed as a leftover."""
     m = cfg.model
     raw = [cfg.tokenizer.path, m.init_from, m.gguf, cfg.deepspeed, cfg.data.cache_dir]
-    for d in cfg.domains:
+    for d in cfg.domains + registry.extra_sources(cfg):
         for key, value in d.source.items():
             if key in ("builtin", "field", "split"):
                 continue
@@ -219,7 +220,8 @@ def _clean_leftovers(cfg: RunConfig, out: Path) -> list[str]:
         return []
     referenced = _referenced_paths(cfg)
     removed = []
-    for name in LEFTOVERS:
+    outputs = [name for spec in registry.specs() for name in spec.outputs]
+    for name in (*LEFTOVERS, *outputs):
         p = out / name
         if any(r == p.resolve() or p.resolve() in r.parents for r in referenced):
             continue
