@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from cltk.config import ConfigError, load_config
 from cltk.data.windows import TokenWindows
@@ -125,8 +124,10 @@ def test_reservoir_on_disk_holds_the_sampled_sequences_and_is_kept_whole(tmp_pat
     assert len(small) == 4 and np.asarray(small.tokens).shape == (4, 8)
     # the same stage absorbed again matches what is on disk; other data does not
     record = res.stage_record(1, "bible", second)
-    assert res.matches(res.load(tmp_path, 1), 6, 8, 3, record)
-    assert not res.matches(res.load(tmp_path, 1), 6, 8, 3, res.stage_record(1, "bible", first))
+    assert res.matches(res.load(tmp_path, 1), m0, 6, 8, 3, record)
+    assert not res.matches(res.load(tmp_path, 1), m0, 6, 8, 3, res.stage_record(1, "bible", first))
+    assert not res.matches(res.load(tmp_path, 1), small, 6, 8, 3, record)  # other stages before
+    assert not res.matches(res.load(tmp_path, 1), m0, 7, 8, 3, record)  # another memory
     assert res.remove_before(tmp_path, 1) == ["memory-s00"] and res.load(tmp_path, 0) is None
 
 
@@ -175,6 +176,11 @@ def test_each_stage_gets_its_shares_and_the_reservoir_of_the_stages_before(tmp_p
     memory = res.load(cfg.out / "replay", 0)
     assert len(memory) == 4 and memory.meta["seen"] == 2 * 9  # 9 own sequences in each of 2 steps
     assert {(d, i) for _, d, i in memory.items} <= set(sched.trained_new())
+    # the stage's end run again (a resume from its -end checkpoint) keeps the reservoir on disk
+    stat = (memory.path / "tokens.npy").stat()
+    method.on_stage_end(ctx0)
+    again = (memory.path / "tokens.npy").stat()
+    assert (again.st_ino, again.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
     earlier, _ = method.mixes(_context(cfg, 1, domains))
     (pool,) = earlier.pools
     assert pool.domain == 4 and pool.indices.tolist() == [0, 1, 2, 3]
@@ -191,6 +197,14 @@ def test_each_stage_gets_its_shares_and_the_reservoir_of_the_stages_before(tmp_p
     fresh = ReplayMethod(cfg, cfg.replay)
     with pytest.raises(UserError, match="reservoir .*memory-s00 is missing"):
         fresh.mixes(_context(cfg, 1, domains))
+    # once stage 1 is finished too, only its step count is asked for (by a later stage's LR
+    # schedule): the reservoir it replayed may be gone
+    (cfg.out / "stages" / "01-bible").mkdir(parents=True)
+    (cfg.out / "stages" / "01-bible" / "stage.json").write_text("{}")
+    earlier, _ = fresh.mixes(_context(cfg, 1, domains))
+    assert len(earlier.pools[0].indices) == 1
+    with pytest.raises(RuntimeError, match="not at hand"):
+        earlier.pools[0].rows[0]
 
 
 # ----- general sources are prepared like domains --------------------------------------------------
@@ -244,49 +258,59 @@ def _cltk(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def test_a_run_mixes_general_data_and_a_reservoir_and_resumes_from_it(tmp_path):
+    """Three stages of 4 steps of 4 sequences, 1 of them general data (a JSONL file) and, from the
+    second stage on, 1 from a reservoir of 5; killed in the third stage and resumed."""
+    jsonl = tmp_path / "web.jsonl"
+    words = "the web page of a site with words on it and more words".split()
+    rng = np.random.default_rng(0)
+    jsonl.write_text("".join(json.dumps({"text": " ".join(rng.choice(words, 80))}) + "\n"
+                             for _ in range(80)))
+    verse = {"name": "verse", "source": {"builtin": "shakespeare"}, "max_chars": 20000}
     cfg_path = write_tiny_run(
         tmp_path,
+        domains=[CODE, BIBLE, verse],
         train={"max_steps_per_stage": 4, "checkpoint_every": 2, "log_sequence_ids": True},
-        replay={"share": 0.25, "memory": 5, "general": [WEB], "general_share": 0.25},
+        eval={"start": False},
+        replay={"share": 0.25, "memory": 5, "general_share": 0.25,
+                "general": [{"name": "web", "source": {"jsonl": str(jsonl)}}]},
     )
     out = tmp_path / "out"
-    killed = _cltk("train", "--config", str(cfg_path), env={"CLTK_KILL_AT": "1:2"})
+    killed = _cltk("train", "--config", str(cfg_path), env={"CLTK_KILL_AT": "2:2"})
     assert killed.returncode != 0, killed.stderr[-3000:]
-    first = res.load(out / "replay", 0)
-    assert first is not None and len(first) == 5 and first.meta["seen"] == 4 * 3  # 3 own a step
-    first_tokens = np.array(first.tokens)
+    assert res.load(out / "replay", 0) is None  # removed when stage 2 started: not needed any more
+    second = res.load(out / "replay", 1)
+    assert second is not None and len(second) == 5 and second.meta["seen"] == 4 * 3 + 4 * 2
+    second_tokens, second_items = np.array(second.tokens), second.items.copy()
     resumed = _cltk("train", "--config", str(cfg_path), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     err = resumed.stderr
-    assert "resumed from checkpoint s01-step000002 at step 2" in err
-    # the resumed stage replays the reservoir stage 0 left on disk, which is not written again
-    assert f"replays from {first.path} (5 sequences of stages code)" in err
-    assert "reservoir after stage 00-code" not in err
-    # every step of 4 sequences: 1 general (source id 2, after the domains code 0 and bible 1),
-    # 1 from the reservoir from stage 1 on (id 3, a slot of the 5), the rest the stage's own
+    assert "resumed from checkpoint s02-step000002 at step 2" in err
+    # the resumed stage replays the reservoir stage 1 left on disk, which is not written again
+    assert f"replays from {second.path} (5 sequences of stages code, bible)" in err
+    assert "reservoir after stage 01-bible" not in err
+    # every step of 4 sequences: 1 general (source id 3, after the domains 0, 1, 2), 1 from the
+    # reservoir from stage 1 on (id 4, one of its 5 slots), the rest the stage's own
     lines = (out / "sequence_ids" / "rank0.jsonl").read_text().splitlines()
     steps = [(x["stage"], x["step"], x["ids"]) for x in map(json.loads, lines)]
-    assert [(s, t) for s, t, _ in steps] == [(s, t) for s in (0, 1) for t in range(4)]
+    assert [(s, t) for s, t, _ in steps] == [(s, t) for s in range(3) for t in range(4)]
     for stage, _, ids in steps:
         sources = [d for d, _ in ids]
-        assert sources.count(2) == 1 and sources.count(stage) == 3 - stage
-        assert sources.count(3) == stage and all(i < 5 for d, i in ids if d == 3)
-    own0 = {tuple(x) for s, _, ids in steps if s == 0 for x in ids if x[0] == 0}
-    own1 = {tuple(x) for s, _, ids in steps if s == 1 for x in ids if x[0] == 1}
+        assert sources.count(3) == 1 and sources.count(stage) == (3 if stage == 0 else 2)
+        assert sources.count(4) == min(stage, 1) and all(i < 5 for d, i in ids if d == 4)
+    own = [{tuple(x) for s, _, ids in steps if s == st for x in ids if x[0] == st} for st in range(3)]
     # the reservoirs hold the tokens of sequences those stages trained (read here from the cache)
     from cltk.data.prepare import prepare
 
     _, domains = prepare(load_config(cfg_path, world_size=1))
-    last = res.load(out / "replay", 1)
-    assert res.load(out / "replay", 0) is None  # only the last reservoir is kept after the run
-    assert last.meta["seen"] == 12 + 4 * 2 and last.meta["stages"][0] == first.meta["stages"][0]
-    # algorithm R leaves a slot it did not replace as it was: stage 0's rows carried over
-    carried = last.items[:, 0] == 0
-    assert (last.items[carried] == first.items[carried]).all()
-    assert (np.asarray(last.tokens)[carried] == first_tokens[carried]).all()
-    for memory, own in ((first, own0), (last, own0 | own1)):
-        for row, (_, d, i) in zip(np.asarray(memory.tokens), memory.items):
-            assert (int(d), int(i)) in own
-            name = ["code", "bible"][int(d)]
-            assert (row == domains[name].train[int(i)]["input_ids"]).all()
-    assert yaml.safe_load((out / "config.yaml").read_text())["replay"]["memory"] == 5
+    last = res.load(out / "replay", 2)
+    assert res.load(out / "replay", 1) is None  # only the last reservoir is kept after the run
+    assert last.meta["seen"] == 20 + 4 * 2 and last.meta["stages"][:2] == second.meta["stages"]
+    # algorithm R leaves a slot it did not replace as it was: stage 0 and 1's rows carried over
+    carried = last.items[:, 0] < 2
+    assert (last.items[carried] == second_items[carried]).all()
+    assert (np.asarray(last.tokens)[carried] == second_tokens[carried]).all()
+    for row, (stage, d, i) in zip(np.asarray(last.tokens), last.items):
+        assert stage == d and (int(d), int(i)) in own[int(d)]
+        name = ["code", "bible", "verse"][int(d)]
+        assert (row == domains[name].train[int(i)]["input_ids"]).all()
+    assert (out / "forgetting.json").is_file()

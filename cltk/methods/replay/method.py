@@ -28,12 +28,13 @@ from cltk.tracking import log
 STAGE_FILE = "stage.json"  # what marks a finished stage (cltk.continual)
 
 
-class _NotYet:
-    """The rows of a reservoir that a later stage will have: only its size is known now (it sets the
-    stage's step count through the LR schedule); reading them is a bug."""
+class _Absent:
+    """The rows of a reservoir not at hand: one a later stage will have, or one a finished stage had
+    (removed since). Only the step counts of those stages are asked for (the LR schedule spans the
+    run); reading the rows is a bug."""
 
     def __getitem__(self, key):
-        raise RuntimeError("the reservoir of a stage that has not started was read")
+        raise RuntimeError("the rows of a reservoir not at hand were read")
 
 
 class ReplayMethod(Method):
@@ -87,15 +88,19 @@ class ReplayMethod(Method):
         if memory is not None:
             rows = TokenWindows.from_array(memory.tokens)
             return [Pool(source, np.arange(len(memory)), rows=rows)]
-        if ctx.prev_stage_dir is not None and (Path(ctx.prev_stage_dir) / STAGE_FILE).is_file():
+        finished = (Path(ctx.stage_dir) / STAGE_FILE).is_file()
+        if not finished and ctx.prev_stage_dir is not None and (
+            Path(ctx.prev_stage_dir) / STAGE_FILE
+        ).is_file():
             raise UserError(
                 f"replay.memory: stage {ctx.stages[prev].dirname} is finished but its reservoir "
                 f"{res.memory_dir(self.root, prev)} is missing (was the run started without "
                 "replay.memory, or the directory removed?); start the run in a new output_dir"
             )
-        # a later stage, planned ahead: the previous stage trains at least one sequence, so its
-        # reservoir will not be empty, which is all its step count depends on
-        return [Pool(source, np.arange(1), rows=_NotYet())]
+        # a stage planned ahead, or one finished (its reservoir is gone): only its step count is
+        # asked for, and that depends only on the reservoir not being empty, which it is not (the
+        # stage before trains at least one sequence)
+        return [Pool(source, np.arange(1), rows=_Absent())]
 
     # ----- the reservoir ----------------------------------------------------------------------------
     def on_stage_start(self, ctx: StageContext) -> None:
@@ -140,11 +145,11 @@ class ReplayMethod(Method):
         stage = ctx.stage
         record = res.stage_record(stage.index, stage.name, items)
         seq_len, seed, n = self.cfg.data.seq_len, self.cfg.seed, self.r.memory
+        prev = res.load(self.root, stage.index - 1) if stage.index > 0 else None
         done = res.load(self.root, stage.index)
-        if done is not None and res.matches(done, n, seq_len, seed, record):
+        if done is not None and res.matches(done, prev, n, seq_len, seed, record):
             log(f"replay: the reservoir after stage {stage.dirname} is on disk already: kept")
             return
-        prev = res.load(self.root, stage.index - 1) if stage.index > 0 else None
         if stage.index > 0 and prev is None:
             raise UserError(
                 f"replay.memory: the reservoir after stage {stage.index - 1} is missing from "

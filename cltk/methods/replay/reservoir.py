@@ -106,11 +106,16 @@ def stage_record(stage: int, name: str, items: list[tuple[int, int]]) -> dict[st
     return {"stage": stage, "name": name, "sequences": len(items), "items_sha256": items_sha256(items)}
 
 
-def matches(memory: Memory, capacity: int, seq_len: int, seed: int, record: dict[str, Any]) -> bool:
-    """Whether ``memory`` is what absorbing the stage of ``record`` with these settings gives."""
+def matches(
+    memory: Memory, prev: Memory | None, capacity: int, seq_len: int, seed: int,
+    record: dict[str, Any],
+) -> bool:
+    """Whether ``memory`` is what absorbing the stage of ``record`` into ``prev`` with these settings
+    gives (the same settings, the same stages before, the same sequences of this stage)."""
     m = memory.meta
-    return (m["capacity"], m["seq_len"], m["seed"], m["stages"][-1:]) == (
-        capacity, seq_len, seed, [record])
+    before = prev.meta["stages"] if prev is not None else []
+    return (m["capacity"], m["seq_len"], m["seed"], m["stages"]) == (
+        capacity, seq_len, seed, before + [record])
 
 
 def absorb(
