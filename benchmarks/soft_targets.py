@@ -123,7 +123,7 @@ def main() -> None:
     ids = np.random.default_rng(0).integers(0, args.vocab, (n_steps * gb, seq)).astype(np.int32)
     train = datasets.Dataset.from_dict({"input_ids": ids})
     name = cfg.domains[0].name
-    sched = StageSchedule(Pool(0, np.arange(len(ids))), [], 0.0, gb, 1.0, None, cfg.seed, 1)
+    sched = StageSchedule(Pool(0, np.arange(len(ids))), [], gb, 1.0, None, cfg.seed, 1)
     stage = Stage(1, name, 0, 1, 2, np.arange(len(ids)))
     engine = build_engine(cfg, model, len(sched))
     domains = {name: PackedDomain(name, train, train.select([]))}

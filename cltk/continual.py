@@ -118,7 +118,9 @@ class ContinualRun:
         seed_everything(self.cfg.seed)
         self.tokenizer, self.domains = prepare(self.cfg)
         self.domain_names = [d.name for d in self.cfg.domains]
-        self.train_arrays = [self.domains[n].train.with_format("numpy") for n in self.domain_names]
+        # every prepared source by id: the domains, then the methods' extra sources (never a stage)
+        self.source_names = list(self.domains)
+        self.train_arrays = [self.domains[n].train.with_format("numpy") for n in self.source_names]
         self.stages = plan_stages(self.cfg, {n: len(d.train) for n, d in self.domains.items()})
         if self.resume:
             check_plan(self.out, self.stages)
@@ -163,7 +165,8 @@ class ContinualRun:
     def _context(self, stage: Stage) -> StageContext:
         prev = self.stage_dir(self.stages[stage.index - 1]) if stage.index > 0 else None
         return StageContext(
-            self.cfg, stage, self.stages, self.domains, self.tokenizer, self.stage_dir(stage), prev
+            self.cfg, stage, self.stages, self.domains, self.tokenizer, self.stage_dir(stage), prev,
+            sources=self.source_names,
         )
 
     def _load_method_state(self, state: dict, directory: Path) -> None:
@@ -177,13 +180,22 @@ class ContinualRun:
         return {m.name: m.state_tensors() for m in self.methods}
 
     def schedule(self, stage: Stage) -> StageSchedule:
+        """The stage's batches: its own sequences and every method's mixes, each at its own share."""
         c = self.cfg
         ctx = self._context(stage)
         mixes = [mix for m in self.methods for mix in m.mixes(ctx)]
+        for mix in mixes:
+            for p in mix.pools:
+                prepared = 0 <= p.domain < len(self.source_names)
+                if prepared == (p.rows is not None):
+                    raise ValueError(
+                        f"mix {mix.name!r}: pool id {p.domain} must name a prepared source "
+                        f"(0..{len(self.source_names) - 1}) unless the pool brings its own rows, "
+                        "and then lie outside them"
+                    )
         return StageSchedule(
             mixture_pool(stage.domain_index, stage.indices, *_parts(self.train_arrays[stage.domain_index])),
-            [p for mix in mixes for p in mix.pools],
-            sum(mix.share for mix in mixes),
+            mixes,
             c.global_batch(dist.world_size()),
             c.train.epochs,
             c.train.max_steps_per_stage,
@@ -228,6 +240,11 @@ class ContinualRun:
             f"stage {stage.dirname}: {len(schedule)} steps of {c.global_batch(dist.world_size())} sequences "
             f"x {c.data.seq_len} tokens; {trainable:,} of {total:,} parameters trainable"
         )
+        for mix, n in zip(schedule.mixes, schedule.n_mix):
+            size = sum(len(p.indices) for p in mix.pools)
+            ids = sorted({p.domain for p in mix.pools})
+            log(f"stage {stage.dirname}: mixing {n} of every {schedule.global_batch} sequences "
+                f"(share {mix.share:g}) from {mix.name} ({size:,} sequences, source ids {ids})")
         self._train(ctx, schedule, start)
         if start < len(schedule) or tag is None or "-end" not in tag:
             self._save(ctx, f"s{stage.index:02d}-end", len(schedule))
@@ -296,7 +313,7 @@ class ContinualRun:
             metrics = train_step(
                 ctx,
                 self.methods,
-                [self._tensor(mb + pad * (size - len(mb))) for mb in micro],
+                [self._tensor(mb + pad * (size - len(mb)), schedule) for mb in micro],
                 valid_rows=[len(mb) for mb in micro],
                 step_rows=schedule.step_size(step),
             )
@@ -316,8 +333,11 @@ class ContinualRun:
             _fault_injection(self.out, stage.index, step + 1)
         bar.close()
 
-    def _tensor(self, items: list[tuple[int, int]]) -> torch.Tensor:
-        rows = [self.train_arrays[d][i]["input_ids"] for d, i in items]
+    def _tensor(self, items: list[tuple[int, int]], schedule: StageSchedule) -> torch.Tensor:
+        rows = []
+        for d, i in items:  # a prepared source's windows, or the rows a mix's pool brought
+            own = schedule.rows(d)
+            rows.append((own if own is not None else self.train_arrays[d])[i]["input_ids"])
         return torch.as_tensor(np.stack(rows).astype(np.int64))
 
     def _save(self, ctx: StageContext, tag: str, step: int) -> None:

@@ -16,28 +16,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+
+from cltk.data.sampler import Mix, Pool
 
 if TYPE_CHECKING:
     from cltk.config import RunConfig
     from cltk.data.packing import PackedDomain
-    from cltk.data.sampler import Pool
     from cltk.plan import Stage
 
-
-@dataclass
-class Mix:
-    """Sequences a method mixes into every step of a stage: ``share`` of each global batch drawn from
-    ``pools`` (uniformly over all their sequences). ``name`` labels it in errors and logs."""
-
-    name: str
-    pools: list[Pool]
-    share: float
+__all__ = ["Method", "Mix", "Pool", "StageContext"]
 
 
 @dataclass
 class StageContext:
-    """What a method may look at during one stage."""
+    """What a method may look at during one stage.
+
+    ``domains`` holds every prepared source by name: the configured domains, then the extra sources
+    the methods declared (``MethodSpec.extra_sources``, named ``<method>.<name>``); ``sources`` lists
+    those names in id order, the ids a :class:`Pool` and the sequence-id audit log use.
+    """
 
     cfg: RunConfig
     stage: Stage
@@ -53,6 +52,21 @@ class StageContext:
     engine: Any = None
     step: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            self.sources = list(self.domains)
+
+    def rows(self, items: list[tuple[int, int]]) -> np.ndarray:
+        """``[n, T]`` int64 token ids of ``(source id, index)`` items: a prepared source's training
+        windows, or the rows a pool of the stage's schedule brought (a reservoir)."""
+        out = []
+        for d, i in items:
+            own = self.schedule.rows(d) if self.schedule is not None else None
+            src = own if own is not None else self.domains[self.sources[d]].train
+            out.append(np.asarray(src[int(i)]["input_ids"], dtype=np.int64))
+        return np.stack(out) if out else np.zeros((0, self.cfg.data.seq_len), np.int64)
 
 
 class Method:

@@ -8,11 +8,12 @@ validation, the loop) asks this registry and never names a method: a new method 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
-    from cltk.config import RunConfig
+    from cltk.config import DomainConfig, RunConfig
     from cltk.method import Method
 
 
@@ -36,6 +37,10 @@ def _no_refusal(section: Any) -> str | None:
     return None
 
 
+def _no_sources(cfg: RunConfig, section: Any) -> list[DomainConfig]:
+    return []
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """One method as the core sees it.
@@ -56,6 +61,10 @@ class MethodSpec:
         run_files: what it writes at the top of the output directory (removed with the other leftovers
             when an attempt that finished no stage is started again).
         order: hook order among active methods (lower first).
+        extra_sources: ``extra_sources(cfg, section) -> [DomainConfig]``: corpora the method needs
+            besides the domains (never a stage, never scored): prepared like domains (same tokenizer,
+            which also trains on them, same cache) under the name ``<method>.<name>``, recorded in
+            ``OUT/data.json`` so a resumed run whose files changed is refused.
     """
 
     name: str
@@ -71,6 +80,7 @@ class MethodSpec:
     grow_refusal: Callable[[Any], str | None] = _no_refusal
     run_files: tuple[str, ...] = ()
     order: int = 50
+    extra_sources: Callable[[RunConfig, Any], list[DomainConfig]] = _no_sources
 
 
 _SPECS: dict[str, MethodSpec] = {}
@@ -112,3 +122,12 @@ def stages_per_domain(cfg: RunConfig) -> int:
 def build_methods(cfg: RunConfig) -> list[Method]:
     """The hooks of every method the config turns on, in hook order."""
     return [spec.build(cfg, section) for spec, section in active(cfg)]
+
+
+def extra_sources(cfg: RunConfig) -> list[DomainConfig]:
+    """The extra corpora of every active method, named ``<method>.<name>``, in hook order."""
+    return [
+        dataclasses.replace(d, name=f"{spec.name}.{d.name}", eval_only=True)
+        for spec, section in active(cfg)
+        for d in spec.extra_sources(cfg, section)
+    ]

@@ -191,7 +191,7 @@ def _referenced_paths(cfg: RunConfig) -> list[Path]:
     """Every path the config points at (a tokenizer, a model, corpora...): never removed as a leftover."""
     m = cfg.model
     raw = [cfg.tokenizer.path, m.init_from, m.gguf, cfg.deepspeed, cfg.data.cache_dir]
-    for d in cfg.domains:
+    for d in cfg.domains + registry.extra_sources(cfg):
         for key, value in d.source.items():
             if key in ("builtin", "field", "split"):
                 continue

@@ -24,6 +24,7 @@ from typing import Any
 import tokenizers
 
 from cltk import distributed as dist
+from cltk import registry
 from cltk.config import DomainConfig, RunConfig
 from cltk.data.corpora import iter_documents, source_units
 from cltk.data.packing import (
@@ -54,7 +55,11 @@ class StaleDataError(UserError):
 
 
 def prepare(cfg: RunConfig) -> tuple[Any, dict[str, PackedDomain]]:
-    """The run's tokenizer and every domain packed and memory-mapped, preparing what is missing."""
+    """The run's tokenizer and every domain packed and memory-mapped, preparing what is missing.
+
+    The returned mapping holds the configured domains in config order, then the extra sources the
+    active methods declare (:func:`cltk.registry.extra_sources`, named ``<method>.<name>``).
+    """
     tokenizer = prepare_tokenizer(cfg)
     return tokenizer, prepare_domains(cfg, tokenizer)
 
@@ -127,7 +132,7 @@ def _train_if_missing(cfg: RunConfig, out: Path) -> None:
     t = cfg.tokenizer.train
     key = settings_key({
         "tokenizer_train": [t.vocab_size, t.max_chars_per_domain, cfg.seed, tokenizers.__version__],
-        "domains": [[d.name, _parts(cfg, d)] for d in cfg.train_domains()],
+        "domains": [[d.name, _parts(cfg, d)] for d in _tokenizer_domains(cfg)],
     })
     cached = cfg.cache_dir / f"tokenizer-{key}"
     if not (cached / "tokenizer_config.json").is_file():
@@ -141,9 +146,15 @@ def _train_if_missing(cfg: RunConfig, out: Path) -> None:
     shutil.copytree(cached, out, dirs_exist_ok=True)
 
 
+def _tokenizer_domains(cfg: RunConfig) -> list[DomainConfig]:
+    """What a trained tokenizer reads: the training domains and the methods' extra sources (data the
+    run trains on), each up to ``tokenizer.train.max_chars_per_domain`` characters."""
+    return cfg.train_domains() + registry.extra_sources(cfg)
+
+
 def _tokenizer_texts(cfg: RunConfig):
     budget = cfg.tokenizer.train.max_chars_per_domain
-    for d in cfg.train_domains():
+    for d in _tokenizer_domains(cfg):
         items = source_items(d.source)
         shares = apportion([w for w, _ in items], budget)
         for (_, part), share, part_max in zip(items, shares, _budgets(d)):
@@ -246,11 +257,13 @@ def _label(src: dict) -> str:
 
 
 def prepare_domains(cfg: RunConfig, tokenizer: Any) -> dict[str, PackedDomain]:
-    """Every domain (training and eval-only) packed, in config order; cached across runs."""
+    """Every domain (training and eval-only) packed, in config order, then the methods' extra
+    sources; cached across runs."""
 
     def work() -> dict[str, str]:
         fp = tokenizer_fingerprint(tokenizer)
-        dirs = {d.name: _prepare_domain(cfg, d, tokenizer, fp) for d in cfg.domains}
+        every = cfg.domains + registry.extra_sources(cfg)
+        dirs = {d.name: _prepare_domain(cfg, d, tokenizer, fp) for d in every}
         _check_run_data(cfg, dirs)
         return dirs
 
@@ -273,8 +286,9 @@ def _check_run_data(cfg: RunConfig, dirs: dict[str, str]) -> None:
             if name in old and old[name]["key"] != now["key"]:
                 what = changed_files(old[name]["files"], now["files"]) or [
                     "the tokenizer or packing settings changed"]
+                what_it_is = "domain" if name in {d.name for d in cfg.domains} else "source"
                 raise StaleDataError(
-                    f"domain {name!r}: its data changed since this run trained on it "
+                    f"{what_it_is} {name!r}: its data changed since this run trained on it "
                     f"({'; '.join(what[:5])}); restore the files, or start a new run in another "
                     "output_dir"
                 )

@@ -2,7 +2,8 @@
 
 The order of a stage is a pure function of (seed, stage index, step), so resuming needs only the number of
 optimizer steps already taken, and every rank computes the same global batch and takes its own disjoint
-slice of it. Replay mixes a share of each global batch from earlier domains' training data. Every sequence of a stage is
+slice of it. Mixes (replay of earlier stages, general data) each take their share of every global batch,
+drawn independently of one another, seeded by (seed, stage, step, mix). Every sequence of a stage is
 trained exactly once per epoch: when the stage's size is not a multiple of the global batch, its last step is
 shorter (its micro-batches are padded with ignored rows), rather than dropping the tail.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -34,9 +36,14 @@ def split_blocks(n: int, k: int, seed: int) -> list[np.ndarray]:
     return [np.sort(b) for b in np.array_split(perm, k)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Pool:
-    """Training sequences of one domain that a stage may draw: ``indices`` into that domain's train set.
+    """Training sequences of one source that a stage may draw: ``indices`` into that source's rows.
+
+    ``domain`` is the source's id: a configured domain's index, then the extra sources the methods
+    declare (``StageContext.sources`` names them in id order). A pool of rows that no prepared source
+    holds (a reservoir kept on disk) brings them in ``rows`` (``rows[i]["input_ids"]``, e.g. a
+    :class:`~cltk.data.windows.TokenWindows`) under an id outside the prepared sources.
 
     A domain that mixes sources has ``parts`` (the indices of each source, together ``indices``) and
     ``weights``: every step then draws each part's share of its new sequences (see ``mixture_pool``).
@@ -46,6 +53,17 @@ class Pool:
     indices: np.ndarray
     parts: tuple[np.ndarray, ...] = ()
     weights: tuple[float, ...] = ()
+    rows: Any = None
+
+
+@dataclass
+class Mix:
+    """Sequences mixed into every step of a stage: ``share`` of each global batch drawn from
+    ``pools``, uniformly over all their sequences. ``name`` labels it in errors and logs."""
+
+    name: str
+    pools: list[Pool]
+    share: float
 
 
 def mixture_pool(
@@ -65,19 +83,22 @@ class StageSchedule:
 
     Args:
         new: the stage's own training sequences.
-        replay: pools of earlier domains to draw replay sequences from.
-        replay_share: share r of every global batch drawn from ``replay`` (0 = none).
+        mixes: sequences mixed into every step (e.g. replay): each mix takes ``round(share x
+            global_batch)`` sequences of every full step (at least one when its share is positive
+            and its pools are not empty), drawn from its pools independently of the other mixes.
         global_batch: sequences per optimizer step over all ranks.
         epochs: passes over ``new`` (may be fractional).
         max_steps: optional cap on the number of optimizer steps.
         seed, stage: fix the order.
+
+    Raises:
+        UserError: the mixes leave no room for the stage's own sequences in a step.
     """
 
     def __init__(
         self,
         new: Pool,
-        replay: list[Pool],
-        replay_share: float,
+        mixes: list[Mix],
         global_batch: int,
         epochs: float,
         max_steps: int | None,
@@ -86,20 +107,21 @@ class StageSchedule:
     ):
         if len(new.indices) == 0:
             raise ValueError(f"stage {stage} has no training sequences")
-        self.new, self.replay, self.seed, self.stage = (
-            new,
-            [p for p in replay if len(p.indices)],
-            seed,
-            stage,
-        )
+        self.new, self.seed, self.stage = new, seed, stage
         self.global_batch = global_batch
-        self.n_replay = int(round(replay_share * global_batch)) if self.replay else 0
-        if replay_share > 0 and self.replay and self.n_replay == 0:
-            self.n_replay = 1  # a positive share never silently rounds to no replay at all
-        self.n_new = global_batch - self.n_replay
+        # mixes with nothing to draw are dropped; each keeps its own count per full step
+        self.mixes = [
+            Mix(m.name, [p for p in m.pools if len(p.indices)], m.share) for m in mixes
+        ]
+        self.mixes = [m for m in self.mixes if m.pools and m.share > 0]
+        # a positive share never silently rounds to nothing
+        self.n_mix = [max(1, int(round(m.share * global_batch))) for m in self.mixes]
+        self.n_new = global_batch - sum(self.n_mix)
         if self.n_new <= 0:
+            shares = ", ".join(f"{m.name} {m.share:g} ({n})" for m, n in zip(self.mixes, self.n_mix))
             raise UserError(
-                f"replay.share leaves no room for new data in a batch of {global_batch}"
+                f"stage {stage}: the mixed shares ({shares}) leave no room for new data in a batch "
+                f"of {global_batch} sequences; lower them or raise the global batch"
             )
         # every sequence of the stage is trained exactly once per epoch: the last step takes what is left
         # (a shorter step) instead of dropping the tail or repeating sequences within a step
@@ -108,16 +130,31 @@ class StageSchedule:
         self.steps = max(1, steps if max_steps is None else min(steps, max_steps))
         self._epoch_cache: dict[int, np.ndarray] = {}
         self._part_orders: dict[int, tuple[int, np.ndarray]] = {}
-        self._replay_flat = (
+        self._flat = [
             np.concatenate(
-                [np.stack([np.full(len(p.indices), p.domain), p.indices], 1) for p in self.replay]
+                [np.stack([np.full(len(p.indices), p.domain), p.indices], 1) for p in m.pools]
             )
-            if self.replay
-            else np.zeros((0, 2), dtype=np.int64)
-        )
+            for m in self.mixes
+        ]
+        self._rows: dict[int, Any] = {}
+        for m in self.mixes:
+            for p in m.pools:
+                if p.rows is not None:
+                    if self._rows.get(p.domain, p.rows) is not p.rows:
+                        raise ValueError(f"two pools with their own rows share the id {p.domain}")
+                    self._rows[p.domain] = p.rows
+
+    @property
+    def n_mixed(self) -> int:
+        """Mixed sequences of a full step, all mixes together."""
+        return sum(self.n_mix)
 
     def __len__(self) -> int:
         return self.steps
+
+    def rows(self, source: int) -> Any:
+        """The rows a pool brought for source id ``source`` (None: a prepared source's)."""
+        return self._rows.get(source)
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if epoch not in self._epoch_cache:
@@ -129,43 +166,57 @@ class StageSchedule:
         """How many of the stage's own sequences step ``step`` trains (fewer in a short last step)."""
         return min(self.n_new, self.new_total - step * self.n_new)
 
-    def replay_in_step(self, step: int) -> int:
-        """Replay sequences of step ``step``: ``n_replay``, scaled down with a short last step."""
-        if not self.n_replay:
-            return 0
+    def mix_in_step(self, step: int) -> list[int]:
+        """Sequences of each mix in step ``step``: its full count, scaled down with a short last step."""
         new = self.new_in_step(step)
-        return self.n_replay if new == self.n_new else max(1, round(self.n_replay * new / self.n_new))
+        if new == self.n_new:
+            return list(self.n_mix)
+        return [max(1, round(n * new / self.n_new)) for n in self.n_mix]
+
+    def mixed_in_step(self, step: int) -> int:
+        """Mixed sequences of step ``step``, all mixes together."""
+        return sum(self.mix_in_step(step))
 
     def step_size(self, step: int) -> int:
         """Sequences of step ``step`` over all ranks: ``global_batch``, or fewer in a short last step."""
-        return self.new_in_step(step) + self.replay_in_step(step)
+        return self.new_in_step(step) + self.mixed_in_step(step)
 
-    def global_step(self, step: int) -> list[tuple[int, int]]:
-        """The ``(domain, sequence index)`` pairs of optimizer step ``step``, in a fixed order."""
+    def new_items(self, step: int) -> list[tuple[int, int]]:
+        """The stage's own ``(domain, sequence index)`` pairs of step ``step`` (before shuffling in
+        the mixes)."""
         if not 0 <= step < self.steps:
             raise IndexError(f"step {step} outside stage of {self.steps} steps")
+        if self.new.parts:
+            return self._mixed(step)
         n = len(self.new.indices)
-        out = self._mixed(step) if self.new.parts else []
+        out = []
         start = step * self.n_new
-        for pos in range(start, start + (0 if self.new.parts else self.new_in_step(step))):
+        for pos in range(start, start + self.new_in_step(step)):
             epoch, i = divmod(pos, n)
             out.append((self.new.domain, int(self._epoch_order(epoch)[i])))
-        n_replay = self.replay_in_step(step)
-        if n_replay:
-            rng = np.random.default_rng([self.seed, self.stage, step, 0x5E91])
-            pick = rng.choice(
-                len(self._replay_flat),
-                size=n_replay,
-                replace=len(self._replay_flat) < n_replay,
-            )
-            out += [(int(d), int(i)) for d, i in self._replay_flat[pick]]
-            # interleave so replay is spread over micro-batches and ranks, not all on the last one
-            out = [
-                out[j]
-                for j in np.random.default_rng([self.seed, self.stage, step, 7]).permutation(
-                    len(out)
-                )
-            ]
+        return out
+
+    def trained_new(self) -> list[tuple[int, int]]:
+        """Every distinct sequence of the stage's own that its steps train, in the order first
+        trained (fewer than the pool when ``max_steps`` cuts the stage short)."""
+        seen: dict[tuple[int, int], None] = {}
+        for step in range(self.steps):
+            seen.update(dict.fromkeys(self.new_items(step)))
+        return list(seen)
+
+    def global_step(self, step: int) -> list[tuple[int, int]]:
+        """The ``(source, sequence index)`` pairs of optimizer step ``step``, in a fixed order."""
+        out = self.new_items(step)
+        counts = self.mix_in_step(step)
+        for k, (flat, n) in enumerate(zip(self._flat, counts)):
+            # each mix its own seeded draw (the first keeps the seed of the single mix of old)
+            rng = np.random.default_rng([self.seed, self.stage, step, 0x5E91] + ([k] if k else []))
+            pick = rng.choice(len(flat), size=n, replace=len(flat) < n)
+            out += [(int(d), int(i)) for d, i in flat[pick]]
+        if self.mixes:
+            # interleave so mixed rows spread over micro-batches and ranks, not all on the last one
+            perm = np.random.default_rng([self.seed, self.stage, step, 7]).permutation(len(out))
+            out = [out[j] for j in perm]
         return out
 
     def _mixed(self, step: int) -> list[tuple[int, int]]:

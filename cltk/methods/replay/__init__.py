@@ -1,25 +1,25 @@
-"""Replay (``replay:``): a share of every step drawn from earlier stages' training data.
+"""Replay (``replay:``): shares of every step drawn from earlier stages and from general data.
 
-Here: the config section and its checks; the hooks are in :mod:`.method`.
+Two mixes, each its own share of every global batch (see docs/replay.md):
+
+- **earlier stages** (``share``, or ``shares`` per stage): earlier domains' training data, or, with
+  ``memory: N``, a fixed-size reservoir of earlier stages' sequences kept in ``OUT/replay/``;
+- **general data** (``general_share``, or ``general_shares`` per stage): sources that are never a
+  stage (``general:``), e.g. a sample like the model's pre-training data, prepared like domains.
+
+Here: the config section and its checks; the hooks are in :mod:`.method`, the reservoir in
+:mod:`.reservoir`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from cltk.config import ConfigError, RunConfig, option
+from cltk.config import RunConfig
+from cltk.methods.replay.config import OUTPUT, ReplayConfig, active, check, extra_sources
 from cltk.registry import MethodSpec, register
 
-
-@dataclass
-class ReplayConfig:
-    share: float = option("share r of each batch drawn from earlier domains' training data", 0.0)
-
-
-def check(cfg: RunConfig, r: ReplayConfig) -> None:
-    if not 0 <= r.share < 1:
-        raise ConfigError("replay.share", f"must be in [0, 1), got {r.share}")
+__all__ = ["OUTPUT", "ReplayConfig", "SPEC"]
 
 
 def build(cfg: RunConfig, section: ReplayConfig) -> Any:
@@ -33,9 +33,11 @@ SPEC = register(
         name="replay",
         config=ReplayConfig,
         build=build,
-        help="replay of earlier domains",
+        help="replay of earlier stages and of general data",
         check=check,
-        active=lambda r: r.share > 0,
+        active=active,
         order=5,
+        extra_sources=extra_sources,
+        run_files=(OUTPUT,),
     )
 )

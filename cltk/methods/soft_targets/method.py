@@ -44,16 +44,10 @@ __all__ = ["SoftTargetMethod", "cache_dir", "open_or_build_cache", "stage_rows"]
 
 def stage_rows(ctx: StageContext) -> np.ndarray:
     """``[n, T]`` int32 token ids of every distinct sequence the stage's schedule trains (its block
-    and any replay rows), in (domain, index) order."""
+    and any mixed rows: replay, general data, a reservoir), in (source, index) order."""
     sched = ctx.schedule
     items = sorted({it for step in range(len(sched)) for it in sched.global_step(step)})
-    names = [d.name for d in ctx.cfg.domains]
-    parts = []
-    for di in sorted({d for d, _ in items}):
-        idx = [i for d, i in items if d == di]
-        arr = ctx.domains[names[di]].train.with_format("numpy")
-        parts.append(np.asarray(arr[idx]["input_ids"], dtype=np.int32))
-    return np.concatenate(parts)
+    return ctx.rows(items).astype(np.int32)
 
 
 def cache_dir(ctx: StageContext):
