@@ -32,6 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ARMS: dict[str, list[str]] = {
     "naive": [],
     "replay": ["replay={share: 0.25}"],
+    "replay-reservoir": ["replay={share: 0.25, memory: 200}"],
+    "replay-general": [
+        "replay={share: 0.25, general: [{name: general, source: {builtin: licenses}, max_chars: 200000}], "
+        "general_share: 0.1}"
+    ],
     "distill": ["distill={alpha: 1.0, beta: 1.0}"],
     "blocks": ["blocks={k: 2, p: 0.9}"],
     "das": ["das={importance_samples: 64}"],
