@@ -1,0 +1,92 @@
+"""EWC and online EWC (``ewc:``): a quadratic penalty ``lam / 2 * sum F (theta - theta*)^2`` that
+holds each weight near its value at the end of the last stage, in proportion to its diagonal
+Fisher F.
+
+Here: the config section and its checks. The hooks are in :mod:`.method`, the arithmetic in
+:mod:`.penalty`; docs/ewc.md says what is computed, and what it costs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cltk.config import ConfigError, RunConfig, option
+from cltk.registry import MethodSpec, register
+
+
+@dataclass
+class EwcConfig:
+    lam: float | None = option(
+        "lambda, the penalty's strength: lam/2 * sum F (theta - theta*)^2 (required; see "
+        "docs/ewc.md to size it)",
+        None,
+    )
+    gamma: float = option(
+        "online EWC: F <- gamma * F + F_stage after each stage (1: every stage counts fully)", 1.0
+    )
+    fisher_steps: int = option(
+        "the stage's last N optimizer steps whose squared gradients make its Fisher (all if fewer)",
+        20,
+    )
+    report_penalty: bool = option(
+        "compute the penalty's value every step (loss term ewc_penalty); costs one more pass over "
+        "the partitions, which the gradient does not need",
+        True,
+    )
+
+
+def check(cfg: RunConfig, ewc: EwcConfig) -> None:
+    if ewc.lam is None:
+        raise ConfigError(
+            "ewc.lam",
+            "set the penalty's strength lambda (>= 0), e.g. ewc: {lam: 1000}; docs/ewc.md says "
+            "how to size it",
+        )
+    if ewc.lam < 0:
+        raise ConfigError(
+            "ewc.lam", f"must be >= 0 (a negative one pushes weights away), got {ewc.lam}"
+        )
+    if not 0 <= ewc.gamma <= 1:
+        raise ConfigError("ewc.gamma", f"must be in [0, 1], got {ewc.gamma}")
+    if ewc.fisher_steps < 1:
+        raise ConfigError("ewc.fisher_steps", f"must be >= 1, got {ewc.fisher_steps}")
+    _check_precision(cfg)
+
+
+def _check_precision(cfg: RunConfig) -> None:
+    """EWC works on the fp32 master weights DeepSpeed's optimizer steps on (:mod:`cltk.zero_view`);
+    without ZeRO, bf16 / fp16 training hides them in a wrapper cltk cannot read: refused at load."""
+    from cltk.distributed import bf16_available
+    from cltk.validate import load_deepspeed_json
+
+    path = cfg.resolve(cfg.deepspeed)
+    ds = load_deepspeed_json(path)  # type: ignore[arg-type]
+    if (ds.get("zero_optimization") or {}).get("stage", 0) != 0:
+        return
+    for prec in ("bf16", "fp16"):
+        enabled = (ds.get(prec) or {}).get("enabled", False)
+        if enabled is True or (prec == "bf16" and enabled == "auto" and bf16_available()):
+            raise ConfigError(
+                "ewc",
+                f"{path}: ZeRO stage 0 with {prec} keeps the fp32 weights where EWC cannot "
+                "reach them; use ZeRO stage 1, 2 or 3 (e.g. ds_configs/zero1.json), or fp32",
+            )
+
+
+def build(cfg: RunConfig, section: EwcConfig) -> Any:
+    from cltk.methods.ewc.method import EwcMethod  # torch and DeepSpeed: on use
+
+    return EwcMethod(section)
+
+
+SPEC = register(
+    MethodSpec(
+        name="ewc",
+        config=EwcConfig,
+        build=build,
+        help="EWC / online EWC: a Fisher-weighted pull towards the last stage's weights",
+        check=check,
+        acts_on_base=True,
+    )
+)
