@@ -50,13 +50,14 @@ SCRIPTS = {
         "| das-units |",
     ),
     "lora": (["lora.py", "steps", "--steps", "1", "--rounds", "1"], "median step"),
+    "spg": (["spg.py", "--elements", "1000", "--reps", "1", "--rounds", "1"], "| adamw + blend |"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_benchmark_script_runs_on_a_tiny_setting(name, tmp_path):
     argv, expect = SCRIPTS[name]
-    sets = [] if name in ("losses", "das_quality") else SETS  # these take shapes, not a config
+    sets = [] if name in ("losses", "das_quality", "spg") else SETS  # these take shapes, not a config
     cmd = [sys.executable, str(ROOT / "benchmarks" / argv[0]), *argv[1:], *sets]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -10,8 +10,9 @@ around the optimizer's ``step()`` it keeps the old values of the masked elements
 ``m = 1 - importance``; ``m = 0`` leaves an element exactly where it was.
 
 The masks live where DeepSpeed keeps the fp32 master weights the torch optimizer steps on, found by
-:mod:`cltk.zero_view` (ZeRO 0, 1, 2, 3 and DeepSpeed's ``BF16_Optimizer``). The cost is one fp32 copy of
-the masked span of each partition per step, plus the mask itself.
+:mod:`cltk.zero_view` (ZeRO 0, 1, 2, 3 and DeepSpeed's ``BF16_Optimizer``); the blend around the step is
+:class:`cltk.update_blend.UpdateBlend`, shared with SPG. The cost is one fp32 copy of the masked span of
+each partition per step, plus the mask itself.
 
 Gradient masking (:func:`register_grad_masks`, the DAS original) is kept as an option: it is correct
 for plain SGD only.
@@ -20,7 +21,6 @@ for plain SGD only.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -29,7 +29,11 @@ from torch.utils.hooks import RemovableHandle
 
 from cltk.methods.das.importance import check_importance
 from cltk.methods.das.units import UnitMap, build_unit_map
-from cltk.zero_view import LayoutError, Partition, ZeroView, full_shape, zero_view
+from cltk.update_blend import UpdateBlend
+from cltk.zero_view import LayoutError, full_shape, zero_view
+
+# the blend that scales the update (shared with SPG); the DAS name is kept for callers
+UpdateMaskHandle = UpdateBlend
 
 
 def param_masks(
@@ -134,57 +138,6 @@ def register_grad_masks(
     return handles
 
 
-@dataclass
-class _Target:
-    """The masked span ``[lo, hi)`` of one tensor the torch optimizer steps on."""
-
-    tensor: torch.Tensor
-    lo: int
-    hi: int
-    weight: torch.Tensor  # [hi - lo] importance s = 1 - m: lerp weight towards the old value
-    old: torch.Tensor  # [hi - lo] values before the step
-
-    def span(self) -> torch.Tensor:
-        return self.tensor.detach().view(-1)[self.lo : self.hi]
-
-
-class UpdateMaskHandle:
-    """Update masks attached to an engine's optimizer; :meth:`remove` detaches them."""
-
-    def __init__(self, view: ZeroView, targets: list[_Target]):
-        self.layout = view.layout
-        self.targets = {id(t.tensor): t for t in targets}
-        self.masked_numel = sum(t.hi - t.lo for t in targets)
-        self._pending: list[_Target] = []
-        self._detach = view.on_step(self._before, self._after)
-
-    @torch.no_grad()
-    def _before(self, parts: list[tuple[int, Partition]]) -> None:
-        self._pending = [self.targets[id(p.tensor)] for _, p in parts if id(p.tensor) in self.targets]
-        for t in self._pending:
-            t.old.copy_(t.span())
-
-    @torch.no_grad()
-    def _after(self, parts: list[tuple[int, Partition]]) -> None:
-        for t in self._pending:
-            # new + s * (old - new) = old + m * (new - old); lerp is exact at s = 0 and s = 1.
-            t.span().lerp_(t.old, t.weight)
-        self._pending = []
-
-    def remove(self) -> None:
-        self._detach()
-
-
-def _target(tensor: torch.Tensor, weight: torch.Tensor) -> _Target | None:
-    """Trim ``weight`` (flat, like ``tensor``) to its non-zero span; None when nothing is masked."""
-    nz = torch.nonzero(weight).flatten()
-    if nz.numel() == 0:
-        return None
-    lo, hi = int(nz[0]), int(nz[-1]) + 1
-    w = weight[lo:hi].to(device=tensor.device, dtype=tensor.dtype)
-    return _Target(tensor, lo, hi, w, torch.empty_like(w))
-
-
 def attach_update_masks(engine, masks: Mapping[str, torch.Tensor]) -> UpdateMaskHandle:
     """Scale every optimizer update of the masked elements by their mask (call after initialize).
 
@@ -207,7 +160,4 @@ def attach_update_masks(engine, masks: Mapping[str, torch.Tensor]) -> UpdateMask
     except LayoutError as e:
         raise LayoutError(f"update masking: {e}; or use mask='grad' with SGD") from e
     weights = view.lay_out({n: 1.0 - m.float() for n, m in masks.items()}, fill=0.0)
-    targets = [
-        t for part, w in zip(view.partitions, weights) if (t := _target(part.tensor, w)) is not None
-    ]
-    return UpdateMaskHandle(view, targets)
+    return UpdateMaskHandle(view, weights)
