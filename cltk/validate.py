@@ -197,8 +197,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int, bf16_available: bool) -> d
     ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
     ds["gradient_accumulation_steps"] = cfg.train.gradient_accumulation_steps
     ds["train_batch_size"] = cfg.global_batch(world_size)
-    if cfg.train.grad_clip > 0:
-        ds["gradient_clipping"] = cfg.train.grad_clip
+    ds["gradient_clipping"] = cfg.train.grad_clip  # 0 turns clipping off (it must not fall to a default)
     for prec in ("bf16", "fp16"):
         sec = ds.get(prec)
         if isinstance(sec, dict) and sec.get("enabled") == "auto":

@@ -27,17 +27,19 @@ trainable set, ZeRO stage family and world size), which a signature of the layou
 from __future__ import annotations
 
 import zlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cltk import distributed as dist
 from cltk.errors import UserError
 from cltk.method import Method, StageContext
-from cltk.methods.ewc import EwcConfig
 from cltk.methods.ewc.penalty import add_square_, fold_fisher, penalty_
 from cltk.tracking import log
 from cltk.zero_view import LayoutError, Partition, ZeroView, zero_view
+
+if TYPE_CHECKING:  # the package imports this module on use: no import back at run time
+    from cltk.methods.ewc import EwcConfig
 
 
 class EwcStateError(UserError):

@@ -18,14 +18,13 @@ builds a new engine: its layout must equal the saved one (checked on every rank)
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from cltk import distributed as dist
 from cltk.config import RunConfig
 from cltk.method import Method, StageContext
-from cltk.methods.spg import SpgConfig
 from cltk.methods.spg.importance import accumulate
 from cltk.methods.spg.sharded import (
     check_layout,
@@ -36,6 +35,9 @@ from cltk.methods.spg.sharded import (
 from cltk.tracking import log
 from cltk.update_blend import UpdateBlend
 from cltk.zero_view import Partition, ZeroView, zero_view
+
+if TYPE_CHECKING:  # the package imports this module on use: no import back at run time
+    from cltk.methods.spg import SpgConfig
 
 
 def _indexed(tensors: dict[str, torch.Tensor], prefix: str) -> list[torch.Tensor] | None:
