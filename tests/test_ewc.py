@@ -4,7 +4,6 @@ ZeRO 1/2/3, and a two-stage ``cltk train`` run."""
 from __future__ import annotations
 
 import copy
-import csv
 import io
 import json
 from pathlib import Path
@@ -19,8 +18,7 @@ from cltk.config import ConfigError, load_config
 from cltk.methods.ewc import EwcConfig
 from cltk.methods.ewc.method import EwcMethod, EwcStateError
 from cltk.methods.ewc.penalty import add_square_, fold_fisher, penalty_
-from tests.multirank import run_one, run_ranks
-from tests.tiny_run import write_tiny_run
+from tests.multirank import run_ranks
 
 SCRIPT = Path(__file__).parent / "scripts" / "ewc_zero.py"
 
@@ -278,27 +276,6 @@ def test_two_ranks_under_zero_1_2_3_equal_one_process(tmp_path):
 
 
 # ----- a two-stage cltk train run ---------------------------------------------------------------
-def test_cltk_train_saves_the_state_and_applies_the_penalty_in_stage_2(tmp_path):
-    cfg = write_tiny_run(
-        tmp_path, zero_stage=2, ewc={"lam": 1000.0, "gamma": 0.5, "fisher_steps": 2},
-        eval={"start": False},
-    )
-    run = run_one(cfg, env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    assert run.returncode == 0, run.stderr[-4000:]
-    out = tmp_path / "out"
-    first, second = sorted((out / "stages").iterdir())
-    saved = torch.load(first / "methods_rank0.pt", weights_only=True)["ewc"]
-    assert {"fisher.0", "anchor.0", "layout"} <= set(saved) and "square_sum.0" not in saved
-    fishers = [v for k, v in saved.items() if k.startswith("fisher")]
-    assert all(float(f.min()) >= 0 and float(f.max()) > 0 for f in fishers)
-    for d, stages in ((first, 1), (second, 2)):
-        assert json.loads((d / "stage.json").read_text())["methods"]["ewc"]["stages"] == stages
-    rows = list(csv.DictReader(open(out / "metrics.csv")))
-    extra = [(int(r["stage"]), json.loads(r["extra"]) if r["extra"] else {}, r) for r in rows]
-    assert all("ewc_penalty" not in e for s, e, _ in extra if s == 0)
-    later = [(e["ewc_penalty"], r) for s, e, r in extra if s == 1]
-    # fp32 here: stage 2 starts exactly at the anchor (the stage-1 export), then moves away from it
-    assert len(later) == 6 and later[0][0] == 0 and all(p > 0 for p, _ in later[1:])
-    for p, r in later:  # the reported loss is the main loss plus the penalty
-        assert float(r["loss"]) == pytest.approx(float(r["loss_main"]) + p, rel=1e-4)
-    assert "ewc: penalty on, lam 1000" in run.stderr and "Fisher of 2 stage(s)" in run.stderr
+
+
+# The whole loop (2 ranks, with SPG, kill and resume): tests/test_method_state_resume.py
