@@ -5,6 +5,6 @@ helpers; see docs/writing-a-method.md.
 
 from __future__ import annotations
 
-from cltk.methods import das, distill, lora, replay, soft_targets
+from cltk.methods import agem, das, distill, lora, replay, soft_targets
 
-__all__ = ["das", "distill", "lora", "replay", "soft_targets"]
+__all__ = ["agem", "das", "distill", "lora", "replay", "soft_targets"]
