@@ -129,6 +129,20 @@ def test_bad_settings_are_refused_at_load_with_the_key(tmp_path, section, ds, ke
         assert "agem" in str(e.value)
 
 
+def test_an_engine_stepping_with_bf16_optimizer_is_refused_before_training(tmp_path):
+    """bf16 "auto" at ZeRO 0 becomes DeepSpeed's BF16_Optimizer on a GPU: refused at engine build,
+    in the first stage too."""
+    from cltk.methods.agem.method import AgemMethod
+
+    cfg = load_config(write_tiny_run(tmp_path, agem={}))
+    bf16_opt = SimpleNamespace(bf16_groups=[[]], fp32_groups_flat_partition=[torch.zeros(4)],
+                               optimizer=None)
+    engine = SimpleNamespace(module=torch.nn.Linear(2, 2), optimizer=bf16_opt)
+    ctx = SimpleNamespace(engine=engine, **vars(_ctx(0, [9, 9])))
+    with pytest.raises(ConfigError, match="deepspeed: agem: .*BF16_Optimizer"):
+        AgemMethod(cfg, cfg.agem).on_engine_ready(ctx)
+
+
 def test_defaults_load_and_batch_follows_the_micro_batch(tmp_path):
     cfg = load_config(write_tiny_run(tmp_path, agem={}))
     assert isinstance(cfg.agem, AgemConfig) and cfg.agem.memory == 256

@@ -81,22 +81,23 @@ class AgemMethod(Method):
         return []
 
     def on_engine_ready(self, ctx: StageContext) -> None:
+        from cltk.methods.agem.reference import AgemProjector
+
         self.projector, self.pool = None, []
+        try:  # on every stage, the first included: an engine A-GEM cannot read fails before training
+            projector = AgemProjector(ctx.engine)
+        except LayoutError as e:
+            raise ConfigError("deepspeed", f"agem: {e}") from e
         earlier = [m for m in self.memory if m["stage"] < ctx.stage.index]
         if not earlier:
             return  # the first stage: nothing to remember yet, plain training
-        from cltk.methods.agem.reference import AgemProjector
-
-        try:
-            self.projector = AgemProjector(ctx.engine)
-        except LayoutError as e:
-            raise ConfigError("deepspeed", f"agem: {e}") from e
+        self.projector = projector
         self.pool = [(m["domain"], i) for m in earlier for i in m["sequences"]]
         self.counts.setdefault(ctx.stage.name, {"reference_steps": 0, "projected_steps": 0})
         log(
             f"agem: stage {ctx.stage.dirname}: memory of {len(self.pool)} sequences from "
             f"{len(earlier)} earlier stage(s), {self.a.batch_size(self.cfg)} per rank per step; "
-            f"g_ref {self.projector.ref_bytes / 2**20:.1f} MiB on this rank"
+            f"g_ref {projector.ref_bytes / 2**20:.1f} MiB on this rank"
         )
 
     def before_step(self, ctx: StageContext) -> None:
