@@ -90,7 +90,8 @@ def train_step(
     valid_rows: list[int] | None = None,
     step_rows: int | None = None,
 ) -> dict[str, float]:
-    """One optimizer step over this rank's micro-batches ([b, T] token ids each).
+    """One optimizer step over this rank's micro-batches ([b, T] token ids each): the methods'
+    ``before_step``, then per micro-batch forward, loss, backward, and ``engine.step()``.
 
     Args:
         micro_batches: this rank's micro-batches, one per accumulation step.
@@ -115,6 +116,8 @@ def train_step(
     names: list[str] = []
     terms_sum: torch.Tensor | None = None
     metric_sums: dict[str, torch.Tensor] = {}
+    for m in methods:
+        m.before_step(ctx)
     for i, (ids, rows) in enumerate(zip(micro_batches, valid_rows)):
         ids = ids.to(engine.device)
         batch = {"input_ids": ids, "valid_rows": rows}

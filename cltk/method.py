@@ -1,7 +1,8 @@
 """The one interface every continual-learning method plugs into (see docs/writing-a-method.md).
 
 A stage runs: ``init_dir`` -> ``prepare_model`` -> ``on_stage_start`` -> ``deepspeed.initialize`` -> ``on_engine_ready`` ->
-per micro-batch ``loss`` (at most one method replaces the base cross-entropy) + ``extra_loss`` -> backward
+per step ``before_step`` -> per micro-batch ``loss`` (at most one method replaces the base cross-entropy) +
+``extra_loss`` -> backward
 -> at the accumulation boundary ``after_backward`` (gradient transforms) -> ``engine.step()`` (update
 transforms hook the optimizer in ``on_engine_ready``) -> ... -> ``export`` -> ``on_stage_end`` (may
 write files into the stage directory) -> ``evaluate``; after the last stage ``on_run_end``. ``state_dict`` (JSON) and ``state_tensors`` (this rank's
@@ -94,6 +95,11 @@ class Method:
 
     def on_engine_ready(self, ctx: StageContext) -> None:
         """``ctx.engine`` exists: teachers, optimizer step hooks."""
+
+    def before_step(self, ctx: StageContext) -> None:
+        """At the start of every optimizer step, before its first micro-batch (collective: every rank
+        calls it). A method may run its own forward/backward through ``ctx.engine`` here, provided it
+        leaves no gradient behind (e.g. a reference gradient on other data)."""
 
     def loss(
         self,
