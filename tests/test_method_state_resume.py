@@ -1,6 +1,7 @@
-"""EWC and SPG through the whole loop on 2 ranks (ZeRO 2), in one shared run, and their tensor state
-(laid out like each rank's ZeRO partitions, saved as ``methods_rank<r>.pt``) surviving a kill: SIGKILLed
-mid-stage inside their gradient windows and resumed, a run ends where the uninterrupted one ends.
+"""EWC, SPG and A-GEM through the whole loop on 2 ranks (ZeRO 2), in one shared run, and their state (EWC's
+and SPG's tensors laid out like each rank's ZeRO partitions, saved as ``methods_rank<r>.pt``; A-GEM's memory
+and counts as JSON) surviving a kill: SIGKILLed mid-stage inside their gradient windows and resumed, a run
+ends where the uninterrupted one ends.
 
 The uninterrupted run also shows each method doing its job: EWC's penalty is logged and added to the loss
 from the second stage on; SPG's importance accumulates by element-wise max and the second stage moves the
@@ -26,6 +27,7 @@ SECTIONS = dict(
     eval={"start": False},
     ewc={"lam": 1000.0, "gamma": 0.5, "fisher_steps": 4},
     spg={"importance_steps": 4},
+    agem={"memory": 16, "batch": 2},
 )
 
 
@@ -62,6 +64,11 @@ def test_ewc_and_spg_state_resumes_after_a_kill_inside_their_windows(tmp_path):
     for ra, rb in zip(a, b):
         assert ra == pytest.approx(rb, rel=1e-6, abs=1e-6)
     last = sorted(p.name for p in (out_ref / "stages").iterdir())[-1]
+    agem = [json.loads((o / "stages" / last / "stage.json").read_text())["methods"]["agem"] for o in
+            (out_ref, out_cut)]
+    assert agem[0] == agem[1]  # the same memory, and every step took its reference gradient once
+    assert agem[0]["counts"]["bible"]["reference_steps"] == 6
+    assert [len(m["sequences"]) for m in agem[0]["memory"]] == [16, 16]
     for r in (0, 1):
         ta, tb = _tensors(out_ref, last, r), _tensors(out_cut, last, r)
         assert set(ta) == set(tb) == {"ewc", "spg"}
