@@ -38,6 +38,16 @@ METHOD_RUNS = {
     "lora": dict(lora={"r": 4, "alpha": 8.0, "base": "frozen"}, replay=REPLAY),
     # DAS with grad masks (hooks registered on the CPU model before DeepSpeed moves it to the GPU)
     "das_grad": dict(das={"importance_samples": 8, "mask": "grad"}),
+    # EWC, SPG and A-GEM on the fp32 partitions (their reductions and projections), general replay and
+    # a reservoir under ZeRO 3
+    "partition_methods": dict(
+        ewc={"lam": 1000.0, "fisher_steps": 2},
+        spg={"importance_steps": 2},
+        agem={"memory": 8, "batch": 2},
+        replay={"share": 0.25, "memory": 16, "general_share": 0.1,
+                "general": [{"name": "lic", "source": {"builtin": "licenses"}, "max_chars": 20000}]},
+        zero_stage=3,
+    ),
 }
 
 
