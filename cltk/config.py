@@ -105,6 +105,11 @@ class TrainConfig:
     )
     decay_share: float = option("wsd: the last share of the span that decays", 0.1)
     decay_shape: Literal["linear", "cosine", "1-sqrt"] = option("wsd: shape of the decay", "linear")
+    joint: bool = option(
+        "joint training, the bound continual methods are measured against: one stage mixing every "
+        "trained domain, each in proportion to the steps its own stage would take, as many steps in all",
+        False,
+    )
     weight_decay: float = option("decoupled weight decay (AdamW)", 0.01)
     betas: list[float] = option("AdamW betas", factory=lambda: [0.9, 0.95])
     grad_clip: float = option("gradient clipping norm (0 = off)", 1.0)

@@ -26,7 +26,7 @@ from cltk import checkpoint
 from cltk import distributed as dist
 from cltk.config import RunConfig
 from cltk.data.prepare import prepare
-from cltk.data.sampler import StageSchedule, mixture_pool
+from cltk.data.sampler import Mix, Pool, StageSchedule, mixture_pool
 from cltk.engine import build_engine, train_step
 from cltk.forward import engine_forward
 from cltk.grow import check_config, check_plan, complete_row
@@ -148,7 +148,7 @@ class ContinualRun:
                 tag = resume_state[0]
             rows.append(self.run_stage(stage, tag, resume_state[1] if tag else None))
         report = forgetting_report(
-            rows, [s.name for s in self.stages], self.domain_names, [s.domain for s in self.stages],
+            rows, [s.name for s in self.stages], self.domain_names, [s.trains for s in self.stages],
             start=[start[n] for n in self.domain_names] if start else None,
         )
         if dist.is_main():
@@ -193,15 +193,37 @@ class ContinualRun:
                         f"(0..{len(self.source_names) - 1}) unless the pool brings its own rows, "
                         "and then lie outside them"
                     )
+        epochs, max_steps = c.train.epochs, c.train.max_steps_per_stage
+        if stage.joint:
+            mixes, epochs, max_steps = self._joint(stage)
         return StageSchedule(
             mixture_pool(stage.domain_index, stage.indices, *_parts(self.train_arrays[stage.domain_index])),
             mixes,
             c.global_batch(dist.world_size()),
-            c.train.epochs,
-            c.train.max_steps_per_stage,
+            epochs,
+            max_steps,
             c.seed,
             stage.index,
         )
+
+    def _joint(self, stage: Stage) -> tuple[list[Mix], float, int]:
+        """A joint stage's mixes, epochs and steps: each domain's share of every batch is the share of
+        the steps its own stage would take, and the stage takes as many steps as all of them."""
+        c, batch = self.cfg, self.cfg.global_batch(dist.world_size())
+
+        def own_steps(n: int) -> int:
+            own = StageSchedule(Pool(0, np.arange(n)), [], batch, c.train.epochs,
+                                c.train.max_steps_per_stage, c.seed, 0)
+            return len(own)
+
+        sizes = {di: len(self.train_arrays[di]) for di, _ in ((stage.domain_index, ""), *stage.joint)}
+        steps = {di: own_steps(n) for di, n in sizes.items()}
+        total = sum(steps.values())
+        mixes = [Mix(f"joint {name}", [Pool(di, np.arange(sizes[di]))], steps[di] / total)
+                 for di, name in stage.joint]
+        # the first domain's own sequences are drawn epoch after epoch until the steps are done
+        epochs = max(c.train.epochs, total * batch / sizes[stage.domain_index])
+        return mixes, epochs, total
 
     def run_stage(self, stage: Stage, tag: str | None, state: dict | None) -> list[float]:
         c = self.cfg

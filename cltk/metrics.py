@@ -65,7 +65,7 @@ class ForgettingReport:
     perplexity: list[list[float]]  # [completed stages][domains]
     stage_names: list[str]  # every planned stage, completed or not
     domain_names: list[str]
-    stage_domains: list[str]  # the domain each planned stage trains
+    stage_domains: list[str | list[str]]  # the domain each planned stage trains (joint: all)
     final: dict[str, float]  # every domain, evaluation-only ones included
     average_final_perplexity: float | None  # mean of ``final`` over the trained domains
     plasticity: dict[str, float]
@@ -138,6 +138,15 @@ class ForgettingReport:
         )
 
 
+def trained_by(entry: str | Sequence[str]) -> tuple[str, ...]:
+    """The domains one ``stage_domains`` entry names: one, or several for a joint stage."""
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _label(entry: str | Sequence[str]) -> str:
+    return "+".join(trained_by(entry))
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -146,7 +155,7 @@ def _validate(
     perplexity: Sequence[Sequence[float]],
     stage_names: Sequence[str],
     domain_names: Sequence[str],
-    stage_domains: Sequence[str],
+    stage_domains: Sequence[str | Sequence[str]],
 ) -> list[list[float]]:
     if not stage_names:
         raise ValueError("stage_names is empty: a run has at least one stage")
@@ -160,7 +169,7 @@ def _validate(
         raise ValueError(
             f"stage_domains has {len(stage_domains)} entries for {len(stage_names)} stages"
         )
-    unknown = sorted({d for d in stage_domains if d not in domain_names})
+    unknown = sorted({d for e in stage_domains for d in trained_by(e) if d not in domain_names})
     if unknown:
         raise ValueError(f"stage_domains names domains not in domain_names: {unknown}")
     if not perplexity:
@@ -195,7 +204,7 @@ def forgetting_report(
     perplexity: Sequence[Sequence[float]],
     stage_names: Sequence[str],
     domain_names: Sequence[str],
-    stage_domains: Sequence[str],
+    stage_domains: Sequence[str | Sequence[str]],
     start: Sequence[float] | None = None,
 ) -> ForgettingReport:
     """Compute the forgetting report from a (possibly partial) perplexity matrix.
@@ -206,7 +215,8 @@ def forgetting_report(
         stage_names: the name of every planned stage, unique.
         domain_names: the name of every evaluated domain (matrix columns), unique.
         stage_domains: ``stage_domains[i]`` is the domain stage ``i`` trains (an entry of
-            ``domain_names``). Domains named by no stage are evaluation-only.
+            ``domain_names``), or a list of them for a joint stage. Domains named by no stage are
+            evaluation-only.
         start: row 0, the starting model's perplexity on every domain (None: not measured). It
             gives the forgetting of evaluation-only domains, each domain's gain and forward transfer.
 
@@ -223,14 +233,14 @@ def forgetting_report(
     done = len(rows)
     last_row = rows[-1]
     final = {d: last_row[j] for j, d in enumerate(domain_names)}
-    planned = set(stage_domains)
+    planned = {d for e in stage_domains for d in trained_by(e)}
     trained = [d for d in domain_names if d in planned]
     eval_only = [d for d in domain_names if d not in planned]
 
     # last completed stage that trained each domain
     last_stage: dict[str, int] = {}
     for i in range(done):
-        last_stage[stage_domains[i]] = i
+        last_stage.update({d: i for d in trained_by(stage_domains[i])})
 
     plasticity: dict[str, float] = {}
     forgetting: dict[str, float] = {}
@@ -273,7 +283,7 @@ def _start_figures(
     rows: list[list[float]],
     start: list[float] | None,
     domain_names: Sequence[str],
-    stage_domains: Sequence[str],
+    stage_domains: Sequence[str | Sequence[str]],
     eval_only: list[str],
     plasticity: dict[str, float],
 ) -> dict[str, Any]:
@@ -293,7 +303,7 @@ def _start_figures(
         out["gain"][d] = s0[d] - p
         out["relative_gain"][d] = 1.0 - p / s0[d]
     for d in plasticity:  # domains trained so far
-        first = stage_domains.index(d)
+        first = next(i for i, e in enumerate(stage_domains) if d in trained_by(e))
         if first > 0:  # the first stage's domain has nothing before it but the start
             before = rows[first - 1][domain_names.index(d)]
             out["forward_transfer"][d] = s0[d] - before
@@ -358,7 +368,7 @@ def format_table(report: ForgettingReport) -> str:
     """A fixed-width text table: the matrix, the per-domain figures, then the headline figures."""
     stage_w = max(len("after stage"), *(len(s) for s in report.stage_names))
     train_w = max(len("trains") if report.start is None else len("(before)"),
-                  *(len(d) for d in report.stage_domains))
+                  *(len(_label(d)) for d in report.stage_domains))
     col_w = max(9, *(len(d) for d in report.domain_names))
     header = f"{'after stage':<{stage_w}}  {'trains':<{train_w}} |" + "".join(
         f" {d:>{col_w}}" for d in report.domain_names
@@ -369,7 +379,7 @@ def format_table(report: ForgettingReport) -> str:
                      + "".join(f" {v:>{col_w}.2f}" for v in report.start))
     for i, row in enumerate(report.perplexity):
         lines.append(
-            f"{report.stage_names[i]:<{stage_w}}  {report.stage_domains[i]:<{train_w}} |"
+            f"{report.stage_names[i]:<{stage_w}}  {_label(report.stage_domains[i]):<{train_w}} |"
             + "".join(f" {v:>{col_w}.2f}" for v in row)
         )
     lines.append("-" * len(header))
@@ -444,7 +454,7 @@ def save_report(report: ForgettingReport, out_dir: str | Path) -> dict[str, Path
         if report.start is not None:
             writer.writerow(["start", "", *(repr(v) for v in report.start)])
         for i, row in enumerate(report.perplexity):
-            writer.writerow([report.stage_names[i], report.stage_domains[i],
+            writer.writerow([report.stage_names[i], _label(report.stage_domains[i]),
                              *(repr(v) for v in row)])
     _save_heatmap(report, paths["png"])
     return paths
@@ -469,7 +479,7 @@ def _save_heatmap(report: ForgettingReport, path: Path) -> None:
 
     matrix = ([report.start] if report.start is not None else []) + report.perplexity
     labels = (["start (before training)"] if report.start is not None else []) + [
-        f"{report.stage_names[i]} ({report.stage_domains[i]})"
+        f"{report.stage_names[i]} ({_label(report.stage_domains[i])})"
         for i in range(report.completed_stages)]
     rows, cols = len(matrix), len(report.domain_names)
     fig = Figure(figsize=(max(6.5, 3.2 + 1.1 * cols), 2.2 + 0.55 * rows))

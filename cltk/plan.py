@@ -23,10 +23,20 @@ class Stage:
     block: int
     blocks: int
     indices: np.ndarray  # training sequences of the domain this stage trains
+    # joint training (``train.joint``): (index, name) of every other domain mixed into this one stage
+    joint: tuple[tuple[int, str], ...] = ()
 
     @property
     def name(self) -> str:
+        if self.joint:
+            return "joint"
         return self.domain if self.blocks == 1 else f"{self.domain}-b{self.block}"
+
+    @property
+    def trains(self) -> str | list[str]:
+        """The domain the stage trains, or every domain of a joint stage (the forgetting report's
+        ``stage_domains`` entry)."""
+        return [self.domain, *(n for _, n in self.joint)] if self.joint else self.domain
 
     @property
     def dirname(self) -> str:
@@ -37,6 +47,10 @@ def plan_stages(cfg: RunConfig, train_sizes: dict[str, int]) -> list[Stage]:
     """Stages in training order. ``train_sizes`` maps each domain to its number of training sequences."""
     k = registry.stages_per_domain(cfg)
     stages: list[Stage] = []
+    if cfg.train.joint:  # one stage: the first trained domain, every other one mixed in
+        trained = [(di, d.name) for di, d in enumerate(cfg.domains) if not d.eval_only]
+        (di, name), rest = trained[0], tuple(trained[1:])
+        return [Stage(0, name, di, 0, 1, np.arange(train_sizes[name]), joint=rest)]
     for di, d in enumerate(cfg.domains):
         if d.eval_only:
             continue
@@ -55,6 +69,7 @@ def plan_record(stages: list[Stage]) -> dict:
                 "index": s.index,
                 "name": s.name,
                 "domain": s.domain,
+                **({"joint": [n for _, n in s.joint]} if s.joint else {}),
                 "block": s.block,
                 "blocks": s.blocks,
                 "sequences": int(len(s.indices)),

@@ -24,7 +24,7 @@ def evaluate_models(
     cfg: RunConfig,
     model_dirs: list[Path],
     out_dir: Path | None = None,
-    stage_domains: list[str] | None = None,
+    stage_domains: list[str | list[str]] | None = None,
     start_dir: Path | None = None,
 ) -> ForgettingReport:
     """Perplexity of each saved model on every domain of ``cfg``; rows in the order given.
@@ -61,7 +61,8 @@ def evaluate_models(
         start = row(build_model(cfg, tokenizer))
     rows = [row(AutoModelForCausalLM.from_pretrained(str(d))) for d in model_dirs]
     if stage_domains is None:
-        stage_domains = [_domain_of(Path(d).name, names) for d in model_dirs]
+        trained = [d.name for d in cfg.train_domains()]
+        stage_domains = [_domain_of(Path(d).name, names, trained) for d in model_dirs]
     report = forgetting_report(
         rows, [Path(d).name for d in model_dirs], names, stage_domains, start=start
     )
@@ -72,8 +73,10 @@ def evaluate_models(
     return report
 
 
-def _domain_of(dirname: str, names: list[str]) -> str:
+def _domain_of(dirname: str, names: list[str], trained: list[str]) -> str | list[str]:
     stem = dirname.split("-", 1)[-1]
+    if stem == "joint" and stem not in names:  # a joint-training run's one stage trains them all
+        return trained
     for n in sorted(names, key=len, reverse=True):
         if stem == n or stem.startswith(n + "-b"):
             return n

@@ -167,6 +167,12 @@ def check_methods(cfg: RunConfig) -> None:
             replacers[1],
             f"{' and '.join(replacers)} each replace the main loss (only one can); choose one of them",
         )
+    if cfg.train.joint and active:
+        raise ConfigError(
+            "train.joint",
+            f"joint training is the plain-training bound of a benchmark; it runs no method, but "
+            f"{', '.join(spec.name for spec, _ in active)} is on: turn one of them off",
+        )
     frozen = [spec.name for spec, section in active if spec.freezes_base(section)]
     on_base = [spec.name for spec, _ in active if spec.acts_on_base]
     if frozen and on_base:
