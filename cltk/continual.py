@@ -39,7 +39,7 @@ from cltk.registry import build_methods
 from cltk.rundir import check_global_batch, check_run_dir
 from cltk.schedules import stage_lr_lambda
 from cltk.start import start_row
-from cltk.tracking import Tracker, log
+from cltk.tracking import Tracker, log, peak_memory_mb
 
 STAGE_FILE = "stage.json"
 
@@ -281,6 +281,7 @@ class ContinualRun:
             engine.device,
             engine.module,
         )
+        peak = dist.all_gather_object(peak_memory_mb())  # after training and export, before eval
         for m in self.methods:
             ppl = m.evaluate(ctx, ppl)
         log(
@@ -296,6 +297,7 @@ class ContinualRun:
                 "steps": len(schedule),
                 "precision": "bf16" if engine.bfloat16_enabled() else "fp32",
                 "world_size": dist.world_size(),
+                "peak_memory_mb": peak,  # per rank: host RSS and device memory of the run so far
                 "methods": {m.name: m.state_dict() for m in self.methods},
             }
             checkpoint.write_atomic(ctx.stage_dir / STAGE_FILE, json.dumps(record, indent=1))

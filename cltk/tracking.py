@@ -110,3 +110,16 @@ class Tracker:
             self.ids_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.ids_path, "a") as f:
                 f.write(json.dumps({"stage": stage, "step": step, "ids": ids}) + "\n")
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """This process's peak memory so far: resident set (``rss``, host) and, on an accelerator, the
+    most device memory torch has held allocated (``device``), in MiB."""
+    import resource
+
+    import torch
+
+    out = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}  # Linux: KiB
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["device"] = torch.cuda.max_memory_allocated() / 2**20
+    return out

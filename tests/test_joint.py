@@ -96,3 +96,6 @@ def test_a_joint_run_mixes_every_domain_by_its_steps_on_the_sequential_held_out_
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert "00-joint     code+bible+verse" in ev.stdout, ev.stdout
+    # the stage records each rank's peak memory (host RSS of a real process: tens of MiB at least)
+    (peak,) = json.loads((out / "stages" / "00-joint" / "stage.json").read_text())["peak_memory_mb"]
+    assert 50 < peak["rss"] < 20000 and "device" not in peak

@@ -65,6 +65,8 @@ def check_run(cfg: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(str(d))
         tok = AutoTokenizer.from_pretrained(str(d))
         assert (d / "model.safetensors").is_file() and (d / "stage.json").is_file()
+        peaks = json.loads((d / "stage.json").read_text())["peak_memory_mb"]  # gathered from both ranks
+        assert len(peaks) == 2 and all(50 < p["rss"] < 20000 for p in peaks)
         assert model.get_input_embeddings().weight.shape[0] >= len(tok)
     assert (out / "checkpoints" / "latest").read_text().strip() == "s01-end"
     assert (out / "forgetting.png").stat().st_size > 1000 and (out / "forgetting.csv").is_file()
