@@ -5,6 +5,7 @@ deepspeed --num_gpus 2 --module cltk train --config RUN.yaml      # N ranks (any
 cltk eval --config RUN.yaml [--models DIR ...] [--out DIR] [--start DIR | --no-start]
 cltk prepare --config RUN.yaml                                    # tokenise every domain ahead of a run
 cltk config-reference                                             # every config key, as markdown
+cltk bench --tier small --out DIR [--seeds 1 2] [--arms ...]      # every method, naive and joint
 cltk ner --config NER.yaml [--set distill=null ...]               # continual NER (docs/ner.md)
 
 A mistake the user can fix (:class:`cltk.errors.UserError`) is printed as one line, ``cltk: <message>``,
@@ -69,6 +70,17 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--config", required=True, help="run config YAML")
     pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sub.add_parser("config-reference", help="print every run-config key as a markdown table")
+    b = sub.add_parser("bench", help="every method against naive and joint training (docs/benchmarks.md)")
+    b.add_argument("--tier", default="small", help="small (a model cltk pre-trains) or real (SmolLM2-135M)")
+    b.add_argument("--out", required=True, help="where every arm's run goes; finished arms are kept")
+    b.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    b.add_argument("--arms", nargs="+", default=None, help="default: the tier's arms")
+    b.add_argument("--ranks", type=int, default=1, help="ranks of each run (deepspeed --num_gpus)")
+    b.add_argument("--steps", type=int, default=None, help="optimizer steps per stage (default: the tier's)")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="for every arm")
+    b.add_argument("--base-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="for the starting model's pre-training (small tier)")
+    b.add_argument("--page", default=None, help="the Markdown page to write (default OUT/bench.md)")
     n = sub.add_parser("ner", help="continual NER: new entity types step by step (docs/ner.md)")
     n.add_argument("--config", required=True, help="NER run config YAML (examples/ner/)")
     n.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -130,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     if args.command == "ner":
         return _ner(args)
+    if args.command == "bench":
+        from cltk.bench import run_bench
+
+        run_bench(args.tier, args.out, args.seeds, args.arms, args.ranks, args.steps, args.set,
+                  args.base_set, args.page)
+        return 0
     from cltk.config import describe, load_config
 
     if args.command == "config-reference":

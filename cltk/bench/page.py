@@ -1,0 +1,217 @@
+"""The page ``cltk bench`` writes: one table comparing every arm (mean and half-spread over seeds), the
+joint-training gap, throughput and peak memory, each arm's forgetting matrix and heatmap, one summary
+plot, and the command, versions and machine that produced them."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+from datetime import date
+from pathlib import Path
+
+from cltk.bench.arms import ARMS, Tier, overrides
+
+
+def _stats(values: list[float | None]) -> tuple[float, float] | None:
+    """Mean and half-spread (half of max - min) of the values that exist."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    return sum(vals) / len(vals), (max(vals) - min(vals)) / 2
+
+
+def _fmt(values: list[float | None], digits: int = 1, suffix: str = "", signed: bool = False) -> str:
+    st = _stats(values)
+    if st is None:
+        return "n/a"
+    mean, half = st
+    sign = "+" if signed else ""
+    if len([v for v in values if v is not None]) == 1:
+        return f"{mean:{sign}.{digits}f}{suffix}"
+    return f"{mean:{sign}.{digits}f} ± {half:.{digits}f}{suffix}"
+
+
+def _pct(v: float | None) -> float | None:
+    return None if v is None else 100.0 * v
+
+
+def summary_rows(results: dict[str, dict[int, dict]], seeds: list[int]) -> list[dict]:
+    """Per arm, per seed: the figures of the table (the joint gap read against the same seed)."""
+    out = []
+    for arm, by_seed in results.items():
+        row: dict = {"arm": arm}
+        for s in seeds:
+            r, rep = by_seed[s], by_seed[s]["report"]
+            naive = results["naive"][s] if "naive" in results else None
+            joint = results["joint"][s]["report"] if "joint" in results else None
+            final = rep["average_final_perplexity"]
+            row.setdefault("final", []).append(final)
+            row.setdefault("forgetting", []).append(rep["mean_forgetting"])
+            row.setdefault("plasticity", []).append(rep["mean_plasticity"])
+            row.setdefault("lost", []).append(_pct(rep.get("mean_relative_start_forgetting")))
+            row.setdefault("gap", []).append(
+                None if joint is None else 100.0 * (final / joint["average_final_perplexity"] - 1))
+            row.setdefault("tokens_per_s", []).append(r["tokens_per_s"])
+            row.setdefault("per_rank", []).append(r["tokens_per_s"] / r["ranks"])
+            row.setdefault("step", []).append(
+                r["step_s"] / naive["step_s"] if naive and naive["step_s"] else None)
+            row.setdefault("rss", []).append(r["peak_rss_mb"])
+            row.setdefault("device", []).append(r["peak_device_mb"])
+        out.append(row)
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    device = any(v is not None for r in rows for v in r["device"])
+    head = ("| arm | final avg perplexity | forgetting (trained) | plasticity | lost of what it knew | "
+            "gap to joint | tokens/s | tokens/s/rank | step time vs naive | peak RSS/rank MiB |"
+            + (" peak device MiB |" if device else ""))
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        cells = [
+            f"**{r['arm']}**", _fmt(r["final"]), _fmt(r["forgetting"], signed=True),
+            _fmt(r["plasticity"]), _fmt(r["lost"], suffix="%", signed=True),
+            _fmt(r["gap"], suffix="%", signed=True), _fmt(r["tokens_per_s"], 0),
+            _fmt(r["per_rank"], 0), _fmt(r["step"], 2, "x"), _fmt(r["rss"], 0),
+        ] + ([_fmt(r["device"], 0)] if device else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def matrix(by_seed: dict[int, dict], seeds: list[int]) -> str:
+    """The arm's forgetting matrix, each cell the mean ± half-spread over seeds."""
+    reps = [by_seed[s]["report"] for s in seeds]
+    names = reps[0]["domain_names"]
+    lines = ["| after stage | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    labelled = []
+    if reps[0].get("start") is not None:
+        labelled.append(("start", [r["start"] for r in reps]))
+    for i, stage in enumerate(reps[0]["stage_names"]):
+        labelled.append((stage, [r["perplexity"][i] for r in reps]))
+    for label, seed_rows in labelled:
+        cells = [_fmt([row[j] for row in seed_rows]) for j in range(len(names))]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary_plot(rows: list[dict], path: Path, title: str) -> None:
+    """Two panels, one point per arm with its seed spread: forgetting against plasticity (trained
+    domains), and final average perplexity against what was lost of the starting model's knowledge."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 5.2))
+    FigureCanvasAgg(fig)
+    panels = (("forgetting", "plasticity", "mean forgetting of trained domains (perplexity rise)",
+               "mean plasticity (perplexity right after own stage)"),
+              ("lost", "final", "lost of what it knew (evaluation-only domains, % perplexity rise)",
+               "final average perplexity of trained domains"))
+    for k, (xk, yk, xl, yl) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, k + 1)
+        for r in rows:
+            x, y = _stats(r[xk]), _stats(r[yk])
+            if x is None or y is None:
+                if y is not None and r["arm"] == "joint":
+                    ax.axhline(y[0], ls="--", c="grey", lw=1)
+                    ax.text(ax.get_xlim()[0], y[0], " joint", va="bottom", fontsize=8, color="grey")
+                continue
+            ax.errorbar(x[0], y[0], xerr=x[1], yerr=y[1], fmt="o", ms=4, capsize=2)
+            ax.annotate(r["arm"], (x[0], y[0]), textcoords="offset points", xytext=(4, 3), fontsize=8)
+        ax.set_xlabel(xl, fontsize=9)
+        ax.set_ylabel(yl, fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title + " (lower-left is better; bars: half-spread over seeds)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def _versions() -> str:
+    import deepspeed
+    import peft
+    import torch
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent).stdout.strip() or "?"
+    except OSError:
+        commit = "?"
+    return (f"cltk {commit}, Python {platform.python_version()}, torch {torch.__version__}, "
+            f"deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, "
+            f"peft {peft.__version__}")
+
+
+def _machine() -> str:
+    import torch
+
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kb / 2**20:.0f} GiB memory"
+    except (OSError, ValueError, IndexError):
+        pass
+    gpu = (f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+           if torch.cuda.is_available() else ", no GPU")
+    return f"{cpu}, {os.cpu_count()} cores{mem}{gpu}"
+
+
+def write_page(results: dict[str, dict[int, dict]], tier: Tier, seeds: list[int], command: str,
+               page: Path, figures: Path) -> str:
+    """Write the Markdown page (and its figures under ``figures``); returns the summary table."""
+    rows = summary_rows(results, seeds)
+    rel = os.path.relpath(figures, page.parent)
+    summary_plot(rows, figures / "summary.png", f"cltk bench, {tier.name} tier")
+    first = results["naive"][seeds[0]]
+    steps, ranks = first["steps"], first["ranks"]
+    lines = [
+        f"# cltk bench: {tier.name} tier",
+        "",
+        f"{tier.about}. Every arm trains the same stages for the same steps ({steps} in all), batch and "
+        f"seeds ({', '.join(map(str, seeds))}); each figure is the mean over seeds ± half the spread "
+        "(a difference smaller than the spread is noise).",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"Measured {date.today().isoformat()} on {_machine()}, {ranks} rank(s); {_versions()}.",
+        "",
+        table(rows),
+        "",
+        f"![forgetting against plasticity]({rel}/summary.png)",
+        "",
+        "- **final avg perplexity**: mean over the trained domains of the last row. **forgetting**: mean "
+        "rise of each trained domain's perplexity from just after its own stage to the end. "
+        "**plasticity**: mean perplexity right after each domain's own stage. **lost of what it knew**: "
+        "mean relative rise on the evaluation-only domains from the starting model (row 0) to the end. "
+        "**gap to joint**: final avg perplexity against joint training's, same seed. Definitions: "
+        "[docs/metrics.md](../metrics.md).",
+        "- **tokens/s**: median over the steps after the first stage, all ranks; **step time vs "
+        "naive**: the same median against naive's, same seed. **peak RSS/rank**: the largest resident "
+        "set of any rank over the run (device memory on GPUs).",
+        "",
+        "## Each arm",
+        "",
+    ]
+    for arm, by_seed in results.items():
+        src = by_seed[seeds[0]].get("dir")
+        sets = " ".join(f"--set {o!r}" for o in overrides(arm, tier)) or "(no override)"
+        lines += [f"### {arm}", "", f"{ARMS[arm][1]}: `{sets}`", "", matrix(by_seed, seeds), ""]
+        png = Path(src) / "forgetting.png" if src else None
+        if png is not None and png.is_file():
+            shutil.copyfile(png, figures / f"{arm}.png")
+            lines += [f"![{arm}, seed {seeds[0]}]({rel}/{arm}.png)", ""]
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text("\n".join(lines) + "\n")
+    return table(rows)
