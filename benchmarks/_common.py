@@ -23,3 +23,51 @@ def random_batches(rng, vocab: int, cfg) -> list:
         torch.as_tensor(rng.integers(0, vocab, (t.micro_batch_size, cfg.data.seq_len)))
         for _ in range(t.gradient_accumulation_steps)
     ]
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: the GPU's allocated bytes, or this process's RSS
+    (sampled every millisecond on a thread: a CPU has no allocator statistics)."""
+
+    def __enter__(self):
+        import ctypes
+        import gc
+        import threading
+
+        import torch
+
+        gc.collect()
+        self.cuda = torch.cuda.is_available()
+        if not self.cuda:  # give memory freed earlier back to the OS, or it hides the next peak
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+            return self
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss())
+        self.added = self.peak - self.start

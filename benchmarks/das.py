@@ -62,7 +62,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import VocabOnly, random_batches  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import PeakMemory, VocabOnly, random_batches  # noqa: E402  (benchmarks/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -315,54 +315,6 @@ def cmd_speed(args: argparse.Namespace) -> None:
     dist.barrier()
 
 
-class _PeakMemory:
-    """Peak memory above the level at entry: the GPU's allocated bytes, or this process's RSS
-    (sampled every millisecond on a thread: a CPU has no allocator statistics)."""
-
-    def __enter__(self):
-        import ctypes
-        import gc
-        import threading
-
-        import torch
-
-        gc.collect()
-        self.cuda = torch.cuda.is_available()
-        if not self.cuda:  # give memory freed earlier back to the OS, or it hides the next peak
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-            return self
-        self.start = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.001):
-            self.peak = max(self.peak, self._rss())
-
-    def __exit__(self, *exc) -> None:
-        import torch
-
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, self._rss())
-        self.added = self.peak - self.start
-
-
 def cmd_memory(args: argparse.Namespace) -> None:
     """Peak memory of scoring importance after a stage: on the engine just trained (now) against a
     second plain fp32 copy of the model built from the export (before), side by side."""
@@ -394,10 +346,10 @@ def cmd_memory(args: argparse.Namespace) -> None:
     out = {}
     # The engine first: should memory a CPU process frees stay with it despite malloc_trim, it can
     # only make the second arm (the copy) look cheaper than it is.
-    with _PeakMemory() as m:
+    with PeakMemory() as m:
         estimate_importance(engine, batches, mode=args.mode)
     out["engine (now)"] = m.added
-    with _PeakMemory() as m:
+    with PeakMemory() as m:
         copy = build_model(cfg, VocabOnly(vocab)).to(dist.device())  # as build_model(init_dir=..)
         estimate_importance(copy, batches, mode=args.mode)
         del copy
