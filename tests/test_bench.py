@@ -23,7 +23,8 @@ def _result(final: float, forgetting: float | None, step_s: float, lost: float, 
            "mean_relative_start_forgetting": lost, "domain_names": ["a", "b"], "start": [50.0, 60.0],
            "stage_names": ["a", "b"], "perplexity": [[10.0, 40.0], [final, 10.0]]}
     return {"report": rep, "step_s": step_s, "tokens_per_s": 1000.0 / step_s, "ranks": 2,
-            "steps": 8, "peak_rss_mb": rss, "peak_device_mb": None}
+            "steps": 8, "peak_rss_mb": rss, "peak_device_mb": None, "parameters": 10**9,
+            "precision": "fp32"}
 
 
 def test_the_page_reads_every_arm_against_naive_and_joint_of_the_same_seed(tmp_path):
@@ -40,7 +41,10 @@ def test_the_page_reads_every_arm_against_naive_and_joint_of_the_same_seed(tmp_p
     assert rows["replay"]["per_rank"] == pytest.approx([1000 / 1.1 / 2, 1000 / 2.4 / 2])
     md = page.table(list(rows.values()))
     assert "| **replay** | 27.0 ± 3.0 | +5.0 ± 1.0 | 10.0 ± 0.0 | +30.0 ± 10.0% | +20.0 ± 0.0% |" in md
-    assert "| 1.15 ± 0.05x | 1000 ± 50 |" in md and "| **joint** |" in md and "device" not in md
+    # 6 x 1e9 parameters x 1000/1.1/2 tokens/s per rank (seed 1), x 1000/2.4/2 (seed 2)
+    assert rows["replay"]["tflops"] == pytest.approx([6e-3 * 1000 / 1.1 / 2, 6e-3 * 1000 / 2.4 / 2])
+    assert "| 1.15 ± 0.05x | 1000 ± 50 |" in md and "| **joint** |" in md
+    assert "device" not in md and "MFU" not in md
     m = page.matrix(results["naive"], [1, 2])
     assert "| start | 50.0 ± 0.0 | 60.0 ± 0.0 |" in m and "| b | 35.0 ± 5.0 | 10.0 ± 0.0 |" in m
     page.summary_plot(list(rows.values()), tmp_path / "s.png", "t")

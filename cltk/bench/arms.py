@@ -62,7 +62,7 @@ TIERS: dict[str, Tier] = {
     ),
     "real": Tier(
         "real", "real.yaml", None, "[{domain: code}, {domain: manpages}]",
-        ("naive", "joint", "replay", "replay-general", "blocks", "das", "lora", "replay+distill"),
+        ("naive", "joint", "replay+general", "blocks", "das", "lora", "replay+distill"),
         "SmolLM2-135M (GGUF) continued on Shakespeare and software licences, with Python code and "
         "man pages (what it already knows) evaluation-only",
     ),

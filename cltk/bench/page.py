@@ -57,25 +57,44 @@ def summary_rows(results: dict[str, dict[int, dict]], seeds: list[int]) -> list[
             row.setdefault("per_rank", []).append(r["tokens_per_s"] / r["ranks"])
             row.setdefault("step", []).append(
                 r["step_s"] / naive["step_s"] if naive and naive["step_s"] else None)
+            n = r.get("parameters")
+            row.setdefault("tflops", []).append(6e-12 * n * r["tokens_per_s"] / r["ranks"] if n else None)
+            peak = _peak_flops(r.get("precision"))
+            row.setdefault("mfu", []).append(
+                100.0 * row["tflops"][-1] * 1e12 / peak if peak and n else None)
             row.setdefault("rss", []).append(r["peak_rss_mb"])
             row.setdefault("device", []).append(r["peak_device_mb"])
         out.append(row)
     return out
 
 
+# dense bf16 peak FLOP/s per GPU, for model FLOPs utilisation (6 x parameters x tokens/s against it)
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def _peak_flops(precision: str | None) -> float | None:
+    import torch
+
+    if precision != "bf16" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
 def table(rows: list[dict]) -> str:
     device = any(v is not None for r in rows for v in r["device"])
+    mfu = any(v is not None for r in rows for v in r["mfu"])
     head = ("| arm | final avg perplexity | forgetting (trained) | plasticity | lost of what it knew | "
-            "gap to joint | tokens/s | tokens/s/rank | step time vs naive | peak RSS/rank MiB |"
-            + (" peak device MiB |" if device else ""))
+            "gap to joint | tokens/s | tokens/s/rank | model TFLOP/s/rank | step time vs naive | "
+            "peak RSS/rank MiB |" + (" peak device MiB |" if device else "") + (" MFU |" if mfu else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         cells = [
             f"**{r['arm']}**", _fmt(r["final"]), _fmt(r["forgetting"], signed=True),
             _fmt(r["plasticity"]), _fmt(r["lost"], suffix="%", signed=True),
             _fmt(r["gap"], suffix="%", signed=True), _fmt(r["tokens_per_s"], 0),
-            _fmt(r["per_rank"], 0), _fmt(r["step"], 2, "x"), _fmt(r["rss"], 0),
-        ] + ([_fmt(r["device"], 0)] if device else [])
+            _fmt(r["per_rank"], 0), _fmt(r["tflops"], 3), _fmt(r["step"], 2, "x"), _fmt(r["rss"], 0),
+        ] + ([_fmt(r["device"], 0)] if device else []) + ([_fmt(r["mfu"], 1, "%")] if mfu else [])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -198,8 +217,10 @@ def write_page(results: dict[str, dict[int, dict]], tier: Tier, seeds: list[int]
         "**gap to joint**: final avg perplexity against joint training's, same seed. Definitions: "
         "[docs/metrics.md](../metrics.md).",
         "- **tokens/s**: median over the steps after the first stage, all ranks; **step time vs "
-        "naive**: the same median against naive's, same seed. **peak RSS/rank**: the largest resident "
-        "set of any rank over the run (device memory on GPUs).",
+        "naive**: the same median against naive's, same seed. **model TFLOP/s/rank**: 6 x parameters "
+        "x tokens/s per rank (attention left out); MFU on GPUs against the card's dense bf16 peak. "
+        "**peak RSS/rank**: the largest resident set of any rank over the run (and of device memory "
+        "on GPUs).",
         "",
         "## Each arm",
         "",

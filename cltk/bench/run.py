@@ -149,7 +149,28 @@ def read_arm(out: Path) -> dict:
         "peak_device_mb": max((p["device"] for p in peaks if "device" in p), default=None),
         "wall_s": meta.get("wall_s"),
         "dir": str(out),
+        "parameters": _parameters(out / "stages"),
+        "precision": stages[0]["precision"] if stages else None,
     }
+
+
+def _parameters(stages: Path) -> int | None:
+    """Parameters of the run's base model, read from a stage export's safetensors header (a LoRA
+    stage's export is the merged base)."""
+    from safetensors import safe_open
+
+    files = sorted(stages.glob("*/model*.safetensors"))
+    if not files:
+        return None
+    n = 0
+    for f in sorted(files[0].parent.glob("model*.safetensors")):
+        with safe_open(str(f), "np") as st:
+            for k in st.keys():
+                size = 1
+                for dim in st.get_slice(k).get_shape():
+                    size *= dim
+                n += size
+    return n
 
 
 def bench(args: BenchArgs) -> dict[str, dict[int, dict]]:
