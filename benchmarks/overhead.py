@@ -58,6 +58,7 @@ equal up to rounding). ``--set KEY=VALUE`` overrides the config (default the qui
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import os
 import shutil
@@ -235,7 +236,8 @@ def main() -> None:
                     others(rnd + 1, before=True)
             self.start()
 
-    out_dir = tempfile.mkdtemp(prefix="cltk-overhead-")
+    out_dir = tempfile.mkdtemp(prefix="cltk-overhead-")  # the Trainer's output_dir; nothing is saved
+    atexit.register(shutil.rmtree, out_dir, True)  # also when an arm fails
     bf16 = bool(ds_cfg.get("bf16", {}).get("enabled"))
     fp16 = bool(ds_cfg.get("fp16", {}).get("enabled"))
     targs = TrainingArguments(
@@ -305,7 +307,6 @@ def main() -> None:
     dist.barrier()
     for e in (engine, loop, hf):
         e.destroy()
-    shutil.rmtree(out_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
