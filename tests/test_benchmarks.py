@@ -81,3 +81,24 @@ def test_methods_benchmark_runs_arms_and_resumes(tmp_path):
         assert proc.returncode == 0, out[-4000:]
         assert "| ewc |" in out and "| naive |" in out, out[-4000:]
     assert "ewc seed 1: done earlier, kept" in out
+
+
+def test_overhead_benchmark_times_three_arms_on_the_same_work(tmp_path):
+    """benchmarks/overhead.py in one process on the tiny model: a row per arm (cltk, the hand-written
+    DeepSpeed loop, the HF Trainer) with a numeric ratio, and the same first-step loss in each (same
+    init, same batch: the arms do the same work)."""
+    import re
+
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--steps", "1", "--rounds", "1",
+           *SETS]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    ratios = dict(re.findall(r"^\| (cltk|DeepSpeed loop|HF Trainer) \|.*\| ([0-9.]+)x \|$", out, re.M))
+    assert set(ratios) == {"cltk", "DeepSpeed loop", "HF Trainer"}, out[-4000:]
+    assert float(ratios["cltk"]) == 1.0 and all(float(r) > 0 for r in ratios.values())
+    losses = [float(v) for v in re.findall(r"(?:cltk|DeepSpeed loop|HF Trainer) ([0-9.]+)",
+                                            out.split("first step's loss:")[1].splitlines()[0])]
+    assert len(losses) == 3 and max(losses) - min(losses) < 1e-3, out[-4000:]
+    assert "cltk -> DeepSpeed loop: identical" in out, out[-4000:]
