@@ -3,15 +3,22 @@ batches through a model or a DeepSpeed engine, without a ``[b, T, V]`` copy wher
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable
 
 import torch
 
 
+@functools.lru_cache(maxsize=64)
+def _takes_logits_to_keep(forward: Callable[..., Any]) -> bool:
+    return "logits_to_keep" in inspect.signature(forward).parameters
+
+
 def keeps_logits(module: torch.nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (read once per forward function)."""
     base = module.get_base_model() if hasattr(module, "get_base_model") else module  # PEFT
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return _takes_logits_to_keep(getattr(base.forward, "__func__", base.forward))
 
 
 def next_token_logits(
