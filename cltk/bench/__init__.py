@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cltk.bench.arms import ARMS, TIERS
 from cltk.bench.page import write_page
-from cltk.bench.run import BenchArgs, bench
+from cltk.bench.run import BenchArgs, bench, read_arm
 from cltk.errors import UserError
 
 
@@ -37,7 +37,8 @@ def run_bench(tier: str, out: str, seeds: list[int], arms: list[str] | None, ran
     figures.mkdir(parents=True, exist_ok=True)
     command = "cltk " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("bench"):]) \
         if "bench" in sys.argv else f"cltk bench --tier {tier}"
-    md = write_page(results, t, args.seeds, command, page_path, figures)
+    bases = {s: read_arm(args.out / f"base-s{s}") for s in args.seeds} if t.base else None
+    md = write_page(results, t, args.seeds, command, page_path, figures, bases)
     print(md, flush=True)
     print(f"[bench] page: {page_path}", flush=True)
     return md

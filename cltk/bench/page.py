@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import subprocess
 from datetime import date
 from pathlib import Path
 
@@ -129,15 +128,18 @@ def summary_plot(rows: list[dict], path: Path, title: str) -> None:
                "final average perplexity of trained domains"))
     for k, (xk, yk, xl, yl) in enumerate(panels):
         ax = fig.add_subplot(1, 2, k + 1)
-        for r in rows:
+        bound = None
+        for i, r in enumerate(rows):
             x, y = _stats(r[xk]), _stats(r[yk])
             if x is None or y is None:
-                if y is not None and r["arm"] == "joint":
-                    ax.axhline(y[0], ls="--", c="grey", lw=1)
-                    ax.text(ax.get_xlim()[0], y[0], " joint", va="bottom", fontsize=8, color="grey")
+                bound = y[0] if y is not None and r["arm"] == "joint" else bound
                 continue
             ax.errorbar(x[0], y[0], xerr=x[1], yerr=y[1], fmt="o", ms=4, capsize=2)
-            ax.annotate(r["arm"], (x[0], y[0]), textcoords="offset points", xytext=(4, 3), fontsize=8)
+            ax.annotate(r["arm"], (x[0], y[0]), textcoords="offset points", fontsize=8,
+                        xytext=(4, 3 if i % 2 else -10))  # alternate sides: fewer overlaps
+        if bound is not None:  # joint training has no sequential forgetting: a line at its level
+            ax.axhline(bound, ls="--", c="grey", lw=1)
+            ax.text(ax.get_xlim()[1], bound, "joint ", ha="right", va="bottom", fontsize=8, color="grey")
         ax.set_xlabel(xl, fontsize=9)
         ax.set_ylabel(yl, fontsize=9)
         ax.grid(alpha=0.3)
@@ -153,12 +155,7 @@ def _versions() -> str:
     import torch
     import transformers
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent).stdout.strip() or "?"
-    except OSError:
-        commit = "?"
-    return (f"cltk {commit}, Python {platform.python_version()}, torch {torch.__version__}, "
+    return (f"Python {platform.python_version()}, torch {torch.__version__}, "
             f"deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, "
             f"peft {peft.__version__}")
 
@@ -185,14 +182,40 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores{mem}{gpu}"
 
 
+def start_section(results: dict[str, dict[int, dict]], seeds: list[int],
+                  base: dict[int, dict] | None) -> list[str]:
+    """What the starting model knew: row 0 on every domain (and the base's own training, if any)."""
+    reps = [results["naive"][s]["report"] for s in seeds]
+    if reps[0].get("start") is None:
+        return []
+    names = reps[0]["domain_names"]
+    lines = ["## The starting model", ""]
+    if base:
+        b = [base[s] for s in seeds if s in base]
+        lines += [f"Pre-trained by cltk for {b[0]['steps']} steps on "
+                  f"{', '.join(b[0]['report']['domain_names'])} (one per seed): its own held-out "
+                  f"perplexity there {_fmt([x['report']['average_final_perplexity'] for x in b])}.", ""]
+    only = set(reps[0].get("eval_only_domains", []))
+    lines += ["Its perplexity on each domain before any stage (row 0 of every arm's matrix; "
+              "evaluation-only domains marked *): what it knew, and what every arm starts from.", "",
+              "| " + " | ".join(f"{n}{' *' if n in only else ''}" for n in names) + " |",
+              "|" + "---|" * len(names),
+              "| " + " | ".join(_fmt([r["start"][j] for r in reps]) for j in range(len(names))) + " |", ""]
+    return lines
+
+
 def write_page(results: dict[str, dict[int, dict]], tier: Tier, seeds: list[int], command: str,
-               page: Path, figures: Path) -> str:
+               page: Path, figures: Path, base: dict[int, dict] | None = None) -> str:
     """Write the Markdown page (and its figures under ``figures``); returns the summary table."""
     rows = summary_rows(results, seeds)
     rel = os.path.relpath(figures, page.parent)
     summary_plot(rows, figures / "summary.png", f"cltk bench, {tier.name} tier")
     first = results["naive"][seeds[0]]
     steps, ranks = first["steps"], first["ranks"]
+    runs = [r for by_seed in results.values() for r in by_seed.values()]
+    commits = ", ".join(sorted({r.get("commit", "?") for r in runs}))
+    dates = sorted({r.get("date") or date.today().isoformat() for r in runs})
+    when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
     lines = [
         f"# cltk bench: {tier.name} tier",
         "",
@@ -204,7 +227,7 @@ def write_page(results: dict[str, dict[int, dict]], tier: Tier, seeds: list[int]
         command,
         "```",
         "",
-        f"Measured {date.today().isoformat()} on {_machine()}, {ranks} rank(s); {_versions()}.",
+        f"Measured {when} on {_machine()}, {ranks} rank(s); cltk {commits}; {_versions()}.",
         "",
         table(rows),
         "",
@@ -222,6 +245,7 @@ def write_page(results: dict[str, dict[int, dict]], tier: Tier, seeds: list[int]
         "**peak RSS/rank**: the largest resident set of any rank over the run (and of device memory "
         "on GPUs).",
         "",
+        *start_section(results, seeds, base),
         "## Each arm",
         "",
     ]

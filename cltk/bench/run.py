@@ -121,9 +121,22 @@ def run_arm(args: BenchArgs, arm: str, seed: int, base: Path | None) -> Path:
     sets += [*args.sets, *overrides(arm, args.tier)]
     seconds = _run(f"{arm} seed {seed}", _command(args.ranks, BENCH_CONFIGS / args.tier.config, sets),
                    out, args.ranks)
-    (out / "bench.json").write_text(json.dumps({"arm": arm, "seed": seed, "wall_s": seconds,
-                                                "overrides": sets}, indent=1))
+    (out / "bench.json").write_text(json.dumps({
+        "arm": arm, "seed": seed, "wall_s": seconds, "overrides": sets, "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d"),
+    }, indent=1))
     return out
+
+
+def git_commit() -> str:
+    """The checkout's commit (with ``+`` when it has uncommitted changes), or ``?``."""
+    try:
+        run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT)  # noqa: E731
+        head = run("rev-parse", "--short", "HEAD").stdout.strip()
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except OSError:
+        return "?"
+    return (head + ("+" if dirty else "")) if head else "?"
 
 
 def read_arm(out: Path) -> dict:
@@ -148,6 +161,9 @@ def read_arm(out: Path) -> dict:
         "peak_rss_mb": max((p["rss"] for p in peaks), default=None),
         "peak_device_mb": max((p["device"] for p in peaks if "device" in p), default=None),
         "wall_s": meta.get("wall_s"),
+        "commit": meta.get("commit", "?"),
+        "date": meta.get("date") or time.strftime(
+            "%Y-%m-%d", time.localtime((out / "forgetting.json").stat().st_mtime)),
         "dir": str(out),
         "parameters": _parameters(out / "stages"),
         "precision": stages[0]["precision"] if stages else None,
