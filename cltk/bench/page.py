@@ -239,6 +239,10 @@ def write_page(results: dict[str, dict[int, dict]], tier: Tier, seeds: list[int]
         "mean relative rise on the evaluation-only domains from the starting model (row 0) to the end. "
         "**gap to joint**: final avg perplexity against joint training's, same seed. Definitions: "
         "[docs/metrics.md](../metrics.md).",
+        "- Each seed holds out its own documents (and, in the small tier, pre-trains its own base), so "
+        "absolute perplexities can move more between seeds than between arms: compare arms by the "
+        "paired columns (gap to joint, step time against naive: each read against the same seed) or "
+        "seed by seed in the matrices' runs.",
         "- **tokens/s**: median over the steps after the first stage, all ranks; **step time vs "
         "naive**: the same median against naive's, same seed. **model TFLOP/s/rank**: 6 x parameters "
         "x tokens/s per rank (attention left out); MFU on GPUs against the card's dense bf16 peak. "
