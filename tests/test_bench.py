@@ -102,5 +102,5 @@ def test_a_bench_killed_in_an_arm_continues_where_it_stopped(tmp_path):
     md = (tmp_path / "docs" / "bench.md").read_text()
     assert "| **naive** |" in md and "| **joint** |" in md and "+0.0%" in md
     assert "--arms naive joint" in md and "torch " in md
-    figures = tmp_path / "docs" / "figures" / "bench-small"
+    figures = tmp_path / "docs" / "figures" / "bench"  # named after the page
     assert {p.name for p in figures.iterdir()} == {"summary.png", "naive.png", "joint.png"}

@@ -33,7 +33,7 @@ def run_bench(tier: str, out: str, seeds: list[int], arms: list[str] | None, ran
                      list(sets), list(base_sets))
     results = bench(args)
     page_path = Path(page).resolve() if page else args.out / "bench.md"
-    figures = page_path.parent / "figures" / f"bench-{tier}"
+    figures = page_path.parent / "figures" / page_path.stem  # one folder per page
     figures.mkdir(parents=True, exist_ok=True)
     command = "cltk " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("bench"):]) \
         if "bench" in sys.argv else f"cltk bench --tier {tier}"
