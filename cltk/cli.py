@@ -109,7 +109,26 @@ def _report_user_error(e: UserError) -> int:
     else:
         time.sleep(OTHER_RANK_GRACE_S)
         print(f"cltk: rank {rank}: {e}", file=sys.stderr, flush=True)
+    _leave_now_if_ranks(EXIT_USER_ERROR)
     return EXIT_USER_ERROR
+
+
+def _leave_now_if_ranks(code: int) -> None:
+    """With other ranks alive, exit at once with ``code``, skipping interpreter finalization.
+
+    Tearing down a live process group at interpreter exit can end in ``std::terminate`` (a
+    communicator thread still joinable), so the launcher would report SIGABRT instead of the
+    user-error code. Every DeepSpeed shared-memory name was already unlinked at init, and the
+    streams are flushed here.
+    """
+    if "torch" not in sys.modules:
+        return
+    from cltk import distributed as dist
+
+    if dist.is_initialized() and dist.world_size() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
