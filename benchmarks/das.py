@@ -382,7 +382,8 @@ def build_engine_for(cfg, vocab: int):
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from cltk.metrics import compare_reports, format_table, load_report
+    from cltk.metrics import compare_reports, format_table
+    from cltk.metrics_files import load_report
 
     runs = {Path(r).name: load_report(Path(r)) for r in args.runs}
     print(compare_reports(runs))

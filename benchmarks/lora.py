@@ -170,7 +170,8 @@ def cmd_arms(args: argparse.Namespace) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> None:
     """Markdown tables of a full run against one or more LoRA runs (named by their directory)."""
-    from cltk.metrics import ForgettingReport, compare_reports, format_table, load_report
+    from cltk.metrics import ForgettingReport, compare_reports, format_table
+    from cltk.metrics_files import load_report
 
     full = load_report(args.full)
     runs = {Path(d).name: json.loads((Path(d) / "lora_report.json").read_text()) for d in args.lora}

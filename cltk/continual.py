@@ -31,7 +31,8 @@ from cltk.engine import build_engine, train_step
 from cltk.forward import engine_forward
 from cltk.grow import check_config, check_plan, complete_row
 from cltk.method import Method, StageContext
-from cltk.metrics import ForgettingReport, forgetting_report, format_table, save_report
+from cltk.metrics import ForgettingReport, forgetting_report, format_table
+from cltk.metrics_files import save_report
 from cltk.models import build_model, export_pretrained, parameter_counts
 from cltk.perplexity import evaluate_domains
 from cltk.plan import Stage, plan_json, plan_stages
@@ -216,7 +217,8 @@ class ContinualRun:
                                 c.train.max_steps_per_stage, c.seed, 0)
             return len(own)
 
-        sizes = {di: len(self.train_arrays[di]) for di, _ in ((stage.domain_index, ""), *stage.joint)}
+        ids = [stage.domain_index, *(di for di, _ in stage.joint)]
+        sizes = {di: len(self.train_arrays[di]) for di in ids}
         steps = {di: own_steps(n) for di, n in sizes.items()}
         total = sum(steps.values())
         mixes = [Mix(f"joint {name}", [Pool(di, np.arange(sizes[di]))], steps[di] / total)

@@ -26,30 +26,16 @@ Lower perplexity is better, so positive forgetting is bad. A run stopped mid-way
 than stages: the report then speaks about the stages completed (``completed_stages``), and "the
 last stage" above means the last completed one.
 
-Pure Python; matplotlib is imported only to draw the heatmap.
+Pure Python. Saving, loading and drawing a report: :mod:`cltk.metrics_files`.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = [
-    "ForgettingReport",
-    "forgetting_report",
-    "save_report",
-    "load_report",
-    "format_table",
-    "compare_reports",
-]
-
-JSON_NAME = "forgetting.json"
-CSV_NAME = "forgetting.csv"
-PNG_NAME = "forgetting.png"
+__all__ = ["ForgettingReport", "forgetting_report", "format_table", "compare_reports", "stage_label"]
 
 
 @dataclass(frozen=True)
@@ -143,7 +129,8 @@ def trained_by(entry: str | Sequence[str]) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _label(entry: str | Sequence[str]) -> str:
+def stage_label(entry: str | Sequence[str]) -> str:
+    """A ``stage_domains`` entry as text: ``code``, or ``a+b`` for a joint stage."""
     return "+".join(trained_by(entry))
 
 
@@ -350,7 +337,8 @@ def _start_headline(report: ForgettingReport) -> list[str]:
     ]
 
 
-def _headline(report: ForgettingReport) -> list[str]:
+def headline(report: ForgettingReport) -> list[str]:
+    """The summary lines under the table (and the heatmap's title)."""
     return _start_headline(report) + _stage_headline(report)
 
 
@@ -368,7 +356,7 @@ def format_table(report: ForgettingReport) -> str:
     """A fixed-width text table: the matrix, the per-domain figures, then the headline figures."""
     stage_w = max(len("after stage"), *(len(s) for s in report.stage_names))
     train_w = max(len("trains") if report.start is None else len("(before)"),
-                  *(len(_label(d)) for d in report.stage_domains))
+                  *(len(stage_label(d)) for d in report.stage_domains))
     col_w = max(9, *(len(d) for d in report.domain_names))
     header = f"{'after stage':<{stage_w}}  {'trains':<{train_w}} |" + "".join(
         f" {d:>{col_w}}" for d in report.domain_names
@@ -379,7 +367,7 @@ def format_table(report: ForgettingReport) -> str:
                      + "".join(f" {v:>{col_w}.2f}" for v in report.start))
     for i, row in enumerate(report.perplexity):
         lines.append(
-            f"{report.stage_names[i]:<{stage_w}}  {_label(report.stage_domains[i]):<{train_w}} |"
+            f"{report.stage_names[i]:<{stage_w}}  {stage_label(report.stage_domains[i]):<{train_w}} |"
             + "".join(f" {v:>{col_w}.2f}" for v in row)
         )
     lines.append("-" * len(header))
@@ -431,80 +419,3 @@ def compare_reports(named: Mapping[str, ForgettingReport]) -> str:
             f"{_fmt(r.mean_relative_forgetting, percent=True)} | {_fmt(r.mean_plasticity)} |"
         )
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# files
-# ---------------------------------------------------------------------------------------------
-
-
-def save_report(report: ForgettingReport, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``forgetting.json``, ``forgetting.csv`` and ``forgetting.png`` into ``out_dir``.
-
-    The CSV holds the matrix: a header row ``stage, trains, <domain>...``, the row ``start`` (the
-    starting model, empty ``trains``) when measured, then one row per completed stage. Returns the three paths by kind (``"json"``, ``"csv"``, ``"png"``).
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / JSON_NAME, "csv": out / CSV_NAME, "png": out / PNG_NAME}
-    paths["json"].write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    with paths["csv"].open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["stage", "trains", *report.domain_names])
-        if report.start is not None:
-            writer.writerow(["start", "", *(repr(v) for v in report.start)])
-        for i, row in enumerate(report.perplexity):
-            writer.writerow([report.stage_names[i], _label(report.stage_domains[i]),
-                             *(repr(v) for v in row)])
-    _save_heatmap(report, paths["png"])
-    return paths
-
-
-def load_report(path: str | Path) -> ForgettingReport:
-    """Read a report saved by :func:`save_report`: the JSON file, or the directory holding it."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / JSON_NAME
-    if not p.is_file():
-        raise ValueError(f"no forgetting report at {p}")
-    return ForgettingReport.from_dict(json.loads(p.read_text()))
-
-
-def _save_heatmap(report: ForgettingReport, path: Path) -> None:
-    # Figure + Agg canvas directly: no pyplot, so the process-wide backend is left alone
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import LogNorm
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
-    matrix = ([report.start] if report.start is not None else []) + report.perplexity
-    labels = (["start (before training)"] if report.start is not None else []) + [
-        f"{report.stage_names[i]} ({_label(report.stage_domains[i])})"
-        for i in range(report.completed_stages)]
-    rows, cols = len(matrix), len(report.domain_names)
-    fig = Figure(figsize=(max(6.5, 3.2 + 1.1 * cols), 2.2 + 0.55 * rows))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    finite = [v for row in matrix for v in row if math.isfinite(v)]
-    lo, hi = (min(finite), max(finite)) if finite else (1.0, 10.0)
-    hi = max(hi, lo * 1.0001)  # LogNorm needs vmin < vmax
-    capped = [[min(v, hi) for v in row] for row in matrix]
-    # log colour scale: perplexities of different domains differ by multiples, not offsets
-    image = ax.imshow(capped, cmap="viridis_r", norm=LogNorm(vmin=lo, vmax=hi), aspect="auto")
-    for i, row in enumerate(matrix):
-        for j, v in enumerate(row):
-            shade = image.norm(min(v, hi))
-            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8,
-                    color="white" if shade > 0.5 else "black")
-    ax.set_xticks(range(cols), report.domain_names, rotation=30, ha="right")
-    ax.set_yticks(range(rows), labels)
-    if report.start is not None:  # row 0 is the starting model, not a stage
-        ax.axhline(0.5, color="white", linewidth=3)
-    ax.set_xlabel("evaluated domain")
-    ax.set_ylabel("after stage (trains)")
-    bar = fig.colorbar(image, ax=ax, label="perplexity (log scale)")
-    bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))  # 40, not 4 x 10^1
-    bar.ax.yaxis.set_minor_formatter(NullFormatter())  # minor labels of a log axis overlap
-    ax.set_title("\n".join(_headline(report)), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")

@@ -10,7 +10,8 @@ from cltk import distributed as dist
 from cltk.config import RunConfig
 from cltk.data.prepare import prepare
 from cltk.forward import model_forward
-from cltk.metrics import ForgettingReport, forgetting_report, format_table, save_report
+from cltk.metrics import ForgettingReport, forgetting_report, format_table
+from cltk.metrics_files import save_report
 from cltk.models import ModelError, build_model, check_tokenizer_fits
 from cltk.perplexity import evaluate_domains
 

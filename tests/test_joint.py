@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from cltk.config import ConfigError, load_config
-from cltk.metrics import forgetting_report, format_table, load_report
+from cltk.metrics import forgetting_report, format_table
+from cltk.metrics_files import load_report
 from cltk.plan import plan_stages
 from tests.tiny_run import ROOT, write_tiny_run
 

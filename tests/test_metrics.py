@@ -7,14 +7,8 @@ import json
 
 import pytest
 
-from cltk.metrics import (
-    ForgettingReport,
-    compare_reports,
-    forgetting_report,
-    format_table,
-    load_report,
-    save_report,
-)
+from cltk.metrics import ForgettingReport, compare_reports, forgetting_report, format_table
+from cltk.metrics_files import load_report, save_report
 
 # Stages: s0 and s1 are two blocks of "code", s2 trains "bible", s3 trains "law".
 # "web" is evaluation-only.

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from cltk.metrics import ForgettingReport, forgetting_report, format_table, load_report, save_report
+from cltk.metrics import ForgettingReport, forgetting_report, format_table
+from cltk.metrics_files import load_report, save_report
 
 # s0, s1: two blocks of code; s2: bible; s3: law; web is evaluation-only
 STAGES = ["s0", "s1", "s2", "s3"]
