@@ -62,7 +62,8 @@ def bf16_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a launcher's --master_port or MASTER_PORT)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -84,7 +85,7 @@ def init(timeout_minutes: float | None = None) -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     minutes = timeout_minutes or float(os.environ.get("DEEPSPEED_TIMEOUT", "30"))
     # DeepSpeed JIT-builds ops from here on (the CPU shm all-reduce at once): a lock left by a killed
     # build would hang this launch forever

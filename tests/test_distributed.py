@@ -84,7 +84,7 @@ def test_collectives_run_in_a_group_of_one_and_come_back_on_the_callers_device(m
 
     if not torch.distributed.is_initialized():
         monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-        monkeypatch.setenv("MASTER_PORT", str(dist._free_port()))
+        monkeypatch.setenv("MASTER_PORT", str(dist.free_port()))
         torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     try:
         monkeypatch.setattr(torch.distributed, "all_reduce", spy)

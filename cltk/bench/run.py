@@ -8,7 +8,6 @@ import csv
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cltk.bench.arms import ARMS, Tier, overrides
+from cltk.distributed import free_port
 from cltk.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,16 +36,10 @@ class BenchArgs:
     base_sets: list[str] = field(default_factory=list)  # overrides for the base's pre-training
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _command(ranks: int, config: Path, sets: list[str]) -> list[str]:
     if ranks > 1:
         launcher = str(Path(sys.executable).parent / "deepspeed")
-        cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(_port()), "--module"]
+        cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module"]
     else:
         cmd = [sys.executable, "-m"]
     cmd += ["cltk", "train", "--config", str(config)]
