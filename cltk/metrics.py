@@ -318,8 +318,9 @@ def _fmt(value: float | None, signed: bool = False, percent: bool = False) -> st
     return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
-def _start_headline(report: ForgettingReport) -> list[str]:
-    """The two numbers a user continuing a pretrained model reads first (needs row 0)."""
+def _start_headline(report: ForgettingReport, advice: bool = True) -> list[str]:
+    """The two numbers a user continuing a pretrained model reads first (needs row 0); ``advice``
+    adds what to change when a figure is n/a (the printed text has it, a picture does not)."""
     if report.start is None:
         return []
     learned = "n/a" if report.mean_relative_gain is None else (
@@ -328,18 +329,21 @@ def _start_headline(report: ForgettingReport) -> list[str]:
     if report.eval_only_domains:
         lost = (f"perplexity {_fmt(report.mean_relative_start_forgetting, percent=True)}, mean "
                 f"forgetting {_fmt(report.mean_start_forgetting, signed=True)}")
-    else:
+    elif advice:
         lost = ("n/a (no evaluation-only domain: add the domains the starting model should keep "
                 "with eval_only: true)")
+    else:
+        lost = "n/a (no evaluation-only domain)"
     return [
         f"learned (trained domains, start -> after own stage): {learned}",
         f"lost (evaluation-only domains, start -> final): {lost}",
     ]
 
 
-def headline(report: ForgettingReport) -> list[str]:
-    """The summary lines under the table (and the heatmap's title)."""
-    return _start_headline(report) + _stage_headline(report)
+def headline(report: ForgettingReport, advice: bool = True) -> list[str]:
+    """The summary lines under the table; with ``advice=False`` the heatmap's title, which carries
+    the figures only (advice on what to change belongs in the printed text)."""
+    return _start_headline(report, advice) + _stage_headline(report)
 
 
 def _stage_headline(report: ForgettingReport) -> list[str]:

@@ -15,6 +15,11 @@ CSV_NAME = "forgetting.csv"
 PNG_NAME = "forgetting.png"
 
 
+def heatmap_title(report: ForgettingReport) -> str:
+    """The heatmap's title: the summary's figures, without the printed text's advice."""
+    return "\n".join(headline(report, advice=False))
+
+
 def save_report(report: ForgettingReport, out_dir: str | Path) -> dict[str, Path]:
     """Write ``forgetting.json``, ``forgetting.csv`` and ``forgetting.png`` into ``out_dir``.
 
@@ -82,6 +87,6 @@ def _save_heatmap(report: ForgettingReport, path: Path) -> None:
     bar = fig.colorbar(image, ax=ax, label="perplexity (log scale)")
     bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))  # 40, not 4 x 10^1
     bar.ax.yaxis.set_minor_formatter(NullFormatter())  # minor labels of a log axis overlap
-    ax.set_title("\n".join(headline(report)), fontsize=8)
+    ax.set_title(heatmap_title(report), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")

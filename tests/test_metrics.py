@@ -141,3 +141,15 @@ def test_compare_reports_markdown():
 def test_rejects_bad_inputs(args, match):
     with pytest.raises(ValueError, match=match):
         forgetting_report(*args)
+
+
+def test_mean_forgetting_is_plus_bwt_on_perplexity():
+    """docs/metrics.md: Lopez-Paz and Ranzato's BWT = mean over i < T of R[T][i] - R[i][i], applied to
+    a perplexity matrix (one domain per stage), has the sign of cltk's mean forgetting: +BWT (a rise
+    in perplexity is a loss). On accuracy-like figures, where higher is better, forgetting is -BWT."""
+    ppl = [[5.0, 40.0, 30.0], [9.0, 6.0, 28.0], [10.0, 8.0, 4.0]]
+    names = ["a", "b", "c"]
+    r = forgetting_report(ppl, names, names, names)
+    t = len(ppl) - 1
+    bwt = sum(ppl[t][i] - ppl[i][i] for i in range(t)) / t
+    assert bwt == pytest.approx(3.5) and r.mean_forgetting == pytest.approx(+bwt)

@@ -111,3 +111,21 @@ def test_the_continue_pretrained_example_loads():
         pytest.skip("the SmolLM2 GGUF is not installed in .venv (setup.sh installs it)")
     cfg = load_config(path)
     assert cfg.eval.start and [d.name for d in cfg.domains if d.eval_only] == ["code", "bible"]
+
+
+def test_the_heatmap_title_carries_figures_not_advice(tmp_path, monkeypatch):
+    """The picture's title holds the summary's figures; the advice on a missing evaluation-only
+    domain is printed text only (it crowded every quickstart's picture)."""
+    import matplotlib.axes
+
+    titles: list[str] = []
+    original = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
+                        lambda self, label, *a, **k: titles.append(label) or original(self, label, *a, **k))
+    no_eval_only = forgetting_report([[5.0]], ["a"], ["x"], ["x"], start=[10.0])
+    save_report(no_eval_only, tmp_path)
+    (title,) = titles
+    assert "eval_only: true" in format_table(no_eval_only)
+    assert "eval_only" not in title and "add the domains" not in title
+    assert "lost (evaluation-only domains, start -> final): n/a" in title
+    assert "average final perplexity: 5.00" in title
