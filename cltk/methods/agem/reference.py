@@ -7,7 +7,8 @@ Per optimizer step (see :class:`AgemProjector`):
    forward and backward through the engine with the accumulation boundary forced on its last
    micro-batch, so DeepSpeed reduces it over ranks like a step's gradient; this rank's share is
    copied into one flat fp32 tensor per partition (g_ref) and the engine's gradient is then dropped
-   (:func:`.grads.discard_grads`). The engine's micro-step counters, the weights and the optimizer
+   (:func:`cltk.methods.kit.grads.batch_grad`). The engine's micro-step counters, the weights and the
+   optimizer
    state are not touched.
 2. The step's micro-batches train as usual.
 3. :meth:`~AgemProjector.project`, after the last backward and before ``engine.step()``: the partial
@@ -19,18 +20,15 @@ Per optimizer step (see :class:`AgemProjector`):
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from cltk import distributed as dist
-from cltk.forward import forward_logits
 from cltk.losses import causal_lm_loss
-from cltk.methods.agem.grads import check_layout, discard_grads, read_grads, write_grads
 from cltk.methods.agem.projection import Projection, project_
+from cltk.methods.kit.grads import LossFn, batch_grad, check_layout, read_grads, write_grads
 from cltk.zero_view import zero_view
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class AgemProjector:
@@ -56,23 +54,9 @@ class AgemProjector:
         """g_ref: the gradient of the mean loss over ``batches`` ([b, T] token ids each, this rank's
         share of the memory batch) and over ranks. Collective: every rank passes the same number of
         batches. Call at the start of an optimizer step, before its first micro-batch."""
-        engine = self.engine
         if not batches:
             raise ValueError("A-GEM: an empty memory batch")
-        rows = sum(int(b.shape[0]) for b in batches)
-        try:
-            for i, ids in enumerate(batches):
-                # the last memory micro-batch is a boundary, so DeepSpeed reduces the gradient over ranks
-                engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
-                ids = ids.to(engine.device)
-                logits, labels = forward_logits(engine, ids)
-                loss = loss_fn(logits, labels) * (ids.shape[0] / rows)
-                engine.backward(loss, scale_wrt_gas=False)
-            self.ref = read_grads(engine, self.view)
-            discard_grads(engine, self.view)
-        finally:
-            # back to the engine's own count of micro-steps (None: not forced)
-            engine.set_gradient_accumulation_boundary(None)
+        self.ref = batch_grad(self.engine, self.view, batches, loss_fn)
 
     def project(self) -> Projection:
         """Project the step's reduced gradient against g_ref (see :mod:`.projection`); call after the

@@ -29,6 +29,16 @@ class EwcConfig:
         "the stage's last N optimizer steps whose squared gradients make its Fisher (all if fewer)",
         20,
     )
+    fisher: str = option(
+        "how F is estimated: 'batch' (mean squared gradient of the stage's last fisher_steps batches: "
+        "free, but near the squared mean gradient at large batches) or 'sample' (mean squared "
+        "gradient of fisher_samples single sequences of the stage's own data at its end: one "
+        "extra forward and backward each, on every rank); docs/ewc.md compares them",
+        "batch",
+    )
+    fisher_samples: int = option(
+        "with fisher: sample, how many of the stage's trained sequences (all if fewer)", 64
+    )
     report_penalty: bool = option(
         "compute the penalty's value every step (loss term ewc_penalty); costs one more pass over "
         "the partitions, which the gradient does not need",
@@ -51,6 +61,10 @@ def check(cfg: RunConfig, ewc: EwcConfig) -> None:
         raise ConfigError("ewc.gamma", f"must be in [0, 1], got {ewc.gamma}")
     if ewc.fisher_steps < 1:
         raise ConfigError("ewc.fisher_steps", f"must be >= 1, got {ewc.fisher_steps}")
+    if ewc.fisher not in ("batch", "sample"):
+        raise ConfigError("ewc.fisher", f"must be 'batch' or 'sample', got {ewc.fisher!r}")
+    if ewc.fisher_samples < 1:
+        raise ConfigError("ewc.fisher_samples", f"must be >= 1, got {ewc.fisher_samples}")
     _check_precision(cfg)
 
 
@@ -77,7 +91,7 @@ def _check_precision(cfg: RunConfig) -> None:
 def build(cfg: RunConfig, section: EwcConfig) -> Any:
     from cltk.methods.ewc.method import EwcMethod  # torch and DeepSpeed: on use
 
-    return EwcMethod(section)
+    return EwcMethod(section, seed=cfg.seed)
 
 
 SPEC = register(

@@ -26,6 +26,7 @@ trainable set, ZeRO stage family and world size), which a signature of the layou
 
 from __future__ import annotations
 
+import time
 import zlib
 from typing import TYPE_CHECKING, Any
 
@@ -68,8 +69,9 @@ class EwcMethod(Method):
 
     name = "ewc"
 
-    def __init__(self, section: EwcConfig):
+    def __init__(self, section: EwcConfig, seed: int = 0):
         self.ewc = section
+        self.seed = seed
         self.lam = float(section.lam or 0.0)
         self.fisher: list[torch.Tensor] | None = None
         self.anchor: list[torch.Tensor] | None = None
@@ -95,15 +97,21 @@ class EwcMethod(Method):
         self._signature = layout_signature(self.view)
         self.square_sum, self.window_steps, self._last_window_step = None, 0, -1
         self._penalty = None
-        self._window_start = max(0, len(ctx.schedule) - self.ewc.fisher_steps)
+        # fisher: sample takes no gradient from the steps (its Fisher comes at the stage's end)
+        steps = self.ewc.fisher_steps if self.ewc.fisher == "batch" else 0
+        self._window_start = max(0, len(ctx.schedule) - steps)
         self._place()
         self._detach = self.view.on_step(before=self._before_step)
         if self.fisher is not None:
             log(
                 f"ewc: penalty on, lam {self.lam:g}, Fisher of {self.stages} stage(s) (gamma "
-                f"{self.ewc.gamma:g}); this stage's Fisher from steps {self._window_start + 1}-"
-                f"{len(ctx.schedule)}"
+                f"{self.ewc.gamma:g}); this stage's Fisher {self._fisher_source(ctx)}"
             )
+
+    def _fisher_source(self, ctx: StageContext) -> str:
+        if self.ewc.fisher == "sample":
+            return f"from {self.ewc.fisher_samples} single sequences at its end"
+        return f"from steps {self._window_start + 1}-{len(ctx.schedule)}"
 
     def extra_loss(
         self,
@@ -124,6 +132,19 @@ class EwcMethod(Method):
         if self._detach is not None:
             self._detach()
             self._detach = None
+        if self.ewc.fisher == "sample":
+            from cltk.methods.ewc.sample_fisher import sample_squares
+
+            began = time.perf_counter()
+            try:
+                self.square_sum, self.window_steps = sample_squares(
+                    ctx, self.view, self.ewc.fisher_samples, self.seed
+                )
+            except LayoutError as e:
+                raise EwcStateError(f"ewc.fisher: sample: {e}; or use fisher: batch") from e
+            self.layout = self._signature
+            log(f"ewc: per-sample Fisher of stage {ctx.stage.name}: {self.window_steps} single "
+                f"sequence(s) in {time.perf_counter() - began:.2f} s")
         if self.square_sum is None or self.window_steps == 0:
             raise RuntimeError(f"ewc: stage {ctx.stage.name} ended with no Fisher step")
         last = self._penalty[1].item() if self._penalty is not None else None
@@ -138,7 +159,8 @@ class EwcMethod(Method):
         self.square_sum, self.window_steps = None, 0
         total_mean, _ = self._stats(self.fisher, 1.0)
         log(
-            f"ewc: stage {ctx.stage.name}: Fisher of its last {steps} step(s): mean "
+            f"ewc: stage {ctx.stage.name}: Fisher of "
+            f"{f'{steps} single sequence(s)' if self.ewc.fisher == 'sample' else f'its last {steps} step(s)'}: mean "
             f"{stage_mean:.3e}, max {stage_max:.3e}; Fisher of {self.stages} stage(s): mean "
             f"{total_mean:.3e}; anchor set to the stage's final weights"
             + (f"; penalty at its last step {last:.4e}" if last is not None else "")

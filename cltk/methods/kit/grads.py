@@ -1,6 +1,7 @@
 """This rank's reduced gradient between the last backward of a step and ``engine.step()``, laid out like
-the partitions of :class:`cltk.zero_view.ZeroView`, and how to drop a gradient the engine reduced
-outside an optimizer step.
+the partitions of :class:`cltk.zero_view.ZeroView`, how to drop a gradient the engine reduced outside an
+optimizer step, and the reduced gradient of an extra batch taken that way (:func:`batch_grad`: A-GEM's
+reference gradient, EWC's per-sample Fisher).
 
 After the backward at an accumulation boundary DeepSpeed holds the gradient averaged over ranks,
 each rank the elements of its own partitions, until ``engine.step()`` flattens it into the fp32
@@ -15,15 +16,20 @@ partitions:
 :func:`discard_grads` follows DeepSpeed's own path for a step it skips on overflow (clear the
 gradient buffers and the micro-step counter, touch neither weights nor optimizer state), so the next
 micro-batches accumulate from zero as after a real step. These are DeepSpeed internals, read in
-0.19.8 and tested per ZeRO stage (tests/scripts/agem_zero.py); fp16, bf16 without ZeRO and optimizer
+0.19.8 and tested per ZeRO stage (A-GEM's and EWC's two-rank tests); fp16, bf16 without ZeRO and optimizer
 offload are refused.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
 
+from cltk.forward import forward_logits
 from cltk.zero_view import LayoutError, ZeroView
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 SUPPORTED = ("plain", "zero1/2", "zero3")
 
@@ -118,3 +124,30 @@ def discard_grads(engine, view: ZeroView) -> None:
         # DeepSpeedZeroOptimizer_Stage3._overflow_clean_up (zero_grad also resets micro_step_id)
         opt.zero_grad(set_to_none=True)
         opt.averaged_gradients = {}
+
+
+def batch_grad(engine, view: ZeroView, batches: Sequence[torch.Tensor], loss_fn: LossFn) -> list[torch.Tensor]:
+    """The gradient of the mean of ``loss_fn`` over ``batches`` ([b, T] token ids each, this rank's
+    share) and over ranks, as :func:`read_grads` lays it out; the engine's gradient is then dropped
+    (:func:`discard_grads`), so weights, optimizer state and step counters are as before.
+
+    The last batch's backward is forced to be an accumulation boundary, so DeepSpeed reduces the
+    gradient over ranks as it does a step's. Collective: every rank passes the same number of
+    batches, at a point where no step's micro-batches are half accumulated.
+    """
+    if not batches:
+        raise ValueError("batch_grad: no batches")
+    rows = sum(int(b.shape[0]) for b in batches)
+    try:
+        for i, ids in enumerate(batches):
+            engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
+            ids = ids.to(engine.device)
+            logits, labels = forward_logits(engine, ids)
+            loss = loss_fn(logits, labels) * (ids.shape[0] / rows)
+            engine.backward(loss, scale_wrt_gas=False)
+        grads = read_grads(engine, view)
+        discard_grads(engine, view)
+    finally:
+        # back to the engine's own count of micro-steps (None: not forced)
+        engine.set_gradient_accumulation_boundary(None)
+    return grads
