@@ -73,6 +73,8 @@ def _config(tmp_path: Path, ds: dict | None = None, **sections) -> Path:
         ({"lam": 1.0, "gamma": 1.5}, {}, None, "ewc.gamma", "[0, 1]"),
         ({"lam": 1.0, "gamma": -0.1}, {}, None, "ewc.gamma", "[0, 1]"),
         ({"lam": 1.0, "fisher_steps": 0}, {}, None, "ewc.fisher_steps", ">= 1"),
+        ({"lam": 1.0, "fisher": "exact"}, {}, None, "ewc.fisher", "'batch' or 'sample'"),
+        ({"lam": 1.0, "fisher": "sample", "fisher_samples": 0}, {}, None, "ewc.fisher_samples", ">= 1"),
         ({"lam": 1.0}, {"lora": {"base": "frozen"}}, None, "ewc", "protect nothing"),
         ({"lam": 1.0}, {}, {"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}, "ewc",
          "ZeRO stage 1, 2 or 3"),
