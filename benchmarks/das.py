@@ -158,7 +158,7 @@ def _time_hooks(engine, handle, reps: int) -> list[tuple[float, float]]:
     Not under ZeRO 3: DeepSpeed puts a sub-group's flat tensor into ``param_groups`` only inside
     its ``step()``, so called from outside the hooks find nothing to mask (the caller skips it).
     """
-    from cltk.zero_view import zero_view
+    from cltk.methods.kit.zero_view import zero_view
 
     parts = list(enumerate(zero_view(engine).partitions))
     out = []

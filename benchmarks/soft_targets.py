@@ -93,10 +93,10 @@ def main() -> None:
     from cltk.data.sampler import Pool, StageSchedule
     from cltk.engine import build_engine, train_step
     from cltk.method import StageContext
+    from cltk.methods.kit.teacher import OnlineTeacher
     from cltk.methods.soft_targets.method import SoftTargetMethod
     from cltk.models import build_model, export_pretrained
     from cltk.plan import Stage
-    from cltk.teacher import OnlineTeacher
 
     dist.init()
     rank, world = dist.rank(), dist.world_size()

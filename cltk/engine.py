@@ -14,13 +14,13 @@ import torch
 
 from cltk import distributed as dist
 from cltk.config import RunConfig
+from cltk.ds_config import deepspeed_config
 from cltk.errors import UserError
 from cltk.extensions import check_build_locks
 from cltk.forward import forward_logits
 from cltk.losses import IGNORE_INDEX, causal_lm_loss
 from cltk.method import Method, StageContext
 from cltk.schedules import stage_lr_lambda
-from cltk.validate import deepspeed_config
 
 
 class NonFiniteLossError(UserError, RuntimeError):  # a RuntimeError for callers that catch one

@@ -4,7 +4,7 @@ The starting model is what the first stage starts from: ``model.init_from``, ``m
 config initialised from the run's seed (the same weights, since :func:`cltk.models.build_model` seeds the
 initialisation). Under LoRA it is the base model. It is scored on the same held-out sequences as every
 stage, through a DeepSpeed engine without optimizer, in the run's precision: ZeRO 3 keeps it partitioned
-(as the frozen teacher of :mod:`cltk.teacher`), other stages use a plain copy per rank.
+(as the frozen teacher of :mod:`cltk.methods.kit.teacher`), other stages use a plain copy per rank.
 
 The row is measured once and kept in ``OUT/start.json`` (written atomically by rank 0); a resumed run
 reads it, and a run that grows (new domains appended) scores only the domains it lacks.
@@ -23,10 +23,10 @@ import torch
 from cltk import checkpoint
 from cltk import distributed as dist
 from cltk.config import RunConfig
+from cltk.ds_config import deepspeed_config
 from cltk.forward import engine_forward
 from cltk.perplexity import evaluate_domains
 from cltk.tracking import log
-from cltk.validate import deepspeed_config
 
 START_FILE = "start.json"
 

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from cltk.config import ConfigError, load_config
-from cltk.losses import distillation_loss
+from cltk.methods.kit.soft_losses import distillation_loss
 from cltk.methods.lora.adapters import (
     LoraMethod,
     adapter_key,

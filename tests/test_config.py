@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from cltk.config import ConfigError, describe, load_config
-from cltk.validate import deepspeed_config
+from cltk.ds_config import deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,13 +20,13 @@ import deepspeed
 import torch
 
 from cltk import distributed as dist
+from cltk.ds_config import load_deepspeed_json
 from cltk.engine import param_groups
 from cltk.ner.config import NerConfig, NerConfigError
 from cltk.ner.data import Encoded, collate, encode, head_labels, load_run_data
 from cltk.ner.losses import addner_loss, extendner_loss
 from cltk.ner.metrics import F1Report, f1_report, format_table, prf, save_report
 from cltk.ner.model import NerTagger, build_backbone, grow, layer_types, predict_words
-from cltk.validate import load_deepspeed_json
 
 
 def ner_deepspeed_config(cfg: NerConfig) -> dict[str, Any]:

@@ -37,7 +37,7 @@ def _enabled(section: Any) -> Any:
 
 def check_deepspeed(cfg: RunConfig) -> None:
     """Refuse the DeepSpeed settings whose reduced gradient A-GEM cannot reach (see :mod:`.grads`)."""
-    from cltk.validate import load_deepspeed_json
+    from cltk.ds_config import load_deepspeed_json
 
     path = cfg.resolve(cfg.deepspeed) if cfg.deepspeed else None
     if path is None or not path.is_file():

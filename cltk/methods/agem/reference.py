@@ -28,14 +28,14 @@ from cltk import distributed as dist
 from cltk.losses import causal_lm_loss
 from cltk.methods.agem.projection import Projection, project_
 from cltk.methods.kit.grads import LossFn, batch_grad, check_layout, read_grads, write_grads
-from cltk.zero_view import zero_view
+from cltk.methods.kit.zero_view import zero_view
 
 
 class AgemProjector:
     """A-GEM's two per-step calls on one engine (build it after ``deepspeed.initialize``).
 
     Raises:
-        cltk.zero_view.LayoutError: an engine whose reduced gradient cannot be reached (bf16 without
+        cltk.methods.kit.zero_view.LayoutError: an engine whose reduced gradient cannot be reached (bf16 without
             ZeRO, a partial ZeRO-3 optimizer offload, an unknown optimizer wrapper).
     """
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cltk.config import ConfigError, RunConfig, option
-from cltk.losses import check_distillation_args
+from cltk.methods.kit.soft_losses import check_distillation_args
 from cltk.registry import MethodSpec, register
 
 

@@ -1,6 +1,6 @@
 """Distillation from the previous stage (``distill``): from the second stage on, the loss is
 ``alpha * T^2 * KL(teacher_T || student_T) + beta * CE`` against the previous stage's export
-(:func:`cltk.losses.distillation_loss`), with the online teacher (:class:`cltk.teacher.OnlineTeacher`).
+(:func:`cltk.methods.kit.soft_losses.distillation_loss`), with the online teacher (:class:`cltk.methods.kit.teacher.OnlineTeacher`).
 Replay rows are part of the micro-batch, so the teacher scores them too. The loss hook reports
 ``teacher_p_label``, the teacher's mean probability of the correct token, in ``metrics.csv``.
 """
@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from cltk.config import RunConfig
-from cltk.losses import check_distillation_args, distillation_loss
 from cltk.method import Method, StageContext
-from cltk.teacher import OnlineTeacher, audit_teacher, label_logprobs, mean_label_prob
+from cltk.methods.kit.soft_losses import check_distillation_args, distillation_loss
+from cltk.methods.kit.teacher import OnlineTeacher, audit_teacher, label_logprobs, mean_label_prob
 from cltk.tracking import log
 
 

@@ -69,10 +69,10 @@ def check(cfg: RunConfig, ewc: EwcConfig) -> None:
 
 
 def _check_precision(cfg: RunConfig) -> None:
-    """EWC works on the fp32 master weights DeepSpeed's optimizer steps on (:mod:`cltk.zero_view`);
+    """EWC works on the fp32 master weights DeepSpeed's optimizer steps on (:mod:`cltk.methods.kit.zero_view`);
     without ZeRO, bf16 / fp16 training hides them in a wrapper cltk cannot read: refused at load."""
     from cltk.distributed import bf16_available
-    from cltk.validate import load_deepspeed_json
+    from cltk.ds_config import load_deepspeed_json
 
     path = cfg.resolve(cfg.deepspeed)
     ds = load_deepspeed_json(path)  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 """EWC (Kirkpatrick et al. 2017) and online EWC (Schwarz et al. 2018) on DeepSpeed ZeRO 0-3.
 
-Everything lives in this rank's ZeRO partitions (:mod:`cltk.zero_view`), never as a full copy of
+Everything lives in this rank's ZeRO partitions (:mod:`cltk.methods.kit.zero_view`), never as a full copy of
 the model: the Fisher F and the anchor theta* are flat fp32 tensors shaped like each partition the
 torch optimizer steps on, so under ZeRO 1/2/3 each rank holds 1 / world of them.
 
@@ -36,8 +36,8 @@ from cltk import distributed as dist
 from cltk.errors import UserError
 from cltk.method import Method, StageContext
 from cltk.methods.ewc.penalty import add_square_, fold_fisher, penalty_
+from cltk.methods.kit.zero_view import LayoutError, Partition, ZeroView, zero_view
 from cltk.tracking import log
-from cltk.zero_view import LayoutError, Partition, ZeroView, zero_view
 
 if TYPE_CHECKING:  # the package imports this module on use: no import back at run time
     from cltk.methods.ewc import EwcConfig

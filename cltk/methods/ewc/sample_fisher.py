@@ -19,7 +19,7 @@ from cltk.losses import causal_lm_loss
 from cltk.method import StageContext
 from cltk.methods.ewc.penalty import add_square_
 from cltk.methods.kit.grads import batch_grad, check_layout
-from cltk.zero_view import ZeroView
+from cltk.methods.kit.zero_view import ZeroView
 
 _SALT = 0xE3C5  # keeps these draws apart from the run's other seeded draws
 

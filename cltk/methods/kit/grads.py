@@ -1,7 +1,7 @@
 """This rank's reduced gradient between the last backward of a step and ``engine.step()``, laid out like
-the partitions of :class:`cltk.zero_view.ZeroView`, how to drop a gradient the engine reduced outside an
-optimizer step, and the reduced gradient of an extra batch taken that way (:func:`batch_grad`: A-GEM's
-reference gradient, EWC's per-sample Fisher).
+the partitions of :class:`cltk.methods.kit.zero_view.ZeroView`, how to drop a gradient the engine
+reduced outside an optimizer step, and the reduced gradient of an extra batch taken that way
+(:func:`batch_grad`: A-GEM's reference gradient, EWC's per-sample Fisher).
 
 After the backward at an accumulation boundary DeepSpeed holds the gradient averaged over ranks,
 each rank the elements of its own partitions, until ``engine.step()`` flattens it into the fp32
@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from cltk.forward import forward_logits
-from cltk.zero_view import LayoutError, ZeroView
+from cltk.methods.kit.zero_view import LayoutError, ZeroView
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

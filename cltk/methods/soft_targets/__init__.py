@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from cltk.config import ConfigError, RunConfig, option
-from cltk.losses import check_soft_target_args
+from cltk.methods.kit.soft_losses import check_soft_target_args
 from cltk.registry import MethodSpec, register
 
 

@@ -26,7 +26,7 @@ class SpgConfig:
 def check(cfg: RunConfig, spg: SpgConfig) -> None:
     if isinstance(spg.importance_steps, bool) or spg.importance_steps < 1:
         raise ConfigError("spg.importance_steps", f"must be >= 1, got {spg.importance_steps}")
-    from cltk.validate import load_deepspeed_json
+    from cltk.ds_config import load_deepspeed_json
 
     ds = load_deepspeed_json(cfg.resolve(cfg.deepspeed))  # type: ignore[arg-type]
     zero = ds.get("zero_optimization") or {}

@@ -29,10 +29,10 @@ import torch.nn.functional as F
 
 from cltk import distributed as dist
 from cltk.config import RunConfig
+from cltk.ds_config import deepspeed_config
 from cltk.forward import next_token_logits
 from cltk.losses import IGNORE_INDEX
 from cltk.tracking import log
-from cltk.validate import deepspeed_config
 
 __all__ = [
     "OnlineTeacher",
@@ -207,7 +207,7 @@ class OnlineTeacher:
 def audit_teacher(ctx: Any, teacher: Any, when: str) -> None:
     """With ``train.log_sequence_ids`` (the audit log), record which weights the stage's teacher held
     at ``when`` ("start" or "end") in ``<stage dir>/teacher.json``: the teacher's directory and the
-    sha256 of its in-memory parameters (see :meth:`cltk.teacher.OnlineTeacher.weights_sha256`)."""
+    sha256 of its in-memory parameters (see :meth:`cltk.methods.kit.teacher.OnlineTeacher.weights_sha256`)."""
     if not ctx.cfg.train.log_sequence_ids:
         return
     digest = teacher.weights_sha256()
