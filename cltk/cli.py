@@ -3,6 +3,7 @@
 cltk train --config RUN.yaml [--resume] [--set train.lr=1e-4 ...]
 deepspeed --num_gpus 2 --module cltk train --config RUN.yaml      # N ranks (any deepspeed launch)
 cltk eval --config RUN.yaml [--models DIR ...] [--out DIR] [--start DIR | --no-start]
+          [--tasks T1,T2 [--include-path DIR] [--limit N]]      # + downstream tasks (lm-eval)
 cltk prepare --config RUN.yaml                                    # tokenise every domain ahead of a run
 cltk config-reference                                             # every config key, as markdown
 cltk bench --tier small --out DIR [--seeds 1 2] [--arms ...]      # every method, naive and joint
@@ -64,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     row0.add_argument(
         "--no-start", action="store_true", help="no row 0 (same as --set eval.start=false)"
     )
+    e.add_argument("--tasks", default=None, metavar="T1,T2",
+                   help="lm-eval tasks to score too (eval.tasks); needs the [eval] extra")
+    e.add_argument("--include-path", nargs="+", default=None, metavar="DIR",
+                   help="directories of your own lm-eval task YAMLs (eval.include_path)")
+    e.add_argument("--limit", type=float, default=None, help="lm-eval limit (eval.limit)")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     pr = sub.add_parser("prepare", help="tokenise every domain into the cache (train does it if needed)")
@@ -175,6 +181,10 @@ def _main(args: argparse.Namespace) -> int:
             cells = [f"`{key}`", tp, default, help_]
             print("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         return 0
+    if args.command == "eval":
+        from cltk.report import task_overrides
+
+        args.set = args.set + task_overrides(args.tasks, args.include_path, args.limit)
     cfg = load_config(args.config, overrides=args.set)
     if args.command == "prepare":
         from cltk.data.prepare import prepare

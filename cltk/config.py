@@ -133,6 +133,16 @@ class EvalConfig:
     start: bool = option(
         "evaluate the starting model on every domain first: row 0 of the forgetting matrix", True
     )
+    tasks: list[str] = option(
+        "lm-eval task (or group) names scored after every stage and for row 0, e.g. [kjv_cloze, "
+        "hellaswag]; needs the [eval] extra (docs/metrics.md)", factory=list
+    )
+    include_path: list[str] = option("directories of your own lm-eval task YAMLs", factory=list)
+    limit: int | float | None = option(
+        "lm-eval limit: documents per task (a number below 1: a share of them); null: all", None
+    )
+    num_fewshot: int | None = option("lm-eval num_fewshot; null: each task's own default", None)
+    task_batch_size: int = option("lm-eval batch size (requests per rank per forward)", 8)
 
 
 @dataclass

@@ -39,7 +39,9 @@ from cltk.plan import Stage, plan_json, plan_stages
 from cltk.registry import build_methods
 from cltk.rundir import check_global_batch, check_run_dir
 from cltk.schedules import stage_lr_lambda
-from cltk.start import start_row
+from cltk.start import start_record
+from cltk.task_report import task_report
+from cltk.task_runs import TaskScorer, complete_tasks
 from cltk.tracking import Tracker, log, peak_memory_mb
 
 STAGE_FILE = "stage.json"
@@ -131,16 +133,19 @@ class ContinualRun:
         if self.resume:
             tag = checkpoint.latest_tag(self.ckpt_root)
             resume_state = (tag, checkpoint.read_state(self.ckpt_root, tag)) if tag else None
-        start = None
+        start = start_tasks = None
         if self.cfg.eval.start:  # row 0, measured once: a resumed run reads OUT/start.json
-            start = start_row(self.cfg, self.tokenizer, self.domains, self.domain_names)
+            record = start_record(self.cfg, self.tokenizer, self.domains, self.domain_names)
+            start, start_tasks = record["perplexity_row"], record.get("tasks")
         rows: list[list[float]] = []
+        self.task_rows: list[dict] = []  # each stage's downstream-task scores (eval.tasks)
         for stage in self.stages:
             sdir = self.stage_dir(stage)
             done = _stage_done(sdir)
             if done is not None:
                 rows.append(complete_row(self.cfg, self.tokenizer, self.domains,
                                          self.domain_names, sdir, done, STAGE_FILE))
+                self.task_rows.append(complete_tasks(self.cfg, self.tokenizer, sdir, done, STAGE_FILE))
                 self._load_method_state(done, sdir)
                 log(f"stage {stage.dirname}: already complete, skipped")
                 continue
@@ -151,6 +156,7 @@ class ContinualRun:
         report = forgetting_report(
             rows, [s.name for s in self.stages], self.domain_names, [s.trains for s in self.stages],
             start=[start[n] for n in self.domain_names] if start else None,
+            tasks=task_report(self.task_rows, start_tasks),
         )
         if dist.is_main():
             save_report(report, self.out)
@@ -286,6 +292,10 @@ class ContinualRun:
         peak = dist.all_gather_object(peak_memory_mb())  # after training and export, before eval
         for m in self.methods:
             ppl = m.evaluate(ctx, ppl)
+        tasks: dict = {}  # downstream tasks on the model in memory, after its export (cltk.task_runs)
+        TaskScorer(c, self.tokenizer, tasks, out_dir=ctx.stage_dir, label=f"stage {stage.dirname}")(
+            engine)
+        self.task_rows.append(tasks.get("tasks") or {})
         log(
             f"stage {stage.dirname}: perplexity "
             + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items())
@@ -301,6 +311,7 @@ class ContinualRun:
                 "world_size": dist.world_size(),
                 "peak_memory_mb": peak,  # per rank: host RSS and device memory of the run so far
                 "methods": {m.name: m.state_dict() for m in self.methods},
+                **tasks,
             }
             checkpoint.write_atomic(ctx.stage_dir / STAGE_FILE, json.dumps(record, indent=1))
         dist.barrier()

@@ -16,7 +16,7 @@ import copy
 import gc
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -49,20 +49,27 @@ def eval_ds_config(cfg: RunConfig) -> dict[str, Any]:
     return ds
 
 
-def evaluate_frozen(cfg: RunConfig, model: torch.nn.Module, domains: list[Any]) -> dict[str, float]:
+def evaluate_frozen(
+    cfg: RunConfig, model: torch.nn.Module, domains: list[Any],
+    after: Callable[[Any], None] | None = None,
+) -> dict[str, float]:
     """Perplexity of ``model`` on each packed domain (collective: every rank calls it alike).
 
     The model is wrapped by ``deepspeed.initialize`` without optimizer (see :func:`eval_ds_config`),
-    scored, and released; every rank returns the same figures.
+    scored, handed to ``after(engine)`` when given (downstream tasks), and released; every rank returns
+    the same figures.
     """
     import deepspeed
 
     model.requires_grad_(False)
     engine, _, _, _ = deepspeed.initialize(model=model, config=eval_ds_config(cfg))
     try:
-        return evaluate_domains(
+        ppl = evaluate_domains(
             engine_forward(engine), domains, cfg.eval.batch_size, engine.device, engine.module
         )
+        if after is not None:
+            after(engine)
+        return ppl
     finally:
         engine.destroy()
         del engine
@@ -95,7 +102,16 @@ def start_row(
     Reads ``OUT/start.json``; scores only the domains it lacks (all of them on a fresh run, none on a
     resume, the new ones when a run grows) and writes the record back atomically.
     """
+    return start_record(cfg, tokenizer, domains, names)["perplexity_row"]
+
+
+def start_record(
+    cfg: RunConfig, tokenizer: Any, domains: dict[str, Any], names: list[str]
+) -> dict[str, Any]:
+    """``OUT/start.json`` brought up to date (see :func:`start_row`), with ``perplexity_row`` (domain
+    -> perplexity in ``names`` order) and ``tasks`` (the downstream tasks' scores, eval.tasks)."""
     from cltk.models import build_model
+    from cltk.task_runs import TaskScorer
 
     path = cfg.out / START_FILE
     ident = model_identity(cfg)
@@ -108,12 +124,14 @@ def start_row(
         record = None
     record = record or {"model": ident, "perplexity": {}}
     missing = [n for n in names if n not in record["perplexity"]]
-    if not missing:
+    scorer = TaskScorer(cfg, tokenizer, record)
+    if not missing and not scorer.missing:
         log(f"start: row 0 read from {path} (measured once, not again)")
     else:
-        log(f"start: evaluating the starting model ({ident['source']}) on {', '.join(missing)}")
+        log(f"start: evaluating the starting model ({ident['source']}) on "
+            f"{', '.join(missing + scorer.missing)}")
         model = build_model(cfg, tokenizer)
-        ppl = evaluate_frozen(cfg, model, [domains[n] for n in missing])
+        ppl = evaluate_frozen(cfg, model, [domains[n] for n in missing], after=scorer)
         del model
         record["perplexity"].update(ppl)
         record["world_size"] = dist.world_size()
@@ -121,5 +139,6 @@ def start_row(
             cfg.out.mkdir(parents=True, exist_ok=True)
             checkpoint.write_atomic(path, json.dumps(record, indent=1))
         dist.barrier()
-        log("start: perplexity " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()))
-    return {n: record["perplexity"][n] for n in names}
+        if ppl:
+            log("start: perplexity " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()))
+    return {**record, "perplexity_row": {n: record["perplexity"][n] for n in names}}

@@ -154,6 +154,9 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
     from cltk.model_checks import check_model
 
     check_model(cfg)
+    from cltk.tasks import check_tasks  # last: naming a builtin lm-eval task indexes ~15k YAMLs
+
+    check_tasks(cfg, world_size)
 
 
 def check_methods(cfg: RunConfig) -> None:
