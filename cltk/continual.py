@@ -41,7 +41,8 @@ from cltk.rundir import check_global_batch, check_run_dir
 from cltk.schedules import stage_lr_lambda
 from cltk.start import start_record
 from cltk.task_report import task_report
-from cltk.task_runs import TaskScorer, complete_tasks
+from cltk.task_runs import complete_tasks
+from cltk.tasks import TaskScorer
 from cltk.tracking import Tracker, log, peak_memory_mb
 
 STAGE_FILE = "stage.json"

@@ -111,7 +111,7 @@ def start_record(
     """``OUT/start.json`` brought up to date (see :func:`start_row`), with ``perplexity_row`` (domain
     -> perplexity in ``names`` order) and ``tasks`` (the downstream tasks' scores, eval.tasks)."""
     from cltk.models import build_model
-    from cltk.task_runs import TaskScorer
+    from cltk.tasks import TaskScorer
 
     path = cfg.out / START_FILE
     ident = model_identity(cfg)

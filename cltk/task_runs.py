@@ -13,49 +13,15 @@ stage scored anew (tasks added on ``--resume``) is loaded from its export as row
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 from cltk import checkpoint
 from cltk import distributed as dist
 from cltk.config import RunConfig
-from cltk.tasks import TaskSettings, evaluate_tasks, scores_line
+from cltk.start import evaluate_frozen
+from cltk.tasks import TaskScorer
 from cltk.tracking import log
-
-
-class TaskScorer:
-    """Scores ``record``'s tasks on an engine when they are missing or stale, into the record.
-
-    Call it with the engine (it fits :func:`cltk.start.evaluate_frozen`'s ``after``); ``missing``
-    names the tasks it will score (empty: nothing to do).
-    """
-
-    def __init__(self, cfg: RunConfig, tokenizer: Any, record: dict[str, Any],
-                 out_dir: Path | None = None, label: str = "start"):
-        self.settings = TaskSettings.from_config(cfg)
-        self.tokenizer, self.record, self.out_dir, self.label = tokenizer, record, out_dir, label
-        self.missing: list[str] = []
-        if self.settings is not None and record.get("task_settings") != self.wanted():
-            self.missing = list(self.settings.tasks)
-        if self.out_dir is None and self.missing and label == "start":
-            self.out_dir = cfg.out / "start"
-
-    def wanted(self) -> dict[str, Any] | None:
-        s = self.settings
-        return None if s is None else {"tasks": list(s.tasks), **s.record()}
-
-    def __call__(self, engine: Any) -> dict[str, dict[str, Any]]:
-        if not self.missing:
-            return self.record.get("tasks") or {}
-        assert self.settings is not None
-        t0 = time.perf_counter()
-        scores = evaluate_tasks(engine.module, self.tokenizer, self.settings, self.out_dir,
-                                zero3=engine.zero_optimization_stage() == 3)
-        log(f"{self.label}: tasks {scores_line(scores)} ({time.perf_counter() - t0:.1f} s)")
-        self.record["tasks"], self.record["task_settings"] = scores, self.wanted()
-        self.missing = []
-        return scores
 
 
 def complete_tasks(cfg: RunConfig, tokenizer: Any, stage_dir: Path, record: dict[str, Any],
@@ -67,7 +33,6 @@ def complete_tasks(cfg: RunConfig, tokenizer: Any, stage_dir: Path, record: dict
         return {}
     if scorer.missing:
         from cltk.models import build_model
-        from cltk.start import evaluate_frozen
 
         log(f"stage {stage_dir.name}: scoring its export on tasks {', '.join(scorer.missing)}")
         evaluate_frozen(cfg, build_model(cfg, tokenizer, init_dir=stage_dir), [], after=scorer)

@@ -20,14 +20,18 @@ import difflib
 import functools
 import json
 import logging
+import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from cltk import distributed as dist
 from cltk.errors import ConfigError, UserError
+from cltk.tracking import log
 
 if TYPE_CHECKING:
     from cltk.config import RunConfig
@@ -274,7 +278,9 @@ def evaluate_tasks(
     quiet = logging.getLogger("lm_eval")
     level, _ = quiet.level, quiet.setLevel(logging.ERROR)  # per-request truncation notes, etc.
     lm = make_lm(model, tokenizer, settings, zero3=zero3)
-    try:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:  # simple_evaluate seeds random, numpy and torch: the run's own streams are put back after
         results = lm_eval.simple_evaluate(
             model=lm, tasks=list(settings.tasks), num_fewshot=settings.num_fewshot,
             batch_size=settings.batch_size, limit=settings.limit, log_samples=False,
@@ -283,6 +289,11 @@ def evaluate_tasks(
     finally:
         lm.hook.remove()
         model.train(was_training)
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
         quiet.setLevel(level)
     summary = None
     if dist.is_main():
@@ -299,3 +310,37 @@ def scores_line(scores: dict[str, dict[str, Any]]) -> str:
     return ", ".join(
         f"{t} {s['metric']} {s['value']:.3f}" + (f" ± {s['stderr']:.3f}" if s["stderr"] else "")
         for t, s in scores.items())
+
+
+class TaskScorer:
+    """Scores ``record``'s tasks on an engine when they are missing or stale, into the record.
+
+    Call it with the engine (it fits :func:`cltk.start.evaluate_frozen`'s ``after``); ``missing``
+    names the tasks it will score (empty: nothing to do).
+    """
+
+    def __init__(self, cfg: RunConfig, tokenizer: Any, record: dict[str, Any],
+                 out_dir: Path | None = None, label: str = "start"):
+        self.settings = TaskSettings.from_config(cfg)
+        self.tokenizer, self.record, self.out_dir, self.label = tokenizer, record, out_dir, label
+        self.missing: list[str] = []
+        if self.settings is not None and record.get("task_settings") != self.wanted():
+            self.missing = list(self.settings.tasks)
+        if self.out_dir is None and self.missing and label == "start":
+            self.out_dir = cfg.out / "start"
+
+    def wanted(self) -> dict[str, Any] | None:
+        s = self.settings
+        return None if s is None else {"tasks": list(s.tasks), **s.record()}
+
+    def __call__(self, engine: Any) -> dict[str, dict[str, Any]]:
+        if not self.missing:
+            return self.record.get("tasks") or {}
+        assert self.settings is not None
+        t0 = time.perf_counter()
+        scores = evaluate_tasks(engine.module, self.tokenizer, self.settings, self.out_dir,
+                                zero3=engine.zero_optimization_stage() == 3)
+        log(f"{self.label}: tasks {scores_line(scores)} ({time.perf_counter() - t0:.1f} s)")
+        self.record["tasks"], self.record["task_settings"] = scores, self.wanted()
+        self.missing = []
+        return scores

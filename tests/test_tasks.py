@@ -180,3 +180,22 @@ def test_lm_eval_missing_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
     code, err = _train_exit(tmp_path, capsys, tasks=["kjv_cloze"], include_path=[str(TASKS)])
     assert code == 2 and err.count("\n") == 0 and "pip install -e '.[eval]'" in err, err
+
+
+def test_the_bench_page_has_the_task_column(run, tmp_path):
+    """The page of a finished run read as a bench arm: the summary column and the matrix's tasks."""
+    from cltk.bench import page
+    from cltk.bench.arms import TIERS
+    from cltk.bench.run import read_arm
+
+    cfg, _, _ = run
+    arm = read_arm(cfg.parent / "out")
+    rep = arm["report"]["tasks"]
+    page.write_page({"naive": {1: arm}}, TIERS["real"], [1], "cltk bench", tmp_path / "b.md",
+                    tmp_path / "figures")
+    md = (tmp_path / "b.md").read_text()
+    assert "lost of what it knew on tasks (kjv_cloze acc; points) |" in md
+    assert f"| {100 * rep['mean_lost']:+.1f} |" in md
+    start_row = md.split("### naive")[1].split("| start |")[1].splitlines()[0]
+    assert start_row.rstrip().endswith(f"| {rep['start'][0]:.3f} |")
+    assert "kjv_cloze (acc) |" in md.split("### naive")[1]
