@@ -10,8 +10,9 @@ Ranks: lm-eval's data-parallel evaluation splits each task's documents over rank
 ``i % world_size``) and gathers the per-document metrics on rank 0, so no request is scored twice. HFLM
 assumes one process when handed a model object; :func:`_ranked_lm` gives it cltk's rank, world size and
 collectives. Under ZeRO 3 every forward gathers each layer's parameters from all ranks, so every rank
-must run as many forwards: a rank that ran fewer (its documents batch differently) runs dummy forwards of
-one token until the counts match (:meth:`_RankedLM._lockstep`). No rank ever holds the whole model.
+run its forwards in step with the others: a flag exchanged before each forward says whether any rank
+still has work, and a rank out of requests runs one-token forwards until none has
+(:meth:`_RankedLM._lockstep`). No rank ever holds the whole model.
 """
 
 from __future__ import annotations
@@ -164,12 +165,21 @@ def _ranked_lm() -> type:
             self._rank, self._world_size = dist.rank(), dist.world_size()
             self._device = dist.device()
             self.lockstep = lockstep and self._world_size > 1
-            self.forwards = 0
+            self.forwards, self.padding = 0, False
             self.requests: list[tuple[str, int, int]] = []  # (task, doc, choice) scored on this rank
-            self.hook = model.register_forward_pre_hook(self._count)
+            # first among the top module's hooks: the flag is exchanged before ZeRO 3 gathers anything
+            self.hook = model.register_forward_pre_hook(self._count, prepend=True)
 
         def _count(self, *_: Any) -> None:
             self.forwards += 1
+            if self.lockstep and not self.padding:
+                self._anyone(busy=True)  # every forward meets one flag exchange on every rank
+
+        def _anyone(self, busy: bool) -> bool:
+            """Whether any rank is still running real forwards (collective, as a forward is)."""
+            flag = torch.tensor([int(busy)], device=self._device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            return bool(flag.item())
 
         def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
             if self._world_size <= 1:
@@ -183,15 +193,22 @@ def _ranked_lm() -> type:
             dist.barrier()
 
         def _lockstep(self) -> None:
-            """ZeRO 3: run one-token forwards until every rank has run as many as the busiest."""
+            """ZeRO 3: a rank out of requests runs one-token forwards while any other still works.
+
+            Each real forward is preceded by a flag exchange (``busy``), each padding forward by one
+            (``idle``), so the ranks' collectives pair one to one: flag, then the forward's gathers.
+            A count exchanged at the end would meet another rank's gathers mid-forward and hang.
+            """
             if not self.lockstep:
                 return
-            n = torch.tensor([self.forwards], device=self._device)
-            torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
             one = torch.zeros((1, 1), dtype=torch.long, device=self._device)
-            with torch.no_grad():
-                while self.forwards < int(n.item()):
-                    self.model(one)
+            self.padding = True
+            try:
+                with torch.no_grad():
+                    while self._anyone(busy=False):
+                        self.model(one)
+            finally:
+                self.padding = False
 
         def _seen(self, requests) -> None:
             self.requests.extend((r.task_name, r.doc_id, r.idx) for r in requests)

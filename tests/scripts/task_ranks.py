@@ -10,11 +10,12 @@ Two runs in the same processes, both through :func:`cltk.tasks.evaluate_tasks`:
   an even split, so lm-eval adds no padding request and every request must be scored exactly once.
 - ``zero3``: the model partitioned by a ZeRO-3 engine without optimizer (as row 0 and a ZeRO-3 stage are
   scored), limit 21: an uneven split, so the ranks run different numbers of forwards and cltk's lockstep
-  must even them out (else the ranks hang on the parameter gathers). Each rank records the largest share
-  of any parameter it held while scoring.
+  must even them out (else the ranks hang on the parameter gathers). Before each forward each rank records
+  the share of the model it holds and the share it has gathered in full.
 
 Each rank writes ``OUT/rank<r>.json``: per run, the scores, the requests it scored (task, doc, choice),
-its forward count, and for zero3 the largest held share.
+its forward count, and for zero3 the largest share of the model it held (its partition) and had gathered
+before a forward.
 """
 
 from __future__ import annotations
@@ -62,14 +63,20 @@ engine, *_ = deepspeed.initialize(model=model, config={
 
 
 def measure(module, *_):
-    held.append(max(p.ds_tensor.numel() / p.ds_numel for p in module.parameters()))
+    """Before each forward: the share of the model this rank holds (its partition) and the share
+    materialised in full (gathered parameters not yet released)."""
+    params = list(module.parameters())
+    total = sum(p.ds_numel for p in params)
+    held.append((sum(p.ds_tensor.numel() for p in params) / total,
+                 sum(p.numel() for p in params) / total))
 
 
 engine.module.register_forward_pre_hook(measure)
 zero3 = engine.zero_optimization_stage() == 3
 scores = tasks.evaluate_tasks(engine.module, tokenizer, settings(21), zero3=zero3)
 out["zero3"] = {"scores": scores, "requests": made[-1].requests, "forwards": made[-1].forwards,
-                "held": max(held), "zero_stage": engine.zero_optimization_stage()}
+                "partition": max(h[0] for h in held),
+                "gathered": max(h[1] for h in held), "zero_stage": engine.zero_optimization_stage()}
 Path(args.out).mkdir(parents=True, exist_ok=True)
 (Path(args.out) / f"rank{dist.rank()}.json").write_text(json.dumps(out))
 dist.barrier()
