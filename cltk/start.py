@@ -12,7 +12,6 @@ reads it, and a run that grows (new domains appended) scores only the domains it
 
 from __future__ import annotations
 
-import copy
 import gc
 import json
 from pathlib import Path
@@ -23,7 +22,8 @@ import torch
 from cltk import checkpoint
 from cltk import distributed as dist
 from cltk.config import RunConfig
-from cltk.ds_config import deepspeed_config
+from cltk.ds_config import deepspeed_config, frozen_deepspeed_config
+from cltk.engine import frozen_engine
 from cltk.forward import engine_forward
 from cltk.perplexity import evaluate_domains
 from cltk.tracking import log
@@ -31,34 +31,15 @@ from cltk.tracking import log
 START_FILE = "start.json"
 
 
-def eval_ds_config(cfg: RunConfig) -> dict[str, Any]:
-    """DeepSpeed config of a model that is only evaluated: the run's, without optimizer parts.
-
-    ZeRO 3 stays ZeRO 3 (each rank holds its partition); ZeRO 0/1/2 become stage 0 (a full copy per
-    rank: with no optimizer there is nothing for stages 1/2 to shard). Precision is the run's.
-    """
-    ds = copy.deepcopy(deepspeed_config(cfg, dist.world_size(), dist.bf16_available()))
-    zero = dict(ds.get("zero_optimization") or {})
-    if int(zero.get("stage", 0)) == 3:
-        zero.pop("offload_optimizer", None)  # there is no optimizer to offload
-    else:
-        zero = {"stage": 0}
-    ds["zero_optimization"] = zero
-    ds.pop("gradient_clipping", None)
-    ds.pop("zero_force_ds_cpu_optimizer", None)
-    return ds
-
-
 def evaluate_frozen(cfg: RunConfig, model: torch.nn.Module, domains: list[Any]) -> dict[str, float]:
     """Perplexity of ``model`` on each packed domain (collective: every rank calls it alike).
 
-    The model is wrapped by ``deepspeed.initialize`` without optimizer (see :func:`eval_ds_config`),
-    scored, and released; every rank returns the same figures.
+    The model is wrapped by ``deepspeed.initialize`` without optimizer
+    (:func:`~cltk.ds_config.frozen_deepspeed_config`), scored, and released; every rank returns the
+    same figures.
     """
-    import deepspeed
-
-    model.requires_grad_(False)
-    engine, _, _, _ = deepspeed.initialize(model=model, config=eval_ds_config(cfg))
+    ds = frozen_deepspeed_config(deepspeed_config(cfg, dist.world_size(), dist.bf16_available()))
+    engine = frozen_engine(model, ds)
     try:
         return evaluate_domains(
             engine_forward(engine), domains, cfg.eval.batch_size, engine.device, engine.module

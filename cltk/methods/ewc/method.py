@@ -39,6 +39,7 @@ from cltk.methods.kit.zero_view import LayoutError, Partition, ZeroView, zero_vi
 from cltk.tracking import log
 
 if TYPE_CHECKING:  # the package imports this module on use: no import back at run time
+    from cltk.config import RunConfig
     from cltk.methods.ewc import EwcConfig
 
 
@@ -67,6 +68,10 @@ class EwcMethod(Method):
     """
 
     name = "ewc"
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, section: EwcConfig) -> EwcMethod:
+        return cls(section)
 
     def __init__(self, section: EwcConfig):
         self.ewc = section
@@ -105,13 +110,8 @@ class EwcMethod(Method):
                 f"{len(ctx.schedule)}"
             )
 
-    def extra_loss(
-        self,
-        ctx: StageContext,
-        batch: dict[str, torch.Tensor],
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
+    def extra_loss(self, ctx: StageContext, batch: dict[str, torch.Tensor], logits: torch.Tensor,
+                   labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """``ewc_penalty``: the penalty at this step's weights over all ranks (a value only)."""
         if self.fisher is None or self.lam == 0 or not self.ewc.report_penalty:
             return {}
