@@ -7,6 +7,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from typing import Any, Callable
 
 from cltk.metrics import ForgettingReport, headline, stage_label
 
@@ -23,32 +24,49 @@ def save_report(report: ForgettingReport, out_dir: str | Path) -> dict[str, Path
     add ``<task> (<metric>)`` and ``<task> (<metric>_stderr)`` columns. Returns the three paths by kind
     (``"json"``, ``"csv"``, ``"png"``).
     """
+    t = report.tasks
+    task_cols = [] if t is None else [
+        h for k, m in zip(t.tasks, t.metrics) for h in (f"{k} ({m})", f"{k} ({m}_stderr)")]
+
+    def task_cells(values, errs) -> list[str]:
+        if t is None:
+            return []
+        if values is None:
+            return [""] * len(task_cols)
+        errs = errs or [None] * len(values)
+        return [c for v, e in zip(values, errs) for c in (repr(v), "" if e is None else repr(e))]
+
+    rows = [["start", "", *(repr(v) for v in report.start),
+             *task_cells(t.start if t else None, t.start_stderr if t else None)]] \
+        if report.start is not None else []
+    rows += [[report.stage_names[i], stage_label(report.stage_domains[i]), *(repr(v) for v in row),
+              *(task_cells(t.scores[i], t.stderr[i]) if t else [])]
+             for i, row in enumerate(report.perplexity)]
+    return write_matrix(out_dir, (JSON_NAME, CSV_NAME, PNG_NAME), report.to_dict(),
+                        ["stage", "trains", *report.domain_names, *task_cols], rows,
+                        lambda path: _save_heatmap(report, path))
+
+
+def write_matrix(
+    out_dir: str | Path,
+    names: tuple[str, str, str],
+    record: dict[str, Any],
+    header: list[str],
+    rows: list[list[Any]],
+    draw: Callable[[Path], None],
+) -> dict[str, Path]:
+    """A matrix report on disk, for every mode (the forgetting matrix, NER's F1 matrix): ``record``
+    as JSON, ``header`` and ``rows`` as CSV, the figure ``draw(path)`` writes; the three file
+    ``names`` in that order. Returns the paths by kind (``"json"``, ``"csv"``, ``"png"``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / JSON_NAME, "csv": out / CSV_NAME, "png": out / PNG_NAME}
-    paths["json"].write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    paths = {kind: out / name for kind, name in zip(("json", "csv", "png"), names)}
+    paths["json"].write_text(json.dumps(record, indent=2) + "\n")
     with paths["csv"].open("w", newline="") as fh:
         writer = csv.writer(fh)
-        t = report.tasks
-        task_cols = [] if t is None else [
-            h for k, m in zip(t.tasks, t.metrics) for h in (f"{k} ({m})", f"{k} ({m}_stderr)")]
-        writer.writerow(["stage", "trains", *report.domain_names, *task_cols])
-
-        def task_cells(values, errs) -> list[str]:
-            if t is None:
-                return []
-            errs = errs or [None] * len(values)
-            return [c for v, e in zip(values, errs) for c in (repr(v), "" if e is None else repr(e))]
-
-        if report.start is not None:
-            writer.writerow(["start", "", *(repr(v) for v in report.start),
-                             *(task_cells(t.start, t.start_stderr) if t and t.start else
-                               [""] * len(task_cols))])
-        for i, row in enumerate(report.perplexity):
-            writer.writerow([report.stage_names[i], stage_label(report.stage_domains[i]),
-                             *(repr(v) for v in row),
-                             *(task_cells(t.scores[i], t.stderr[i]) if t else [])])
-    _save_heatmap(report, paths["png"])
+        writer.writerow(header)
+        writer.writerows(rows)
+    draw(paths["png"])
     return paths
 
 
