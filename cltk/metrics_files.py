@@ -133,7 +133,7 @@ def _task_panel(ax, report: ForgettingReport, rows: int) -> None:
               [[math.nan] * len(t.tasks)] if report.start is not None else []) + t.scores
     finite = [v for row in matrix for v in row if math.isfinite(v)]
     lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
-    image = ax.imshow(matrix, cmap="viridis", vmin=lo, vmax=max(hi, lo + 1e-9), aspect="auto")
+    image = ax.imshow(matrix, cmap="viridis", vmin=lo, vmax=max(hi, lo + 0.01), aspect="auto")
     for i, row in enumerate(matrix):
         for j, v in enumerate(row):
             ax.text(j, i, f"{v:.3f}" if math.isfinite(v) else "n/a", ha="center", va="center",
