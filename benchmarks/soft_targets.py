@@ -88,7 +88,6 @@ def main() -> None:
     import torch
 
     from cltk import distributed as dist
-    from cltk.config import load_config
     from cltk.data.packing import PackedDomain
     from cltk.data.sampler import Pool, StageSchedule
     from cltk.engine import build_engine, train_step
@@ -97,6 +96,7 @@ def main() -> None:
     from cltk.methods.soft_targets.method import SoftTargetMethod
     from cltk.models import build_model, export_pretrained
     from cltk.plan import Stage
+    from cltk.validate import load_config
 
     dist.init()
     rank, world = dist.rank(), dist.world_size()

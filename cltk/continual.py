@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from cltk import checkpoint
 from cltk import distributed as dist
 from cltk.config import RunConfig
 from cltk.data.prepare import prepare
-from cltk.data.sampler import Mix, Pool, StageSchedule, mixture_pool
+from cltk.data.sampler import Mix, Pool, StageSchedule, count_steps, mixture_pool
 from cltk.engine import build_engine, train_step
 from cltk.forward import engine_forward
 from cltk.grow import check_config, check_plan, complete_row
@@ -39,7 +40,10 @@ from cltk.plan import Stage, plan_json, plan_stages
 from cltk.registry import build_methods
 from cltk.rundir import check_global_batch, check_run_dir
 from cltk.schedules import stage_lr_lambda
-from cltk.start import start_row
+from cltk.start import start_record
+from cltk.task_report import task_report
+from cltk.task_runs import complete_tasks
+from cltk.tasks import TaskScorer
 from cltk.tracking import Tracker, log, peak_memory_mb
 
 STAGE_FILE = "stage.json"
@@ -125,22 +129,26 @@ class ContinualRun:
         self.stages = plan_stages(self.cfg, {n: len(d.train) for n, d in self.domains.items()})
         if self.resume:
             check_plan(self.out, self.stages)
+        self.stage_steps = self.plan_steps()
         self._write_run_files(self.stages)
         self.tracker = Tracker(self.out, self.cfg.train.log_sequence_ids)
         resume_state = None
         if self.resume:
             tag = checkpoint.latest_tag(self.ckpt_root)
             resume_state = (tag, checkpoint.read_state(self.ckpt_root, tag)) if tag else None
-        start = None
+        start = start_tasks = None
         if self.cfg.eval.start:  # row 0, measured once: a resumed run reads OUT/start.json
-            start = start_row(self.cfg, self.tokenizer, self.domains, self.domain_names)
+            record = start_record(self.cfg, self.tokenizer, self.domains, self.domain_names)
+            start, start_tasks = record["perplexity_row"], record.get("tasks")
         rows: list[list[float]] = []
+        self.task_rows: list[dict] = []  # each stage's downstream-task scores (eval.tasks)
         for stage in self.stages:
             sdir = self.stage_dir(stage)
             done = _stage_done(sdir)
             if done is not None:
                 rows.append(complete_row(self.cfg, self.tokenizer, self.domains,
                                          self.domain_names, sdir, done, STAGE_FILE))
+                self.task_rows.append(complete_tasks(self.cfg, self.tokenizer, sdir, done, STAGE_FILE))
                 self._load_method_state(done, sdir)
                 log(f"stage {stage.dirname}: already complete, skipped")
                 continue
@@ -151,6 +159,7 @@ class ContinualRun:
         report = forgetting_report(
             rows, [s.name for s in self.stages], self.domain_names, [s.trains for s in self.stages],
             start=[start[n] for n in self.domain_names] if start else None,
+            tasks=task_report(self.task_rows, start_tasks),
         )
         if dist.is_main():
             save_report(report, self.out)
@@ -180,11 +189,29 @@ class ContinualRun:
     def _method_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         return {m.name: m.state_tensors() for m in self.methods}
 
+    def _mixes(self, stage: Stage) -> tuple[list[Mix], float, int | None]:
+        """The stage's mixes (every method's, each at its own share), epochs and step cap."""
+        c = self.cfg
+        if stage.joint:
+            return self._joint(stage)
+        ctx = self._context(stage)
+        return [mix for m in self.methods for mix in m.mixes(ctx)], c.train.epochs, \
+            c.train.max_steps_per_stage
+
+    def plan_steps(self) -> list[int]:
+        """The optimizer steps of every stage of the run, counted once before the first stage
+        (the LR schedule may span the run); no stage's schedule is built for it."""
+        batch, counts = self.cfg.global_batch(dist.world_size()), []
+        for stage in self.stages:
+            mixes, epochs, max_steps = self._mixes(stage)
+            counts.append(count_steps(len(stage.indices), mixes, batch, epochs, max_steps,
+                                      stage.index))
+        return counts
+
     def schedule(self, stage: Stage) -> StageSchedule:
         """The stage's batches: its own sequences and every method's mixes, each at its own share."""
-        c = self.cfg
-        ctx = self._context(stage)
-        mixes = [mix for m in self.methods for mix in m.mixes(ctx)]
+        mixes, epochs, max_steps = self._mixes(stage)
+        mixes = [mix.built() for mix in mixes]
         for mix in mixes:
             for p in mix.pools:
                 prepared = 0 <= p.domain < len(self.source_names)
@@ -194,16 +221,13 @@ class ContinualRun:
                         f"(0..{len(self.source_names) - 1}) unless the pool brings its own rows, "
                         "and then lie outside them"
                     )
-        epochs, max_steps = c.train.epochs, c.train.max_steps_per_stage
-        if stage.joint:
-            mixes, epochs, max_steps = self._joint(stage)
         return StageSchedule(
             mixture_pool(stage.domain_index, stage.indices, *_parts(self.train_arrays[stage.domain_index])),
             mixes,
-            c.global_batch(dist.world_size()),
+            self.cfg.global_batch(dist.world_size()),
             epochs,
             max_steps,
-            c.seed,
+            self.cfg.seed,
             stage.index,
         )
 
@@ -211,15 +235,10 @@ class ContinualRun:
         """A joint stage's mixes, epochs and steps: each domain's share of every batch is the share of
         the steps its own stage would take, and the stage takes as many steps as all of them."""
         c, batch = self.cfg, self.cfg.global_batch(dist.world_size())
-
-        def own_steps(n: int) -> int:
-            own = StageSchedule(Pool(0, np.arange(n)), [], batch, c.train.epochs,
-                                c.train.max_steps_per_stage, c.seed, 0)
-            return len(own)
-
         ids = [stage.domain_index, *(di for di, _ in stage.joint)]
         sizes = {di: len(self.train_arrays[di]) for di in ids}
-        steps = {di: own_steps(n) for di, n in sizes.items()}
+        steps = {di: count_steps(n, [], batch, c.train.epochs, c.train.max_steps_per_stage, 0)
+                 for di, n in sizes.items()}
         total = sum(steps.values())
         mixes = [Mix(f"joint {name}", [Pool(di, np.arange(sizes[di]))], steps[di] / total)
                  for di, name in stage.joint]
@@ -246,8 +265,10 @@ class ContinualRun:
         universal = tag is not None and state.get("world_size", 1) != dist.world_size()
         if universal:
             tag = checkpoint.to_universal(self.ckpt_root, tag)
-        stage_steps = [len(self.schedule(s)) for s in self.stages]
-        lr_fn = stage_lr_lambda(c.train, stage_steps, stage.index)
+        if len(schedule) != self.stage_steps[stage.index]:  # the plan counted it before the run
+            raise RuntimeError(f"stage {stage.dirname}: {len(schedule)} steps, but "
+                               f"{self.stage_steps[stage.index]} were planned")
+        lr_fn = stage_lr_lambda(c.train, self.stage_steps, stage.index)
         engine = build_engine(c, model, len(schedule), load_universal=universal, lr_fn=lr_fn)
         ctx.engine = engine
         for m in self.methods:
@@ -259,16 +280,7 @@ class ContinualRun:
             self._load_method_state(state, self.ckpt_root / tag)
             log(f"stage {stage.dirname}: resumed from checkpoint {tag} at step {start}")
         self.tracker.truncate(stage.index, start)
-        trainable, total = parameter_counts(engine.module)
-        log(
-            f"stage {stage.dirname}: {len(schedule)} steps of {c.global_batch(dist.world_size())} sequences "
-            f"x {c.data.seq_len} tokens; {trainable:,} of {total:,} parameters trainable"
-        )
-        for mix, n in zip(schedule.mixes, schedule.n_mix):
-            size = sum(len(p.indices) for p in mix.pools)
-            ids = sorted({p.domain for p in mix.pools})
-            log(f"stage {stage.dirname}: mixing {n} of every {schedule.global_batch} sequences "
-                f"(share {mix.share:g}) from {mix.name} ({size:,} sequences, source ids {ids})")
+        self._log_stage(stage, schedule, engine)
         self._train(ctx, schedule, start)
         if start < len(schedule) or tag is None or "-end" not in tag:
             self._save(ctx, f"s{stage.index:02d}-end", len(schedule))
@@ -286,6 +298,10 @@ class ContinualRun:
         peak = dist.all_gather_object(peak_memory_mb())  # after training and export, before eval
         for m in self.methods:
             ppl = m.evaluate(ctx, ppl)
+        tasks: dict = {}  # downstream tasks on the model in memory, after its export (cltk.task_runs)
+        TaskScorer(c, self.tokenizer, tasks, out_dir=ctx.stage_dir, label=f"stage {stage.dirname}")(
+            engine)
+        self.task_rows.append(tasks.get("tasks") or {})
         log(
             f"stage {stage.dirname}: perplexity "
             + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items())
@@ -301,6 +317,7 @@ class ContinualRun:
                 "world_size": dist.world_size(),
                 "peak_memory_mb": peak,  # per rank: host RSS and device memory of the run so far
                 "methods": {m.name: m.state_dict() for m in self.methods},
+                **tasks,
             }
             checkpoint.write_atomic(ctx.stage_dir / STAGE_FILE, json.dumps(record, indent=1))
         dist.barrier()
@@ -308,6 +325,18 @@ class ContinualRun:
         del engine, ctx, model
         gc.collect()
         return [ppl[n] for n in self.domain_names]
+
+    def _log_stage(self, stage: Stage, schedule: StageSchedule, engine: Any) -> None:
+        trainable, total = parameter_counts(engine.module)
+        log(
+            f"stage {stage.dirname}: {len(schedule)} steps of {schedule.global_batch} sequences "
+            f"x {self.cfg.data.seq_len} tokens; {trainable:,} of {total:,} parameters trainable"
+        )
+        for mix, n in zip(schedule.mixes, schedule.n_mix):
+            size = sum(len(p.indices) for p in mix.pools)
+            ids = sorted({p.domain for p in mix.pools})
+            log(f"stage {stage.dirname}: mixing {n} of every {schedule.global_batch} sequences "
+                f"(share {mix.share:g}) from {mix.name} ({size:,} sequences, source ids {ids})")
 
     def _train(self, ctx: StageContext, schedule: StageSchedule, start: int) -> None:
         c, stage = self.cfg, ctx.stage

@@ -26,7 +26,9 @@ Lower perplexity is better, so positive forgetting is bad. A run stopped mid-way
 than stages: the report then speaks about the stages completed (``completed_stages``), and "the
 last stage" above means the last completed one.
 
-Pure Python. Saving, loading and drawing a report: :mod:`cltk.metrics_files`.
+Downstream tasks (lm-eval's accuracy and the like, higher is better) ride along as ``tasks``, a
+:class:`cltk.task_report.TaskReport` with figures of their own sign. Pure Python. Saving, loading and
+drawing a report: :mod:`cltk.metrics_files`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
+
+from cltk.task_report import TaskReport, format_tasks, task_headline
 
 __all__ = ["ForgettingReport", "forgetting_report", "format_table", "compare_reports", "stage_label"]
 
@@ -71,6 +75,7 @@ class ForgettingReport:
     forward_transfer: dict[str, float] = field(default_factory=dict)
     relative_forward_transfer: dict[str, float] = field(default_factory=dict)
     mean_forward_transfer: float | None = None
+    tasks: TaskReport | None = None  # downstream tasks (lm-eval), when eval.tasks names any
 
     @property
     def completed_stages(self) -> int:
@@ -109,6 +114,7 @@ class ForgettingReport:
             "forward_transfer": dict(self.forward_transfer),
             "relative_forward_transfer": dict(self.relative_forward_transfer),
             "mean_forward_transfer": self.mean_forward_transfer,
+            "tasks": self.tasks.to_dict() if self.tasks is not None else None,
         }
 
     @classmethod
@@ -121,6 +127,7 @@ class ForgettingReport:
         return forgetting_report(
             data["perplexity"], data["stage_names"], data["domain_names"], data["stage_domains"],
             start=data.get("start"),
+            tasks=TaskReport.from_dict(data["tasks"]) if data.get("tasks") else None,
         )
 
 
@@ -193,6 +200,7 @@ def forgetting_report(
     domain_names: Sequence[str],
     stage_domains: Sequence[str | Sequence[str]],
     start: Sequence[float] | None = None,
+    tasks: TaskReport | None = None,
 ) -> ForgettingReport:
     """Compute the forgetting report from a (possibly partial) perplexity matrix.
 
@@ -206,6 +214,7 @@ def forgetting_report(
             evaluation-only.
         start: row 0, the starting model's perplexity on every domain (None: not measured). It
             gives the forgetting of evaluation-only domains, each domain's gain and forward transfer.
+        tasks: the downstream-task matrix (:func:`cltk.task_report.task_report`), carried as is.
 
     Returns:
         A :class:`ForgettingReport`.
@@ -262,6 +271,7 @@ def forgetting_report(
         mean_relative_forgetting=mean_relative,
         eval_only_domains=eval_only,
         start=row0,
+        tasks=tasks,
         **from_start,
     )
 
@@ -343,7 +353,7 @@ def _start_headline(report: ForgettingReport, advice: bool = True) -> list[str]:
 def headline(report: ForgettingReport, advice: bool = True) -> list[str]:
     """The summary lines under the table; with ``advice=False`` the heatmap's title, which carries
     the figures only (advice on what to change belongs in the printed text)."""
-    return _start_headline(report, advice) + _stage_headline(report)
+    return _start_headline(report, advice) + task_headline(report.tasks) + _stage_headline(report)
 
 
 def _stage_headline(report: ForgettingReport) -> list[str]:
@@ -386,8 +396,12 @@ def format_table(report: ForgettingReport) -> str:
     ):
         cells = "".join(f" {_fmt(values.get(d), **kw):>{col_w}}" for d in report.domain_names)
         lines.append(f"{label:<{label_w}} |{cells}")
+    if report.tasks is not None:
+        lines.extend(format_tasks(report.tasks, report.stage_names,
+                                  [stage_label(d) for d in report.stage_domains]))
     lines.append("")
     lines.extend(_start_headline(report))  # the two numbers read first, when row 0 was measured
+    lines.extend(task_headline(report.tasks))
     if report.is_partial:
         lines.append(
             f"partial run: {report.completed_stages} of {len(report.stage_names)} stages completed"

@@ -12,18 +12,18 @@ reads it, and a run that grows (new domains appended) scores only the domains it
 
 from __future__ import annotations
 
-import copy
 import gc
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from cltk import checkpoint
 from cltk import distributed as dist
 from cltk.config import RunConfig
-from cltk.ds_config import deepspeed_config
+from cltk.ds_config import deepspeed_config, frozen_deepspeed_config
+from cltk.engine import frozen_engine
 from cltk.forward import engine_forward
 from cltk.perplexity import evaluate_domains
 from cltk.tracking import log
@@ -31,38 +31,25 @@ from cltk.tracking import log
 START_FILE = "start.json"
 
 
-def eval_ds_config(cfg: RunConfig) -> dict[str, Any]:
-    """DeepSpeed config of a model that is only evaluated: the run's, without optimizer parts.
-
-    ZeRO 3 stays ZeRO 3 (each rank holds its partition); ZeRO 0/1/2 become stage 0 (a full copy per
-    rank: with no optimizer there is nothing for stages 1/2 to shard). Precision is the run's.
-    """
-    ds = copy.deepcopy(deepspeed_config(cfg, dist.world_size(), dist.bf16_available()))
-    zero = dict(ds.get("zero_optimization") or {})
-    if int(zero.get("stage", 0)) == 3:
-        zero.pop("offload_optimizer", None)  # there is no optimizer to offload
-    else:
-        zero = {"stage": 0}
-    ds["zero_optimization"] = zero
-    ds.pop("gradient_clipping", None)
-    ds.pop("zero_force_ds_cpu_optimizer", None)
-    return ds
-
-
-def evaluate_frozen(cfg: RunConfig, model: torch.nn.Module, domains: list[Any]) -> dict[str, float]:
+def evaluate_frozen(
+    cfg: RunConfig, model: torch.nn.Module, domains: list[Any],
+    after: Callable[[Any], None] | None = None,
+) -> dict[str, float]:
     """Perplexity of ``model`` on each packed domain (collective: every rank calls it alike).
 
-    The model is wrapped by ``deepspeed.initialize`` without optimizer (see :func:`eval_ds_config`),
-    scored, and released; every rank returns the same figures.
+    The model is wrapped by ``deepspeed.initialize`` without optimizer
+    (:func:`~cltk.ds_config.frozen_deepspeed_config`), scored, handed to ``after(engine)`` when given
+    (downstream tasks), and released; every rank returns the same figures.
     """
-    import deepspeed
-
-    model.requires_grad_(False)
-    engine, _, _, _ = deepspeed.initialize(model=model, config=eval_ds_config(cfg))
+    ds = frozen_deepspeed_config(deepspeed_config(cfg, dist.world_size(), dist.bf16_available()))
+    engine = frozen_engine(model, ds)
     try:
-        return evaluate_domains(
+        ppl = evaluate_domains(
             engine_forward(engine), domains, cfg.eval.batch_size, engine.device, engine.module
         )
+        if after is not None:
+            after(engine)
+        return ppl
     finally:
         engine.destroy()
         del engine
@@ -95,7 +82,16 @@ def start_row(
     Reads ``OUT/start.json``; scores only the domains it lacks (all of them on a fresh run, none on a
     resume, the new ones when a run grows) and writes the record back atomically.
     """
+    return start_record(cfg, tokenizer, domains, names)["perplexity_row"]
+
+
+def start_record(
+    cfg: RunConfig, tokenizer: Any, domains: dict[str, Any], names: list[str]
+) -> dict[str, Any]:
+    """``OUT/start.json`` brought up to date (see :func:`start_row`), with ``perplexity_row`` (domain
+    -> perplexity in ``names`` order) and ``tasks`` (the downstream tasks' scores, eval.tasks)."""
     from cltk.models import build_model
+    from cltk.tasks import TaskScorer
 
     path = cfg.out / START_FILE
     ident = model_identity(cfg)
@@ -108,12 +104,14 @@ def start_row(
         record = None
     record = record or {"model": ident, "perplexity": {}}
     missing = [n for n in names if n not in record["perplexity"]]
-    if not missing:
+    scorer = TaskScorer(cfg, tokenizer, record)
+    if not missing and not scorer.missing:
         log(f"start: row 0 read from {path} (measured once, not again)")
     else:
-        log(f"start: evaluating the starting model ({ident['source']}) on {', '.join(missing)}")
+        log(f"start: evaluating the starting model ({ident['source']}) on "
+            f"{', '.join(missing + scorer.missing)}")
         model = build_model(cfg, tokenizer)
-        ppl = evaluate_frozen(cfg, model, [domains[n] for n in missing])
+        ppl = evaluate_frozen(cfg, model, [domains[n] for n in missing], after=scorer)
         del model
         record["perplexity"].update(ppl)
         record["world_size"] = dist.world_size()
@@ -121,5 +119,6 @@ def start_row(
             cfg.out.mkdir(parents=True, exist_ok=True)
             checkpoint.write_atomic(path, json.dumps(record, indent=1))
         dist.barrier()
-        log("start: perplexity " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()))
-    return {n: record["perplexity"][n] for n in names}
+        if ppl:
+            log("start: perplexity " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()))
+    return {**record, "perplexity_row": {n: record["perplexity"][n] for n in names}}

@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cltk.config import load_config
 from cltk.method import StageContext
 from cltk.methods.distill.method import DistillMethod
 from cltk.methods.kit.soft_losses import distillation_loss, soft_target_loss
@@ -26,6 +25,7 @@ from cltk.methods.soft_targets.teacher_cache import (
     write_shard,
 )
 from cltk.plan import Stage
+from cltk.validate import load_config
 from tests.tiny_run import write_tiny_run
 
 V, T, B = 40, 10, 3

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers as T
 
-from cltk.config import ConfigError, load_config
+from cltk.config import ConfigError
 from cltk.methods.kit.zero_view import Fragment, Partition, ZeroView
 from cltk.methods.spg import SpgConfig
 from cltk.methods.spg.importance import accumulate, importance
@@ -22,6 +22,7 @@ from cltk.methods.spg.sharded import (
     importance_from_grads,
     layout_record,
 )
+from cltk.validate import load_config
 from tests.tiny_run import write_tiny_run
 
 

@@ -63,6 +63,11 @@ def summary_rows(results: dict[str, dict[int, dict]], seeds: list[int]) -> list[
                 100.0 * row["tflops"][-1] * 1e12 / peak if peak and n else None)
             row.setdefault("rss", []).append(r["peak_rss_mb"])
             row.setdefault("device", []).append(r["peak_device_mb"])
+            tasks = rep.get("tasks") or {}
+            row.setdefault("task_lost", []).append(  # lm-eval tasks (eval.tasks), in points
+                None if tasks.get("mean_lost") is None else 100.0 * tasks["mean_lost"])
+            row["task_names"] = [f"{t} {m}" for t, m in zip(tasks.get("tasks", []),
+                                                             tasks.get("metrics", []))]
         out.append(row)
     return out
 
@@ -83,9 +88,11 @@ def _peak_flops(precision: str | None) -> float | None:
 def table(rows: list[dict]) -> str:
     device = any(v is not None for r in rows for v in r["device"])
     mfu = any(v is not None for r in rows for v in r["mfu"])
+    tasks = next((r["task_names"] for r in rows if any(v is not None for v in r["task_lost"])), None)
     head = ("| arm | final avg perplexity | forgetting (trained) | plasticity | lost of what it knew | "
             "gap to joint | tokens/s | tokens/s/rank | model TFLOP/s/rank | step time vs naive | "
-            "peak RSS/rank MiB |" + (" peak device MiB |" if device else "") + (" MFU |" if mfu else ""))
+            "peak RSS/rank MiB |" + (" peak device MiB |" if device else "") + (" MFU |" if mfu else "")
+            + (f" lost of what it knew on tasks ({', '.join(tasks)}; points) |" if tasks else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         cells = [
@@ -93,7 +100,8 @@ def table(rows: list[dict]) -> str:
             _fmt(r["plasticity"]), _fmt(r["lost"], suffix="%", signed=True),
             _fmt(r["gap"], suffix="%", signed=True), _fmt(r["tokens_per_s"], 0),
             _fmt(r["per_rank"], 0), _fmt(r["tflops"], 3), _fmt(r["step"], 2, "x"), _fmt(r["rss"], 0),
-        ] + ([_fmt(r["device"], 0)] if device else []) + ([_fmt(r["mfu"], 1, "%")] if mfu else [])
+        ] + ([_fmt(r["device"], 0)] if device else []) + ([_fmt(r["mfu"], 1, "%")] if mfu else []) \
+          + ([_fmt(r["task_lost"], 1, signed=True)] if tasks else [])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -102,14 +110,21 @@ def matrix(by_seed: dict[int, dict], seeds: list[int]) -> str:
     """The arm's forgetting matrix, each cell the mean ± half-spread over seeds."""
     reps = [by_seed[s]["report"] for s in seeds]
     names = reps[0]["domain_names"]
-    lines = ["| after stage | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    tasks = [r.get("tasks") for r in reps]  # lm-eval task columns (eval.tasks), after the domains
+    heads = [f"{t} ({m})" for t, m in zip(tasks[0]["tasks"], tasks[0]["metrics"])] \
+        if all(tasks) else []
+    lines = ["| after stage | " + " | ".join(names + heads) + " |",
+             "|---|" + "---|" * (len(names) + len(heads))]
     labelled = []
     if reps[0].get("start") is not None:
-        labelled.append(("start", [r["start"] for r in reps]))
+        labelled.append(("start", [r["start"] for r in reps],
+                         [t["start"] or [None] * len(heads) for t in tasks] if heads else []))
     for i, stage in enumerate(reps[0]["stage_names"]):
-        labelled.append((stage, [r["perplexity"][i] for r in reps]))
-    for label, seed_rows in labelled:
+        labelled.append((stage, [r["perplexity"][i] for r in reps],
+                         [t["scores"][i] for t in tasks] if heads else []))
+    for label, seed_rows, task_rows in labelled:
         cells = [_fmt([row[j] for row in seed_rows]) for j in range(len(names))]
+        cells += [_fmt([row[k] for row in task_rows], 3) for k in range(len(heads))]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -239,6 +254,10 @@ def write_page(results: dict[str, dict[int, dict]], tier: Tier, seeds: list[int]
         "mean relative rise on the evaluation-only domains from the starting model (row 0) to the end. "
         "**gap to joint**: final avg perplexity against joint training's, same seed. Definitions: "
         "[docs/metrics.md](../metrics.md).",
+        *(["- **lost of what it knew on tasks**: the downstream tasks' (lm-eval, `eval.tasks`) "
+           "mean drop from the starting model to the end, in points of the task's metric (accuracy "
+           "x 100); positive is lost. Each arm's matrix gives the tasks' scores after every stage."]
+          if any(v is not None for r in rows for v in r["task_lost"]) else []),
         "- Each seed holds out its own documents (and, in the small tier, pre-trains its own base), so "
         "absolute perplexities can move more between seeds than between arms: compare arms by the "
         "paired columns (gap to joint, step time against naive: each read against the same seed) or "

@@ -78,20 +78,7 @@ def check(cfg: RunConfig, a: AgemConfig) -> None:
     check_deepspeed(cfg)
 
 
-def build(cfg: RunConfig, section: AgemConfig) -> Any:
-    from cltk.methods.agem.method import AgemMethod  # torch and DeepSpeed: on use
 
-    return AgemMethod(cfg, section)
-
-
-SPEC = register(
-    MethodSpec(
-        name="agem",
-        config=AgemConfig,
-        build=build,
-        help="A-GEM: project each step's gradient against a memory batch of earlier stages",
-        check=check,
-        acts_on_base=True,
-        order=70,
-    )
-)
+SPEC = register(MethodSpec("agem", AgemConfig, "cltk.methods.agem.method:AgemMethod",
+                           "A-GEM: project each step's gradient against a memory batch of earlier stages",
+                           check, acts_on_base=True, order=70))

@@ -13,6 +13,7 @@ import torch
 
 from cltk.config import RunConfig
 from cltk.method import Method, StageContext
+from cltk.methods.distill import DistillConfig
 from cltk.methods.kit.soft_losses import check_distillation_args, distillation_loss
 from cltk.methods.kit.teacher import OnlineTeacher, audit_teacher, label_logprobs, mean_label_prob
 from cltk.tracking import log
@@ -27,10 +28,10 @@ class DistillMethod(Method):
 
     name = "distill"
 
-    def __init__(self, cfg: RunConfig):
-        if cfg.distill is None:
+    def __init__(self, cfg: RunConfig, section: DistillConfig | None = None):
+        self.cfg, self.d = cfg, section if section is not None else cfg.distill
+        if self.d is None:
             raise ValueError("DistillMethod needs the distill section (distill: {alpha: 1.0})")
-        self.cfg, self.d = cfg, cfg.distill
         check_distillation_args(self.d.alpha, self.d.beta, self.d.temperature)
         self.teacher: Any = None
 

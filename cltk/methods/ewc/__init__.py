@@ -9,7 +9,6 @@ Here: the config section and its checks. The hooks are in :mod:`.method`, the ar
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from cltk.config import ConfigError, RunConfig, option
 from cltk.registry import MethodSpec, register
@@ -88,19 +87,6 @@ def _check_precision(cfg: RunConfig) -> None:
             )
 
 
-def build(cfg: RunConfig, section: EwcConfig) -> Any:
-    from cltk.methods.ewc.method import EwcMethod  # torch and DeepSpeed: on use
-
-    return EwcMethod(section, seed=cfg.seed)
-
-
-SPEC = register(
-    MethodSpec(
-        name="ewc",
-        config=EwcConfig,
-        build=build,
-        help="EWC / online EWC: a Fisher-weighted pull towards the last stage's weights",
-        check=check,
-        acts_on_base=True,
-    )
-)
+SPEC = register(MethodSpec("ewc", EwcConfig, "cltk.methods.ewc.method:EwcMethod",
+                           "EWC / online EWC: a Fisher-weighted pull towards the last stage's weights",
+                           check, acts_on_base=True))

@@ -40,6 +40,7 @@ from cltk.methods.kit.zero_view import LayoutError, Partition, ZeroView, zero_vi
 from cltk.tracking import log
 
 if TYPE_CHECKING:  # the package imports this module on use: no import back at run time
+    from cltk.config import RunConfig
     from cltk.methods.ewc import EwcConfig
 
 
@@ -68,6 +69,10 @@ class EwcMethod(Method):
     """
 
     name = "ewc"
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, section: EwcConfig) -> EwcMethod:
+        return cls(section, seed=cfg.seed)
 
     def __init__(self, section: EwcConfig, seed: int = 0):
         self.ewc = section
@@ -113,13 +118,8 @@ class EwcMethod(Method):
             return f"from {self.ewc.fisher_samples} single sequences at its end"
         return f"from steps {self._window_start + 1}-{len(ctx.schedule)}"
 
-    def extra_loss(
-        self,
-        ctx: StageContext,
-        batch: dict[str, torch.Tensor],
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
+    def extra_loss(self, ctx: StageContext, batch: dict[str, torch.Tensor], logits: torch.Tensor,
+                   labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """``ewc_penalty``: the penalty at this step's weights over all ranks (a value only)."""
         if self.fisher is None or self.lam == 0 or not self.ewc.report_penalty:
             return {}

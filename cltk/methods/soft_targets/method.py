@@ -30,6 +30,7 @@ from cltk.methods.kit.soft_losses import (
     soft_target_loss_topk,
 )
 from cltk.methods.kit.teacher import OnlineTeacher, audit_teacher, checkpoint_key, mean_label_prob
+from cltk.methods.soft_targets import BlocksConfig
 from cltk.methods.soft_targets.teacher_cache import (
     CacheKeys,
     TeacherCache,
@@ -66,10 +67,10 @@ class SoftTargetMethod(Method):
 
     name = "soft_targets"
 
-    def __init__(self, cfg: RunConfig):
-        if cfg.blocks is None:
+    def __init__(self, cfg: RunConfig, section: BlocksConfig | None = None):
+        self.cfg, self.b = cfg, section if section is not None else cfg.blocks
+        if self.b is None:
             raise ValueError("SoftTargetMethod needs the blocks section (blocks: {k: 4, p: 0.9})")
-        self.cfg, self.b = cfg, cfg.blocks
         check_soft_target_args(self.b.p, self.b.one_hot_below)  # fail before any stage trains
         self.teacher: Any = None  # OnlineTeacher, or None
         self.cache: Any = None  # TeacherCache, or None
