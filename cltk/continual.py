@@ -24,10 +24,11 @@ import yaml
 
 from cltk import checkpoint
 from cltk import distributed as dist
+from cltk.activations import enable_activation_checkpointing
 from cltk.config import RunConfig
 from cltk.data.prepare import prepare
 from cltk.data.sampler import Mix, Pool, StageSchedule, mixture_pool
-from cltk.engine import build_engine, train_step
+from cltk.engine import build_engine, describe_optimizer, train_step
 from cltk.forward import engine_forward
 from cltk.grow import check_config, check_plan, complete_row
 from cltk.method import Method, StageContext
@@ -240,6 +241,11 @@ class ContinualRun:
         model = build_model(c, self.tokenizer, init_dir=init_dir)
         for m in self.methods:
             model = m.prepare_model(ctx, model)
+        # from_pretrained returns a model in eval mode: dropout and checkpointing need train mode
+        model.train()
+        if c.train.activation_checkpointing:  # after prepare_model: LoRA's frozen base is known
+            layers = enable_activation_checkpointing(model)
+            log(f"stage {stage.dirname}: activation checkpointing on {layers} layers (non-reentrant)")
         ctx.model = model
         for m in self.methods:
             m.on_stage_start(ctx)
@@ -298,6 +304,9 @@ class ContinualRun:
                 "perplexity": ppl,
                 "steps": len(schedule),
                 "precision": "bf16" if engine.bfloat16_enabled() else "fp32",
+                "optimizer": describe_optimizer(engine),
+                "activation_checkpointing": c.train.activation_checkpointing,
+                "attn_implementation": getattr(engine.module.config, "_attn_implementation", None),
                 "world_size": dist.world_size(),
                 "peak_memory_mb": peak,  # per rank: host RSS and device memory of the run so far
                 "methods": {m.name: m.state_dict() for m in self.methods},

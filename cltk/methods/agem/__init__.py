@@ -84,6 +84,10 @@ def build(cfg: RunConfig, section: AgemConfig) -> Any:
     return AgemMethod(cfg, section)
 
 
+def memory(cfg: RunConfig, section: AgemConfig, inputs: Any) -> dict[str, int]:
+    """The reference gradient and the projected copy, fp32 partitions."""
+    return {"reference gradient + projection (fp32 partitions)": 2 * inputs.partition()}
+
 SPEC = register(
     MethodSpec(
         name="agem",
@@ -93,5 +97,6 @@ SPEC = register(
         check=check,
         acts_on_base=True,
         order=70,
+        memory=memory,
     )
 )

@@ -60,6 +60,17 @@ def build(cfg: RunConfig, section: DasConfig) -> Any:
     return DasMethod(cfg)
 
 
+def memory(cfg: RunConfig, section: DasConfig, inputs: Any) -> dict[str, int]:
+    """Update masks and the update blend's copy (fp32 partitions; gradient masks are whole
+    parameters); with the contrastive term, three extra forwards held until backward, the gated one
+    without checkpointing."""
+    masks = 2 * inputs.partition() if section.mask == "update" else 4 * inputs.trainable
+    out = {"masks" + (" + update-blend copy (fp32 partitions)" if section.mask == "update" else ""):
+           masks}
+    if section.contrastive is not None and section.contrastive.weight > 0:
+        out["contrastive: three extra forwards"] = 2 * inputs.activations + inputs.full_activations
+    return out
+
 SPEC = register(
     MethodSpec(
         name="das",
@@ -69,5 +80,6 @@ SPEC = register(
         check=check,
         acts_on_base=True,
         order=60,
+        memory=memory,
     )
 )

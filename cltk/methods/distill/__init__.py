@@ -31,6 +31,10 @@ def build(cfg: RunConfig, section: DistillConfig) -> Any:
     return DistillMethod(cfg)
 
 
+def memory(cfg: RunConfig, section: DistillConfig, inputs: Any) -> dict[str, int]:
+    """The online teacher (the previous stage, frozen) and its logits for the micro-batch."""
+    return {"teacher weights (frozen copy)": inputs.frozen_copy(), "teacher logits": inputs.logits()}
+
 SPEC = register(
     MethodSpec(
         name="distill",
@@ -40,5 +44,6 @@ SPEC = register(
         check=check,
         replaces_loss=lambda d: True,
         order=30,
+        memory=memory,
     )
 )

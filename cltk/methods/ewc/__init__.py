@@ -80,6 +80,11 @@ def build(cfg: RunConfig, section: EwcConfig) -> Any:
     return EwcMethod(section)
 
 
+def memory(cfg: RunConfig, section: EwcConfig, inputs: Any) -> dict[str, int]:
+    """The Fisher, the anchor and the running sum of squared gradients: fp32, each laid out like this
+    rank's ZeRO partition."""
+    return {"Fisher + anchor + squared-gradient sum (fp32 partitions)": 3 * inputs.partition()}
+
 SPEC = register(
     MethodSpec(
         name="ewc",
@@ -88,5 +93,6 @@ SPEC = register(
         help="EWC / online EWC: a Fisher-weighted pull towards the last stage's weights",
         check=check,
         acts_on_base=True,
+        memory=memory,
     )
 )

@@ -49,6 +49,14 @@ def build(cfg: RunConfig, section: BlocksConfig) -> Any:
     return SoftTargetMethod(cfg)
 
 
+def memory(cfg: RunConfig, section: BlocksConfig, inputs: Any) -> dict[str, int]:
+    """Online: a frozen teacher beside the student and its logits; offline: the cache's top-k
+    log-probabilities and ids of the micro-batch."""
+    if section.teacher == "online":
+        return {"teacher weights (frozen copy)": inputs.frozen_copy(),
+                "teacher logits": inputs.logits()}
+    return {"teacher cache rows (top-k)": inputs.tokens * (section.topk + 1) * 12}
+
 SPEC = register(
     MethodSpec(
         name="blocks",
@@ -61,5 +69,6 @@ SPEC = register(
         stages_per_domain=lambda b: b.k,
         run_files=("teacher_cache",),
         order=20,
+        memory=memory,
     )
 )

@@ -52,6 +52,11 @@ def build(cfg: RunConfig, section: SpgConfig) -> Any:
     return SpgMethod(cfg, section)
 
 
+def memory(cfg: RunConfig, section: SpgConfig, inputs: Any) -> dict[str, int]:
+    """Accumulated importance and the stage's gradient sums, fp32 partitions; the update blend's copy
+    of the partition it steps."""
+    return {"importance + gradient sums + update-blend copy (fp32 partitions)": 3 * inputs.partition()}
+
 SPEC = register(
     MethodSpec(
         name="spg",
@@ -61,5 +66,6 @@ SPEC = register(
         check=check,
         acts_on_base=True,
         order=61,
+        memory=memory,
     )
 )
