@@ -33,7 +33,7 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> int:
 
     With a frozen base (LoRA), the embedding output is made to require grad
     (``enable_input_require_grads``), so a checkpointed block always has an input with a gradient path.
-    Returns how many modules checkpoint.
+    Returns how many layers checkpoint (the model that holds them is flagged too, and not counted).
     """
     base = base_model(model)
     if not getattr(base, "supports_gradient_checkpointing", False):
@@ -48,7 +48,8 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> int:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if any(not p.requires_grad for p in model.parameters()):
         base.enable_input_require_grads()
-    return sum(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
+    flagged = [m for m in base.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    return sum(not any(c is not m and c in flagged for c in m.modules()) for m in flagged)
 
 
 def checkpointing_on(model: torch.nn.Module) -> bool:

@@ -61,7 +61,7 @@ def assert_same(a: tuple, b: tuple) -> None:
 def test_plain_step_equals_without_checkpointing_and_keeps_fewer_tensors():
     plain = tiny(layers=4)
     ckpt = copy.deepcopy(plain)
-    enable_activation_checkpointing(ckpt)
+    assert enable_activation_checkpointing(ckpt) == 4  # the layers (their model is flagged too)
     assert checkpointing_on(ckpt) and not checkpointing_on(plain)
     x = ids()
     a, b = step(plain, x), step(ckpt, x)
@@ -142,8 +142,8 @@ def test_attention_choice_reaches_the_model_and_flash_attention_is_refused_up_fr
     import importlib.util
 
     from cltk.cli import main
-    from cltk.config import load_config
     from cltk.models import build_model
+    from cltk.validate import load_config
     from tests.tiny_run import write_tiny_run
 
     path = write_tiny_run(tmp_path)
