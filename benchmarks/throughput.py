@@ -94,11 +94,11 @@ def main() -> None:
 
     from cltk import distributed as dist
     from cltk.activations import checkpointing_suspended, enable_activation_checkpointing
-    from cltk.config import load_config
     from cltk.engine import build_engine, describe_optimizer, train_step
     from cltk.memplan import GIB, estimate, gib, model_shape, setup_of
     from cltk.method import StageContext
     from cltk.models import build_model, load_gguf_tokenizer
+    from cltk.validate import load_config
 
     dist.init()
     cfg = load_config(raw=run_config(args.model, args.seq, args.micro, args.zero, args.attn))

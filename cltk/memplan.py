@@ -179,7 +179,7 @@ def _vocab(cfg: RunConfig) -> int:
 
 def setup_of(cfg: RunConfig, world_size: int, gpus_per_node: int, device: str) -> Setup:
     """The memory-relevant settings of ``cfg`` on ``world_size`` ranks of ``device``."""
-    from cltk.validate import load_deepspeed_json
+    from cltk.ds_config import load_deepspeed_json
 
     ds = load_deepspeed_json(cfg.resolve(cfg.deepspeed))  # type: ignore[arg-type]
     zero = ds.get("zero_optimization") or {}

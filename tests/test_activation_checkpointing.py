@@ -142,8 +142,8 @@ def test_attention_choice_reaches_the_model_and_flash_attention_is_refused_up_fr
     import importlib.util
 
     from cltk.cli import main
-    from cltk.config import load_config
     from cltk.models import build_model
+    from cltk.validate import load_config
     from tests.tiny_run import write_tiny_run
 
     path = write_tiny_run(tmp_path)

@@ -62,7 +62,7 @@ def test_the_gpu_parts_configs_load():
         import throughput
     finally:
         sys.path.pop(0)
-    from cltk.config import load_config
+    from cltk.validate import load_config
 
     for model in ("llama1b", "tiny"):
         cfg = load_config(raw=throughput.run_config(model, 2048, 4, 1, None))

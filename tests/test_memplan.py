@@ -10,7 +10,7 @@ import pytest
 
 from cltk import memplan
 from cltk.cli import main
-from cltk.config import load_config
+from cltk.validate import load_config
 from tests.tiny_run import write_tiny_run
 
 LLAMA_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,

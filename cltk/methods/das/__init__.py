@@ -54,11 +54,6 @@ def check(cfg: RunConfig, das: DasConfig) -> None:
         raise ConfigError("das.proxy_dropout", f"must be in (0, 1), got {das.proxy_dropout}")
 
 
-def build(cfg: RunConfig, section: DasConfig) -> Any:
-    from cltk.methods.das.method import DasMethod  # torch and DeepSpeed: on use
-
-    return DasMethod(cfg)
-
 
 def memory(cfg: RunConfig, section: DasConfig, inputs: Any) -> dict[str, int]:
     """Update masks and the update blend's copy (fp32 partitions; gradient masks are whole
@@ -71,15 +66,7 @@ def memory(cfg: RunConfig, section: DasConfig, inputs: Any) -> dict[str, int]:
         out["contrastive: three extra forwards"] = 2 * inputs.activations + inputs.full_activations
     return out
 
-SPEC = register(
-    MethodSpec(
-        name="das",
-        config=DasConfig,
-        build=build,
-        help="DAS unit-importance soft-masking",
-        check=check,
-        acts_on_base=True,
-        order=60,
-        memory=memory,
-    )
-)
+
+SPEC = register(MethodSpec("das", DasConfig, "cltk.methods.das.method:DasMethod",
+                           "DAS unit-importance soft-masking", check, acts_on_base=True, order=60,
+                           memory=memory))

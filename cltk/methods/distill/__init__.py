@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cltk.config import ConfigError, RunConfig, option
-from cltk.losses import check_distillation_args
+from cltk.methods.kit.soft_losses import check_distillation_args
 from cltk.registry import MethodSpec, register
 
 
@@ -25,25 +25,14 @@ def check(cfg: RunConfig, d: DistillConfig) -> None:
         raise ConfigError("distill", str(e)) from e
 
 
-def build(cfg: RunConfig, section: DistillConfig) -> Any:
-    from cltk.methods.distill.method import DistillMethod  # torch and DeepSpeed: on use
-
-    return DistillMethod(cfg)
-
 
 def memory(cfg: RunConfig, section: DistillConfig, inputs: Any) -> dict[str, int]:
     """The online teacher (the previous stage, frozen) and its logits for the micro-batch."""
     return {"teacher weights (frozen copy)": inputs.frozen_copy(), "teacher logits": inputs.logits()}
 
-SPEC = register(
-    MethodSpec(
-        name="distill",
-        config=DistillConfig,
-        build=build,
-        help="distillation from the previous stage",
-        check=check,
-        replaces_loss=lambda d: True,
-        order=30,
-        memory=memory,
-    )
-)
+
+SPEC = register(MethodSpec("distill", DistillConfig, "cltk.methods.distill.method:DistillMethod",
+                           "distillation from the previous stage", check,
+                           replaces_loss=lambda d: True,
+                           previous_domain_teacher=lambda d: "distill", order=30,
+                           memory=memory))

@@ -31,11 +31,6 @@ def check(cfg: RunConfig, section: LoraConfig) -> None:
     check_lora_config(cfg)
 
 
-def build(cfg: RunConfig, section: LoraConfig) -> Any:
-    from cltk.methods.lora.adapters import LoraMethod
-
-    return LoraMethod(cfg)
-
 
 def _grow_refusal(section: LoraConfig) -> str | None:
     if section.base == "frozen":
@@ -61,18 +56,9 @@ def memory(cfg: RunConfig, section: LoraConfig, inputs: Any) -> dict[str, int]:
     """The adapters' weights (fp32: PEFT keeps them in the base's dtype at load, cltk loads fp32)."""
     return {"adapter weights": trainable(section, inputs.shape.meta_model) * 4}
 
-SPEC = register(
-    MethodSpec(
-        name="lora",
-        config=LoraConfig,
-        build=build,
-        help="a LoRA adapter per domain or block",
-        check=check,
-        freezes_base=lambda section: True,
-        grow_refusal=_grow_refusal,
-        run_files=("lora_base", "adapters"),
-        order=10,
-        trainable=trainable,
-        memory=memory,
-    )
-)
+
+SPEC = register(MethodSpec("lora", LoraConfig, "cltk.methods.lora.adapters:LoraMethod",
+                           "a LoRA adapter per domain or block", check,
+                           freezes_base=lambda section: True, grow_refusal=_grow_refusal,
+                           run_files=("lora_base", "adapters"), order=10,
+                           trainable=trainable, memory=memory))

@@ -26,7 +26,7 @@ class SpgConfig:
 def check(cfg: RunConfig, spg: SpgConfig) -> None:
     if isinstance(spg.importance_steps, bool) or spg.importance_steps < 1:
         raise ConfigError("spg.importance_steps", f"must be >= 1, got {spg.importance_steps}")
-    from cltk.validate import load_deepspeed_json
+    from cltk.ds_config import load_deepspeed_json
 
     ds = load_deepspeed_json(cfg.resolve(cfg.deepspeed))  # type: ignore[arg-type]
     zero = ds.get("zero_optimization") or {}
@@ -46,26 +46,14 @@ def check(cfg: RunConfig, spg: SpgConfig) -> None:
         )
 
 
-def build(cfg: RunConfig, section: SpgConfig) -> Any:
-    from cltk.methods.spg.method import SpgMethod  # torch and DeepSpeed: on use
-
-    return SpgMethod(cfg, section)
-
 
 def memory(cfg: RunConfig, section: SpgConfig, inputs: Any) -> dict[str, int]:
     """Accumulated importance and the stage's gradient sums, fp32 partitions; the update blend's copy
     of the partition it steps."""
     return {"importance + gradient sums + update-blend copy (fp32 partitions)": 3 * inputs.partition()}
 
-SPEC = register(
-    MethodSpec(
-        name="spg",
-        config=SpgConfig,
-        build=build,
-        help="SPG parameter-level soft-masking of the update",
-        check=check,
-        acts_on_base=True,
-        order=61,
-        memory=memory,
-    )
-)
+
+SPEC = register(MethodSpec("spg", SpgConfig, "cltk.methods.spg.method:SpgMethod",
+                           "SPG parameter-level soft-masking of the update", check,
+                           acts_on_base=True, order=61,
+                           memory=memory))
