@@ -3,7 +3,8 @@
     python benchmarks/losses.py [--batch 8 --seq 127 --vocab 4096 --reps 10 --rounds 5 --threads 1]
 
 Arms, all on the same random student and teacher logits (``[batch, seq, vocab]``, fp32; bf16 with
-``--bf16``): ``causal_lm_loss`` (plain CE), ``soft_target_loss`` (the one-pass kernel of
+``--bf16``): ``causal_lm_loss`` (plain CE: ``F.cross_entropy`` when the logits fit one chunk), the
+chunked CE kernel it used at every size before, ``soft_target_loss`` (the one-pass kernel of
 ``cltk.methods.kit.soft_losses``), the generic per-token kernel it replaced for soft targets (lambda from a
 separate pass over the teacher, the teacher normalised again in forward and backward: what
 ``soft_target_loss`` did before), and ``distillation_loss``. Each arm runs ``--reps`` calls per
@@ -52,8 +53,14 @@ def main() -> None:
         per, valid = L.token_losses(x, labels, -100, w_y=lam, w_r=1.0 - lam, teacher=teacher)
         return L.reduce_tokens(per, valid, None)
 
+    def chunked_ce(x):
+        """causal_lm_loss before its fast path: the chunked kernel at any size."""
+        per, valid = L.token_losses(x, labels, -100, w_y=1.0)
+        return L.reduce_tokens(per, valid, None)
+
     arms = {
         "plain CE": lambda x: L.causal_lm_loss(x, labels),
+        "CE, chunked kernel (before the one-chunk fast path)": chunked_ce,
         "soft target, one pass (cltk)": lambda x: S.soft_target_loss(x, labels, teacher, p=0.9),
         "soft target, generic kernel (before)": generic_soft_target,
         "distillation": lambda x: S.distillation_loss(x, labels, teacher, alpha=0.5, beta=0.5),

@@ -6,6 +6,7 @@ cltk eval --config RUN.yaml [--models DIR ...] [--out DIR] [--start DIR | --no-s
           [--tasks T1,T2 [--include-path DIR] [--limit N]]      # + downstream tasks (lm-eval)
 cltk prepare --config RUN.yaml                                    # tokenise every domain ahead of a run
 cltk config-reference [--ner]                                     # every config key, as markdown
+cltk plan --memory --config RUN.yaml --world-size 16 --gpu-memory 80  # per-rank memory; does it fit?
 cltk bench --tier small --out DIR [--seeds 1 2] [--arms ...]      # every method, naive and joint
 cltk ner --config NER.yaml [--set distill=null ...]               # continual NER (docs/ner.md)
 
@@ -77,6 +78,19 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     r = sub.add_parser("config-reference", help="print every run-config key as a markdown table")
     r.add_argument("--ner", action="store_true", help="the continual NER config's keys instead")
+    pl = sub.add_parser("plan", help="what a run needs before it is launched (--memory: per-rank memory)")
+    pl.add_argument("--config", required=True, help="run config YAML")
+    pl.add_argument("--memory", action="store_true", required=True,
+                    help="per-rank memory by part, whether it fits, and the smallest change if not")
+    pl.add_argument("--world-size", type=int, default=1, help="ranks (GPUs) of the run")
+    pl.add_argument("--gpus-per-node", type=int, default=8)
+    pl.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                    help="memory of one GPU in GiB (e.g. 80): say whether the run fits")
+    pl.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                    help="plan for GPUs (default) or for CPU ranks (host memory, fp32)")
+    pl.add_argument("--measured", default=None, metavar="OUT",
+                    help="a finished run's output_dir: compare with its stage.json peaks")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     b = sub.add_parser("bench", help="every method against naive and joint training (docs/benchmarks.md)")
     b.add_argument("--tier", default="small", help="small (a model cltk pre-trains) or real (SmolLM2-135M)")
     b.add_argument("--out", required=True, help="where every arm's run goes; finished arms are kept")
@@ -189,6 +203,14 @@ def _main(args: argparse.Namespace) -> int:
         from cltk.report import task_overrides
 
         args.set = args.set + task_overrides(args.tasks, args.include_path, args.limit)
+    if args.command == "plan":
+        cfg = load_config(args.config, overrides=args.set, world_size=args.world_size)
+        from cltk.memplan import plan_memory
+
+        measured = Path(args.measured) if args.measured else None
+        print(plan_memory(cfg, args.world_size, args.gpus_per_node, args.device, args.gpu_memory,
+                          measured))
+        return 0
     cfg = load_config(args.config, overrides=args.set)
     if args.command == "prepare":
         from cltk.data.prepare import prepare

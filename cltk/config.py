@@ -33,6 +33,11 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = option(
         "weights dtype at load; auto follows the DeepSpeed precision", "auto"
     )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = option(
+        "attention kernel of the trained model (transformers' attn_implementation); default: "
+        "transformers' choice (sdpa where the model supports it); flash_attention_2 needs flash-attn",
+        None,
+    )
 
     def source(self) -> str:
         return "init_from" if self.init_from else "gguf" if self.gguf else "config"
@@ -109,6 +114,11 @@ class TrainConfig:
     weight_decay: float = option("decoupled weight decay (AdamW)", 0.01)
     betas: list[float] = option("AdamW betas", factory=lambda: [0.9, 0.95])
     grad_clip: float = option("gradient clipping norm (0 = off)", 1.0)
+    activation_checkpointing: bool = option(
+        "recompute each decoder layer's activations in backward (transformers' gradient "
+        "checkpointing, non-reentrant): activation memory of one layer instead of all, ~1/3 more compute",
+        False,
+    )
     checkpoint_every: int = option(
         "also checkpoint every N steps inside a stage (0 = stage ends only)", 0
     )

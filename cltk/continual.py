@@ -25,10 +25,11 @@ import yaml
 
 from cltk import checkpoint
 from cltk import distributed as dist
+from cltk.activations import enable_activation_checkpointing
 from cltk.config import RunConfig
 from cltk.data.prepare import prepare
 from cltk.data.sampler import Mix, Pool, StageSchedule, count_steps, mixture_pool
-from cltk.engine import build_engine, train_step
+from cltk.engine import build_engine, describe_optimizer, train_step
 from cltk.forward import engine_forward
 from cltk.grow import check_config, check_plan, complete_row
 from cltk.method import Method, StageContext
@@ -246,6 +247,22 @@ class ContinualRun:
         epochs = max(c.train.epochs, total * batch / sizes[stage.domain_index])
         return mixes, epochs, total
 
+    def _stage_model(self, ctx: StageContext) -> torch.nn.Module:
+        """The stage's model: its starting weights, each method's ``prepare_model``, train mode, and
+        activation checkpointing when configured."""
+        init_dir = ctx.prev_stage_dir
+        for m in self.methods:
+            init_dir = m.init_dir(ctx, init_dir)
+        model = build_model(self.cfg, self.tokenizer, init_dir=init_dir)
+        for m in self.methods:
+            model = m.prepare_model(ctx, model)
+        # from_pretrained returns a model in eval mode: dropout and checkpointing need train mode
+        model.train()
+        if self.cfg.train.activation_checkpointing:  # after prepare_model: LoRA's frozen base is known
+            layers = enable_activation_checkpointing(model)
+            log(f"stage {ctx.stage.dirname}: activation checkpointing on {layers} layers (non-reentrant)")
+        return model
+
     def run_stage(self, stage: Stage, tag: str | None, state: dict | None) -> list[float]:
         c = self.cfg
         if tag is not None:
@@ -253,13 +270,7 @@ class ContinualRun:
         ctx = self._context(stage)
         ctx.schedule = schedule = self.schedule(stage)
         seed_everything(c.seed + stage.index)
-        init_dir = ctx.prev_stage_dir
-        for m in self.methods:
-            init_dir = m.init_dir(ctx, init_dir)
-        model = build_model(c, self.tokenizer, init_dir=init_dir)
-        for m in self.methods:
-            model = m.prepare_model(ctx, model)
-        ctx.model = model
+        ctx.model = model = self._stage_model(ctx)
         for m in self.methods:
             m.on_stage_start(ctx)
         universal = tag is not None and state.get("world_size", 1) != dist.world_size()
@@ -314,6 +325,9 @@ class ContinualRun:
                 "perplexity": ppl,
                 "steps": len(schedule),
                 "precision": "bf16" if engine.bfloat16_enabled() else "fp32",
+                "optimizer": describe_optimizer(engine),
+                "activation_checkpointing": c.train.activation_checkpointing,
+                "attn_implementation": getattr(engine.module.config, "_attn_implementation", None),
                 "world_size": dist.world_size(),
                 "peak_memory_mb": peak,  # per rank: host RSS and device memory of the run so far
                 "methods": {m.name: m.state_dict() for m in self.methods},

@@ -69,8 +69,11 @@ def build_engine(
             groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, adamw_mode=True
         )
     else:
+        # on CUDA, torch's fused AdamW: one kernel for every parameter instead of a loop of them
+        fused = dist.device().type == "cuda"
         optimizer = torch.optim.AdamW(
-            groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
+            groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+            **({"fused": True} if fused else {}),
         )
     lr_fn = lr_fn or stage_lr_lambda(t, [total_steps], 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_fn)
@@ -78,6 +81,16 @@ def build_engine(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
     )
     return engine
+
+
+def describe_optimizer(engine) -> str:
+    """The optimizer kernel an engine steps with, for ``stage.json`` (``torch AdamW fused``...)."""
+    opt = getattr(engine, "basic_optimizer", None) or engine.optimizer
+    kind = type(opt).__name__
+    if isinstance(opt, torch.optim.AdamW):
+        return "torch AdamW " + ("fused" if opt.defaults.get("fused") else
+                                 "foreach" if opt.defaults.get("foreach") else "for-loop")
+    return kind
 
 
 def frozen_engine(model: torch.nn.Module, ds_cfg: dict[str, Any]):

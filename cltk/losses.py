@@ -231,11 +231,26 @@ def causal_lm_loss(
     Returns:
         Scalar tensor (fp32; fp64 for fp64 logits); 0 when every label is ignored.
 
-    Memory: chunk temporaries, and the ``[tokens, vocab]`` gradient in backward.
+    Memory: chunk temporaries, and the ``[tokens, vocab]`` gradient in backward. Logits of at most
+    ``CHUNK_ELEMENTS`` entries take ``F.cross_entropy`` instead (one fp32 log-softmax kept, the size
+    of one chunk): the chunked kernel's backward recomputes the softmax, a fixed cost that weighs on
+    small models (see benchmarks/losses.py).
     """
     check_shapes(logits, labels)
+    if logits.numel() <= CHUNK_ELEMENTS:  # one chunk: the plain kernel, no softmax recomputed
+        return reduce_tokens(*_plain_token_losses(logits, labels, ignore_index), num_tokens)
     losses, valid = token_losses(logits, labels, ignore_index, w_y=1.0)
     return reduce_tokens(losses, valid, num_tokens)
+
+
+def _plain_token_losses(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Per-token cross-entropy ``[batch, seq]`` by ``F.cross_entropy`` (log-softmax kept for backward)
+    and the valid mask: for logits of at most one chunk, where that costs no more memory than the
+    chunk temporaries and saves the chunked kernel's softmax recomputation in backward."""
+    vocab = logits.shape[-1]
+    z = logits.reshape(-1, vocab).to(compute_dtype(logits.dtype))
+    per = F.cross_entropy(z, labels.reshape(-1).long(), ignore_index=ignore_index, reduction="none")
+    return per.view(labels.shape), labels != ignore_index
 
 
 def token_nll(

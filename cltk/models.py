@@ -63,16 +63,20 @@ def build_model(cfg: RunConfig, tokenizer: Any, init_dir: Path | None = None) ->
         init_dir: a previous stage's export to start from (weights only); overrides ``cfg.model``.
     """
     dtype = _dtype(cfg)
+    attn = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation \
+        else {}
     if init_dir is not None:
-        model = AutoModelForCausalLM.from_pretrained(str(init_dir), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(init_dir), dtype=dtype, **attn)
     elif cfg.model.init_from:
         path = cfg.resolve(cfg.model.init_from)
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **attn)
         except (OSError, ValueError) as e:
             raise ModelError(f"model.init_from: cannot load a causal LM from {path}: {e}") from e
     elif cfg.model.gguf:
         model, _ = load_gguf(cfg.resolve(cfg.model.gguf), dtype)  # type: ignore[arg-type]
+        if attn:
+            model.set_attn_implementation(attn["attn_implementation"])
     else:
         spec = dict(cfg.model.config or {})
         model_type = spec.pop("model_type")
@@ -85,7 +89,7 @@ def build_model(cfg: RunConfig, tokenizer: Any, init_dir: Path | None = None) ->
         except (ValueError, TypeError) as e:
             raise ModelError(f"model.config: {e}") from e
         torch.manual_seed(cfg.seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **attn)
     check_tokenizer_fits(model, tokenizer)
     from cltk.model_checks import check_positions
 

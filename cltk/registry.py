@@ -18,6 +18,7 @@ from typing import Any, Callable
 RunConfig = Any  # cltk.config.RunConfig
 DomainConfig = Any  # cltk.config.DomainConfig
 Method = Any  # cltk.method.Method
+MemoryInputs = Any  # cltk.memplan.MemoryInputs
 
 
 def _always(section: Any) -> bool:
@@ -42,6 +43,10 @@ def _no_refusal(section: Any) -> str | None:
 
 def _no_sources(cfg: RunConfig, section: Any) -> list[DomainConfig]:
     return []
+
+
+def _no_memory(cfg: RunConfig, section: Any, inputs: MemoryInputs) -> dict[str, int]:
+    return {}
 
 
 def _no_key(section: Any) -> str | None:
@@ -79,6 +84,11 @@ class MethodSpec:
             besides the domains (never a stage, never scored): prepared like domains (same tokenizer,
             which also trains on them, same cache) under the name ``<method>.<name>``, recorded in
             ``OUT/data.json`` so a resumed run whose files changed is refused.
+        memory: ``memory(cfg, section, inputs) -> {what: bytes per rank}``: the device memory its state
+            takes at the peak of a step (a teacher, a Fisher, masks...), for ``cltk plan --memory``;
+            ``inputs`` is a :class:`cltk.memplan.MemoryInputs` (model shape, ZeRO layout, helpers).
+        trainable: ``trainable(section, meta_model) -> int``: the parameters that train when the
+            method freezes the base (counted on the model built on the meta device); None: all do.
     """
 
     name: str
@@ -97,6 +107,8 @@ class MethodSpec:
     run_files: tuple[str, ...] = ()
     order: int = 50
     extra_sources: Callable[[RunConfig, Any], list[DomainConfig]] = _no_sources
+    memory: Callable[[RunConfig, Any, MemoryInputs], dict[str, int]] = _no_memory
+    trainable: Callable[[Any, Any], int] | None = None
 
     def build(self, cfg: RunConfig, section: Any) -> Method:
         """The method's hooks for a run (imports its module on first use)."""

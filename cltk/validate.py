@@ -73,6 +73,9 @@ def _check_model_and_tokenizer(cfg: RunConfig) -> None:
         val = getattr(m, key)
         if val and not cfg.resolve(val).exists():  # type: ignore[union-attr]
             raise ConfigError(f"model.{key}", f"{cfg.resolve(val)} does not exist")
+    from cltk.activations import check_attention
+
+    check_attention(m.attn_implementation)
     if m.config is not None and "model_type" not in m.config:
         raise ConfigError(
             "model.config.model_type", "an inline config needs model_type (e.g. llama)"

@@ -101,3 +101,22 @@ def test_every_method_two_stages_under_nccl_on_one_gpu(tmp_path, name):
         again = json.loads((out / "eval" / "forgetting.json").read_text())["perplexity"]
         for a, b in zip(again, report["perplexity"]):
             assert a == pytest.approx(b, rel=2e-2)  # bf16 engine vs bf16 reload
+
+
+@pytest.mark.gpu
+@no_gpu
+def test_checkpointing_with_das_fused_adamw_and_the_plan_on_one_gpu(tmp_path):
+    """bf16 under NCCL with activation checkpointing and DAS's hooked contrastive passes; the fused
+    AdamW is recorded; the run's peak device memory is within the plan's estimate (+/- 50% at this
+    tiny size, where fixed buffers dominate)."""
+    cfg = write_tiny_run(tmp_path, das=DAS, train={"activation_checkpointing": True})
+    proc = run_one(cfg)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "activation checkpointing on 2 layers" in proc.stderr
+    record = json.loads(sorted((tmp_path / "out" / "stages").glob("*/stage.json"))[-1].read_text())
+    assert record["optimizer"] == "torch AdamW fused" and record["activation_checkpointing"] is True
+    plan = subprocess.run(
+        [sys.executable, "-m", "cltk", "plan", "--memory", "--config", str(cfg), "--world-size", "1",
+         "--measured", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert "estimate / measured" in plan.stdout

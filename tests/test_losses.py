@@ -315,3 +315,39 @@ def test_one_pass_soft_target_equals_the_generic_kernel_and_returns_q_y():
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
     ref_lq = F.log_softmax(raw, -1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(lq, torch.where(labels != -100, ref_lq, torch.zeros_like(ref_lq)))
+
+
+def _graph_names(t: torch.Tensor) -> set[str]:
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or type(fn).__name__ in seen:
+            continue
+        seen.add(type(fn).__name__)
+        todo += [f for f, _ in fn.next_functions]
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_chunk_cross_entropy_takes_the_plain_kernel_and_equals_the_chunked_one(dtype):
+    g = torch.Generator().manual_seed(13)
+    logits = (torch.randn(3, 7, 50, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, 50, (3, 7), generator=g)
+    labels[0, :3] = -100
+    results = []
+    for n in (None, 40):
+        fast = logits.clone().requires_grad_(True)
+        loss = causal_lm_loss(fast, labels, num_tokens=n)
+        assert "NllLossBackward0" in _graph_names(loss)  # the fast path
+        loss.backward()
+        chunked = logits.clone().requires_grad_(True)
+        per, valid = losses_module.token_losses(chunked, labels, -100, w_y=1.0)
+        ref = losses_module.reduce_tokens(per, valid, n)
+        assert "NllLossBackward0" not in _graph_names(ref)
+        ref.backward()
+        assert loss.dtype == ref.dtype == torch.float32
+        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fast.grad, chunked.grad, rtol=1e-6, atol=1e-7)
+        assert fast.grad[0, :3].abs().sum() == 0  # ignored positions get no gradient
+        results.append(loss.item())
+    assert results[1] == pytest.approx(results[0] * 18 / 40, rel=1e-6)

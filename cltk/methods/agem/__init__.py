@@ -79,6 +79,12 @@ def check(cfg: RunConfig, a: AgemConfig) -> None:
 
 
 
+def memory(cfg: RunConfig, section: AgemConfig, inputs: Any) -> dict[str, int]:
+    """The reference gradient and the projected copy, fp32 partitions."""
+    return {"reference gradient + projection (fp32 partitions)": 2 * inputs.partition()}
+
+
 SPEC = register(MethodSpec("agem", AgemConfig, "cltk.methods.agem.method:AgemMethod",
                            "A-GEM: project each step's gradient against a memory batch of earlier stages",
-                           check, acts_on_base=True, order=70))
+                           check, acts_on_base=True, order=70,
+                           memory=memory))

@@ -9,7 +9,7 @@ contrastive term is :mod:`.contrastive`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from cltk.config import ConfigError, RunConfig, option
 from cltk.registry import MethodSpec, register
@@ -55,5 +55,18 @@ def check(cfg: RunConfig, das: DasConfig) -> None:
 
 
 
+def memory(cfg: RunConfig, section: DasConfig, inputs: Any) -> dict[str, int]:
+    """Update masks and the update blend's copy (fp32 partitions; gradient masks are whole
+    parameters); with the contrastive term, three extra forwards held until backward, the gated one
+    without checkpointing."""
+    masks = 2 * inputs.partition() if section.mask == "update" else 4 * inputs.trainable
+    out = {"masks" + (" + update-blend copy (fp32 partitions)" if section.mask == "update" else ""):
+           masks}
+    if section.contrastive is not None and section.contrastive.weight > 0:
+        out["contrastive: three extra forwards"] = 2 * inputs.activations + inputs.full_activations
+    return out
+
+
 SPEC = register(MethodSpec("das", DasConfig, "cltk.methods.das.method:DasMethod",
-                           "DAS unit-importance soft-masking", check, acts_on_base=True, order=60))
+                           "DAS unit-importance soft-masking", check, acts_on_base=True, order=60,
+                           memory=memory))

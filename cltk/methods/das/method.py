@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from cltk import distributed as dist
+from cltk.activations import checkpointing_suspended
 from cltk.config import RunConfig
 from cltk.forward import keeps_logits
 from cltk.method import Method, StageContext
@@ -146,7 +147,10 @@ class DasMethod(Method):
                 ffn=self.importance["ffn"].to(dev, torch.float32),
             )
             try:
-                gated = pooled()
+                # the gates come off before backward: a checkpointed block recomputed there would
+                # run ungated, so this pass keeps its activations
+                with checkpointing_suspended(module):
+                    gated = pooled()
             finally:
                 for h in gates:
                     h.remove()

@@ -4,6 +4,7 @@ stage's export, from the second stage on. The hooks are in :mod:`.method`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from cltk.config import ConfigError, RunConfig, option
 from cltk.methods.kit.soft_losses import check_distillation_args
@@ -25,7 +26,13 @@ def check(cfg: RunConfig, d: DistillConfig) -> None:
 
 
 
+def memory(cfg: RunConfig, section: DistillConfig, inputs: Any) -> dict[str, int]:
+    """The online teacher (the previous stage, frozen) and its logits for the micro-batch."""
+    return {"teacher weights (frozen copy)": inputs.frozen_copy(), "teacher logits": inputs.logits()}
+
+
 SPEC = register(MethodSpec("distill", DistillConfig, "cltk.methods.distill.method:DistillMethod",
                            "distillation from the previous stage", check,
                            replaces_loss=lambda d: True,
-                           previous_domain_teacher=lambda d: "distill", order=30))
+                           previous_domain_teacher=lambda d: "distill", order=30,
+                           memory=memory))

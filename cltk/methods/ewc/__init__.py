@@ -9,6 +9,7 @@ Here: the config section and its checks. The hooks are in :mod:`.method`, the ar
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from cltk.config import ConfigError, RunConfig, option
 from cltk.registry import MethodSpec, register
@@ -87,6 +88,14 @@ def _check_precision(cfg: RunConfig) -> None:
             )
 
 
+
+def memory(cfg: RunConfig, section: EwcConfig, inputs: Any) -> dict[str, int]:
+    """The Fisher, the anchor and the running sum of squared gradients: fp32, each laid out like this
+    rank's ZeRO partition."""
+    return {"Fisher + anchor + squared-gradient sum (fp32 partitions)": 3 * inputs.partition()}
+
+
 SPEC = register(MethodSpec("ewc", EwcConfig, "cltk.methods.ewc.method:EwcMethod",
                            "EWC / online EWC: a Fisher-weighted pull towards the last stage's weights",
-                           check, acts_on_base=True))
+                           check, acts_on_base=True,
+                           memory=memory))

@@ -5,7 +5,7 @@ oracle, routed and merged evaluation. The hooks are in :mod:`.adapters`, the rou
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from cltk.config import RunConfig, option
 from cltk.registry import MethodSpec, register
@@ -41,7 +41,24 @@ def _grow_refusal(section: LoraConfig) -> str | None:
     return None
 
 
+def trainable(section: LoraConfig, model: Any) -> int:
+    """Adapter parameters: r x (in + out) for every adapted linear layer (PEFT's LoRA)."""
+    import torch
+
+    from cltk.methods.lora.adapters import default_target_modules
+
+    targets = set(section.target_modules or default_target_modules(model))
+    return sum(section.r * (m.in_features + m.out_features) for n, m in model.named_modules()
+               if n.rsplit(".", 1)[-1] in targets and isinstance(m, torch.nn.Linear))
+
+
+def memory(cfg: RunConfig, section: LoraConfig, inputs: Any) -> dict[str, int]:
+    """The adapters' weights (fp32: PEFT keeps them in the base's dtype at load, cltk loads fp32)."""
+    return {"adapter weights": trainable(section, inputs.shape.meta_model) * 4}
+
+
 SPEC = register(MethodSpec("lora", LoraConfig, "cltk.methods.lora.adapters:LoraMethod",
                            "a LoRA adapter per domain or block", check,
                            freezes_base=lambda section: True, grow_refusal=_grow_refusal,
-                           run_files=("lora_base", "adapters"), order=10))
+                           run_files=("lora_base", "adapters"), order=10,
+                           trainable=trainable, memory=memory))

@@ -8,7 +8,7 @@ in :mod:`.teacher_cache`, the transformers ``Trainer`` door in :mod:`.hf_trainer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from cltk.config import ConfigError, RunConfig, option
 from cltk.methods.kit.soft_losses import check_soft_target_args
@@ -49,10 +49,20 @@ def _across_domains(b: BlocksConfig) -> str | None:
     return "blocks.across_domains" if b.across_domains else None
 
 
+def memory(cfg: RunConfig, section: BlocksConfig, inputs: Any) -> dict[str, int]:
+    """Online: a frozen teacher beside the student and its logits; offline: the cache's top-k
+    log-probabilities and ids of the micro-batch."""
+    if section.teacher == "online":
+        return {"teacher weights (frozen copy)": inputs.frozen_copy(),
+                "teacher logits": inputs.logits()}
+    return {"teacher cache rows (top-k)": inputs.tokens * (section.topk + 1) * 12}
+
+
 SPEC = register(MethodSpec("blocks", BlocksConfig,
                            "cltk.methods.soft_targets.method:SoftTargetMethod",
                            "incremental soft-target blocks", check, active=lambda b: b.k > 1,
                            replaces_loss=lambda b: b.k > 1, stages_per_domain=lambda b: b.k,
                            fixed_on_resume=True,
                            previous_domain_teacher=_across_domains,
-                           run_files=("teacher_cache",), order=20))
+                           run_files=("teacher_cache",), order=20,
+                           memory=memory))

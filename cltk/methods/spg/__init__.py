@@ -9,6 +9,7 @@ hooks in :mod:`.method`; see docs/spg.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from cltk.config import ConfigError, RunConfig, option
 from cltk.registry import MethodSpec, register
@@ -46,6 +47,13 @@ def check(cfg: RunConfig, spg: SpgConfig) -> None:
 
 
 
+def memory(cfg: RunConfig, section: SpgConfig, inputs: Any) -> dict[str, int]:
+    """Accumulated importance and the stage's gradient sums, fp32 partitions; the update blend's copy
+    of the partition it steps."""
+    return {"importance + gradient sums + update-blend copy (fp32 partitions)": 3 * inputs.partition()}
+
+
 SPEC = register(MethodSpec("spg", SpgConfig, "cltk.methods.spg.method:SpgMethod",
                            "SPG parameter-level soft-masking of the update", check,
-                           acts_on_base=True, order=61))
+                           acts_on_base=True, order=61,
+                           memory=memory))
