@@ -25,11 +25,12 @@ import yaml
 from cltk import checkpoint
 from cltk import distributed as dist
 from cltk.config import RunConfig
-from cltk.data.prepare import prepare
+from cltk.data.prepare import check_sources, prepare
 from cltk.data.sampler import Mix, Pool, StageSchedule, mixture_pool
 from cltk.engine import build_engine, train_step
 from cltk.forward import engine_forward
 from cltk.grow import check_config, check_plan, complete_row
+from cltk.lock import release as release_lock
 from cltk.method import Method, StageContext
 from cltk.metrics import ForgettingReport, forgetting_report, format_table
 from cltk.metrics_files import save_report
@@ -38,7 +39,7 @@ from cltk.perplexity import evaluate_domains
 from cltk.plan import Stage, plan_json, plan_stages
 from cltk.registry import build_methods
 from cltk.rundir import check_global_batch, check_run_dir
-from cltk.schedules import stage_lr_lambda
+from cltk.schedules import stage_lr_lambda, warmup_note
 from cltk.start import start_row
 from cltk.tracking import Tracker, log, peak_memory_mb
 
@@ -108,6 +109,12 @@ class ContinualRun:
 
     # ----- the run ----------------------------------------------------------------------------------
     def run(self) -> RunResult:
+        try:
+            return self._run()
+        finally:  # the output directory's lock (taken by check_run_dir), also when the run fails
+            release_lock(self.out)
+
+    def _run(self) -> RunResult:
         dist.init()
         log(
             f"{dist.world_size()} rank(s), backend {torch.distributed.get_backend()}, device {dist.device()}"
@@ -115,6 +122,7 @@ class ContinualRun:
         self._check_output_dir()
         if self.resume:  # appended domains grow the run; any other change to its finished part is refused
             check_config(self.cfg)
+        check_sources(self.cfg)  # before anything is written into the output directory
         self._write_world()
         seed_everything(self.cfg.seed)
         self.tokenizer, self.domains = prepare(self.cfg)
@@ -125,6 +133,8 @@ class ContinualRun:
         self.stages = plan_stages(self.cfg, {n: len(d.train) for n, d in self.domains.items()})
         if self.resume:
             check_plan(self.out, self.stages)
+        for m in self.methods:  # checks that need the data's sizes, before row 0 and any training
+            m.check_plan(self._context(self.stages[0]))
         self._write_run_files(self.stages)
         self.tracker = Tracker(self.out, self.cfg.train.log_sequence_ids)
         resume_state = None
@@ -153,7 +163,7 @@ class ContinualRun:
             start=[start[n] for n in self.domain_names] if start else None,
         )
         if dist.is_main():
-            save_report(report, self.out)
+            save_report(report, self.out, heatmap=self.cfg.eval.heatmap)
             print(format_table(report), flush=True)
         for m in self.methods:
             m.on_run_end(self.out, report)
@@ -248,6 +258,9 @@ class ContinualRun:
             tag = checkpoint.to_universal(self.ckpt_root, tag)
         stage_steps = [len(self.schedule(s)) for s in self.stages]
         lr_fn = stage_lr_lambda(c.train, stage_steps, stage.index)
+        note = warmup_note(c.train, stage_steps, stage.index)
+        if note:
+            log(f"stage {stage.dirname}: warning: {note}")
         engine = build_engine(c, model, len(schedule), load_universal=universal, lr_fn=lr_fn)
         ctx.engine = engine
         for m in self.methods:

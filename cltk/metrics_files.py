@@ -15,11 +15,13 @@ CSV_NAME = "forgetting.csv"
 PNG_NAME = "forgetting.png"
 
 
-def save_report(report: ForgettingReport, out_dir: str | Path) -> dict[str, Path]:
+def save_report(report: ForgettingReport, out_dir: str | Path, heatmap: bool = True) -> dict[str, Path]:
     """Write ``forgetting.json``, ``forgetting.csv`` and ``forgetting.png`` into ``out_dir``.
 
     The CSV holds the matrix: a header row ``stage, trains, <domain>...``, the row ``start`` (the
-    starting model, empty ``trains``) when measured, then one row per completed stage. Returns the three paths by kind (``"json"``, ``"csv"``, ``"png"``).
+    starting model, empty ``trains``) when measured, then one row per completed stage. Returns the
+    paths by kind (``"json"``, ``"csv"``, and ``"png"`` unless ``heatmap`` is false
+    (``eval.heatmap: false``): then no picture is drawn, and one an earlier attempt drew is removed).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -33,6 +35,9 @@ def save_report(report: ForgettingReport, out_dir: str | Path) -> dict[str, Path
         for i, row in enumerate(report.perplexity):
             writer.writerow([report.stage_names[i], stage_label(report.stage_domains[i]),
                              *(repr(v) for v in row)])
+    if not heatmap:
+        paths.pop("png").unlink(missing_ok=True)  # a stale picture would contradict the matrix
+        return paths
     _save_heatmap(report, paths["png"])
     return paths
 

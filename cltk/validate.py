@@ -11,6 +11,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cltk import registry
+from cltk.config_checks import (
+    check_deepspeed_shapes,
+    check_model_extras,
+    check_output_dir,
+    check_written_sections,
+)
 from cltk.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -27,6 +33,7 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
     from cltk.data.corpora import CorpusError, check_source
     from cltk.data.tokenizer import MIN_VOCAB_SIZE
 
+    check_output_dir(cfg)
     m = cfg.model
     given = [k for k in ("init_from", "gguf", "config") if getattr(m, k)]
     if len(given) != 1:
@@ -126,6 +133,7 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
     if not ds_path.is_file():  # type: ignore[union-attr]
         raise ConfigError("deepspeed", f"{ds_path} not found (ship one of ds_configs/zero*.json)")
     ds = load_deepspeed_json(ds_path)  # type: ignore[arg-type]
+    check_deepspeed_shapes(ds, ds_path, t.grad_clip)  # type: ignore[arg-type]
     for k, ours in (
         ("train_micro_batch_size_per_gpu", t.micro_batch_size),
         ("gradient_accumulation_steps", t.gradient_accumulation_steps),
@@ -154,10 +162,12 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
     from cltk.model_checks import check_model
 
     check_model(cfg)
+    check_model_extras(cfg)
 
 
 def check_methods(cfg: RunConfig) -> None:
     """Each active method's own checks, then the combinations no method can judge alone."""
+    check_written_sections(cfg)
     active = registry.active(cfg)
     for spec, section in active:
         spec.check(cfg, section)
@@ -185,7 +195,10 @@ def check_methods(cfg: RunConfig) -> None:
 
 def load_deepspeed_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError("deepspeed", f"{path} is not UTF-8 text (byte {e.start}); save it as "
+                          "UTF-8 JSON") from e
     except json.JSONDecodeError as e:
         raise ConfigError("deepspeed", f"{path} is not valid JSON: {e}") from e
     if not isinstance(data, dict):

@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cltk.config import read_raw
+from cltk.config import _convert, read_raw
 from cltk.errors import UserError
 
 VARIANTS = ("addner", "extendner")
@@ -110,7 +111,9 @@ def _section(cls, raw: Any, key: str):
     unknown = sorted(set(raw) - names)
     if unknown:
         raise NerConfigError(key, f"unknown key(s) {unknown}; known: {sorted(names)}")
-    return cls(**raw)
+
+    hints = typing.get_type_hints(cls)  # each value checked against its field type, key named
+    return cls(**{k: _convert(v, hints[k], f"{key}.{k}") for k, v in raw.items()})
 
 
 def _check_source(src: Any, key: str) -> None:
@@ -152,11 +155,17 @@ def parse_config(raw: dict[str, Any], base_dir: str | Path = ".") -> NerConfig:
         model=_section(NerModelConfig, raw.get("model"), "model"),
         tokenizer=_section(NerTokenizerConfig, raw.get("tokenizer"), "tokenizer"),
         train=_section(NerTrainConfig, raw.get("train"), "train"),
-        seed=int(raw.get("seed", 0)),
+        seed=_seed(raw.get("seed", 0)),
         base_dir=str(base_dir),
     )
     check_config(cfg)
     return cfg
+
+
+def _seed(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+        raise NerConfigError("seed", f"must be an integer in [0, 2**32), got {value!r}")
+    return value
 
 
 def check_config(cfg: NerConfig) -> None:
