@@ -149,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
                     "the run has a checkpoint)"
                 )
             )
+        if "EADDRINUSE" in str(e) and "torch" in sys.modules:  # the rendezvous port is taken
+            return _report_user_error(UserError(
+                f"the rendezvous port MASTER_PORT={os.environ.get('MASTER_PORT', '?')} is already in "
+                "use on this host (another job, or a previous launch still closing); launch with "
+                "another port (deepspeed --master_port, torchrun --master_port)"))
         if _peer_lost(e):
             print(
                 f"cltk: rank {_rank()}: another rank died (its process ended or its host went "

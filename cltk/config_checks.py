@@ -33,6 +33,21 @@ def check_output_dir(cfg: RunConfig) -> None:
         )
 
 
+def check_path_kinds(cfg: RunConfig) -> None:
+    """Paths that exist but are the wrong kind: a model or tokenizer directory that is a file, a GGUF
+    file that is a directory."""
+    m, t = cfg.model, cfg.tokenizer
+    for key, value, want_dir in (("model.init_from", m.init_from, True), ("model.gguf", m.gguf, False),
+                                 ("tokenizer.path", t.path, True)):
+        path = cfg.resolve(value)
+        if path is None or not path.exists():
+            continue
+        if want_dir and not path.is_dir():
+            raise ConfigError(key, f"{path} is a file; name the directory save_pretrained wrote")
+        if not want_dir and path.is_dir():
+            raise ConfigError(key, f"{path} is a directory; name the .gguf file in it")
+
+
 def check_written_sections(cfg: RunConfig) -> None:
     """Each method section that is written but does not turn its method on, checked all the same."""
     for spec in registry.specs():

@@ -15,6 +15,7 @@ from cltk.config_checks import (
     check_deepspeed_shapes,
     check_model_extras,
     check_output_dir,
+    check_path_kinds,
     check_written_sections,
 )
 from cltk.errors import ConfigError
@@ -44,6 +45,7 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
         val = getattr(m, key)
         if val and not cfg.resolve(val).exists():  # type: ignore[union-attr]
             raise ConfigError(f"model.{key}", f"{cfg.resolve(val)} does not exist")
+    check_path_kinds(cfg)
     if m.config is not None and "model_type" not in m.config:
         raise ConfigError(
             "model.config.model_type", "an inline config needs model_type (e.g. llama)"
@@ -77,7 +79,7 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
     seen = set()
     for i, d in enumerate(cfg.domains):
         key = f"domains[{i}]"
-        if not d.name or not d.name.replace("-", "").replace("_", "").isalnum():
+        if not d.name or not d.name.isascii() or not d.name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(
                 f"{key}.name", f"needs a name of letters, digits, - and _, got {d.name!r}"
             )
@@ -142,7 +144,7 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
         if k in ds and ds[k] != "auto" and ds[k] != ours:
             raise ConfigError(
                 "deepspeed",
-                f"{ds_path} sets {k}={ds[k]} but the run config gives {ours}; "
+                f"{ds_path} sets {k}={ds[k]!r} but the run config gives {ours}; "
                 f'batch sizes belong in the run config\'s train section: remove {k} or set it to "auto"',
             )
     stage = (ds.get("zero_optimization") or {}).get("stage", 0)

@@ -290,15 +290,19 @@ def test_two_real_runs_into_one_output_dir(tmp_path):
     """The issue's case: two ``cltk train`` into one output_dir; the second is refused, the first's
     metrics are whole."""
     cfg = write_tiny_run(tmp_path, train={"max_steps_per_stage": 2}, eval={"start": False})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    env.pop("RANK", None)
+    def env() -> dict[str, str]:  # each process its own rendezvous port
+        return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RANK": "0",
+                "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_PORT": str(free_port())}
+
     cmd = [sys.executable, "-m", "cltk", "train", "--config", str(cfg)]
-    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
     lock = tmp_path / "out" / ".cltk.lock"
     deadline = time.time() + 600
     while not lock.exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    second = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(cmd + ["--resume"], env=env(), capture_output=True, text=True,
+                            timeout=600)
     out, _ = first.communicate(timeout=900)
     assert first.returncode == 0, out[-3000:]
     assert second.returncode == 2, second.stderr[-3000:]

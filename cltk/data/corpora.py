@@ -90,9 +90,10 @@ def _unknown_options(kind: str, unknown: list[str]) -> str:
     """The message for keys a ``kind`` source does not take: a near miss of a source kind is named."""
     allowed = sorted(_KIND_OPTIONS[kind])
     takes = f"it takes {allowed}" if allowed else "it takes no options"
-    for u in unknown:
-        close = difflib.get_close_matches(str(u), [*SOURCE_KINDS, MIX], n=1, cutoff=0.6)
-        if close:
+    options = sorted(set().union(*_KIND_OPTIONS.values()))
+    for u in unknown:  # the nearest of every kind and option: 'fields' is the option 'field'
+        close = difflib.get_close_matches(str(u), [*SOURCE_KINDS, MIX, *options], n=1, cutoff=0.6)
+        if close and close[0] in (*SOURCE_KINDS, MIX):
             return (f"{u!r} is not a source kind (did you mean {close[0]!r}?), and a source has "
                     f"exactly one kind of {', '.join(SOURCE_KINDS)}; this one is a {kind!r} source: "
                     f"{takes}")

@@ -308,7 +308,12 @@ def _check_run_data(cfg: RunConfig, dirs: dict[str, str]) -> None:
             # the same key (files and settings) yet other text: an edit the sampled hash missed, read
             # again because the cache was deleted. It is refused, never recorded over the old hash
             other_text = old[name].get("content_sha256", now["content_sha256"]) != now["content_sha256"]
-            if old[name]["key"] != now["key"] or other_text:
+            # a record of an older cltk (files without sampled hashes, another key layout): its files'
+            # size and mtime and the content hash decide; the resume config check covers the settings
+            legacy = any(len(f) == 3 for f in old[name]["files"])
+            changed = (bool(changed_files(old[name]["files"], now["files"])) if legacy
+                       else old[name]["key"] != now["key"])
+            if changed or other_text:
                 what = changed_files(old[name]["files"], now["files"]) or (
                     ["the text read now differs from the text the run trained on (content hash)"]
                     if other_text else ["the tokenizer or packing settings changed"])
