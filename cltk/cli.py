@@ -10,7 +10,8 @@ cltk ner --config NER.yaml [--set distill=null ...]               # continual NE
 
 A mistake the user can fix (:class:`cltk.errors.UserError`) is printed as one line, ``cltk: <message>``,
 by rank 0, and the exit code is 2 (see ``OTHER_RANK_GRACE_S`` for the other ranks). Any other exception is a bug in cltk: its traceback is printed with a
-line asking for a report that carries it, and the exit code is 1.
+line asking for a report that carries it, and the exit code is 1. A collective that fails because another
+rank died is neither: one line says so and how to resume, and the exit code is 3.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -288,7 +289,8 @@ def test_a_second_run_is_refused_while_the_first_holds_the_lock(tmp_path, capsys
 
 def test_two_real_runs_into_one_output_dir(tmp_path):
     """The issue's case: two ``cltk train`` into one output_dir; the second is refused, the first's
-    metrics are whole."""
+    metrics are whole. The first is paused (SIGSTOP) once it holds the lock, so the second surely
+    meets it alive, then continued."""
     cfg = write_tiny_run(tmp_path, train={"max_steps_per_stage": 2}, eval={"start": False})
     def env() -> dict[str, str]:  # each process its own rendezvous port
         return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RANK": "0",
@@ -299,10 +301,21 @@ def test_two_real_runs_into_one_output_dir(tmp_path):
                              text=True)
     lock = tmp_path / "out" / ".cltk.lock"
     deadline = time.time() + 600
-    while not lock.exists() and first.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    second = subprocess.run(cmd + ["--resume"], env=env(), capture_output=True, text=True,
-                            timeout=600)
+    def held() -> bool:  # the file exists and its line is written
+        try:
+            return bool(lock.read_text().strip())
+        except OSError:
+            return False
+
+    while not held() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        assert lock.exists(), "the first run ended before it took the lock"
+        second = subprocess.run(cmd + ["--resume"], env=env(), capture_output=True, text=True,
+                                timeout=600)
+    finally:
+        first.send_signal(signal.SIGCONT)
     out, _ = first.communicate(timeout=900)
     assert first.returncode == 0, out[-3000:]
     assert second.returncode == 2, second.stderr[-3000:]

@@ -313,6 +313,7 @@ def test_resume_into_an_empty_dir_starts_fresh_and_leftovers_are_removed(
     assert not (out / "tokenizer").exists()
     assert (out / "mine.txt").is_file()
     # a path the config points at is never a leftover, even under the output directory
+    (out / "world.json").write_text("{}")
     (out / "tokenizer").mkdir()
     (out / "tokenizer" / "tokenizer.json").write_text("{}")
     cfg = write_tiny_run(tmp_path, domains=domains, tokenizer={"path": str(out / "tokenizer")})
