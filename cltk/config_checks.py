@@ -4,15 +4,12 @@ before any work: each is a function of its own, raising :class:`ConfigError` wit
 - ``output_dir`` must name a directory (an empty string would write the run into the config's own);
 - every method section that is written is checked, whether or not its values turn the method on
   (``replay.share: -0.1`` is a mistake, not "replay off");
-- the DeepSpeed JSON's shapes: sections that must be objects, ``enabled`` flags that must be booleans
-  (or ``"auto"``), and a ``gradient_clipping`` that differs from ``train.grad_clip`` (cltk owns it);
 - an inline model's sizes (``hidden_size: 0``, ``num_hidden_layers: 0``) and a tokenizer larger than the
   embedding of the model it is meant for.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cltk import registry
@@ -54,33 +51,6 @@ def check_written_sections(cfg: RunConfig) -> None:
         section = cfg.sections.get(spec.name)
         if section is not None and not spec.active(section):
             spec.check(cfg, section)
-
-
-def check_deepspeed_shapes(ds: dict[str, Any], path: Path, grad_clip: float) -> None:
-    """The sections of a DeepSpeed JSON cltk reads, and the keys it owns, before DeepSpeed sees them."""
-    for key in ("zero_optimization", "bf16", "fp16"):
-        if key in ds and not isinstance(ds[key], dict):
-            raise ConfigError(
-                "deepspeed",
-                f"{path}: {key} must be an object like {{\"stage\": 2}}, got "
-                f"{type(ds[key]).__name__} {ds[key]!r}",
-            )
-    for key in ("bf16", "fp16"):
-        enabled = (ds.get(key) or {}).get("enabled", False)
-        if not isinstance(enabled, bool) and enabled != "auto":
-            raise ConfigError(
-                "deepspeed",
-                f'{path}: {key}.enabled must be true, false or "auto", got {enabled!r}',
-            )
-    clip = ds.get("gradient_clipping")
-    if clip is not None and clip != "auto":
-        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or float(clip) != grad_clip:
-            raise ConfigError(
-                "deepspeed",
-                f"{path} sets gradient_clipping={clip!r} but train.grad_clip is {grad_clip:g}; cltk "
-                'owns clipping: set train.grad_clip in the run config and remove gradient_clipping '
-                '(or set it to "auto")',
-            )
 
 
 def check_inline_sizes(config: Any) -> None:

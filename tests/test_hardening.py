@@ -239,8 +239,8 @@ def test_read_only_places(tmp_path, capsys, process_group):
 
 
 def test_relative_globs_resolve_against_the_config_directory(tmp_path, monkeypatch):
-    from cltk.config import load_config
     from cltk.data.prepare import _parts
+    from cltk.validate import load_config
 
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").write_text("hello\n")

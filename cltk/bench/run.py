@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cltk.bench.arms import ARMS, Tier, overrides
-from cltk.config import load_config, read_raw
 from cltk.distributed import free_port
 from cltk.errors import UserError
+from cltk.typed_config import read_raw
+from cltk.validate import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_CONFIGS = ROOT / "examples" / "bench"
