@@ -435,3 +435,30 @@ def test_a_surviving_rank_says_another_rank_died_and_how_to_resume(tmp_path):
     lines = [ln for ln in out0.splitlines() if ln.startswith("cltk: ")]
     assert len(lines) == 1 and "another rank died" in lines[0] and "--resume" in lines[0], out0
     assert "bug in cltk" not in out0 and "Traceback" not in out0
+
+
+# ----- settings that were ignored ------------------------------------------------------------------
+
+
+def test_heatmap_false_draws_no_picture_and_removes_an_old_one(tmp_path):
+    from cltk.metrics import forgetting_report
+    from cltk.metrics_files import save_report
+
+    report = forgetting_report([[10.0, 20.0], [12.0, 15.0]], ["s0", "s1"], ["a", "b"], ["a", "b"])
+    assert save_report(report, tmp_path)["png"].is_file()
+    paths = save_report(report, tmp_path, heatmap=False)
+    assert "png" not in paths and not (tmp_path / "forgetting.png").exists()
+    assert (tmp_path / "forgetting.csv").is_file() and (tmp_path / "forgetting.json").is_file()
+
+
+def test_a_warmup_longer_than_its_span_is_said():
+    from types import SimpleNamespace
+
+    from cltk.schedules import warmup_note
+
+    t = SimpleNamespace(warmup_steps=10, lr_span="stage")
+    assert "train.warmup_steps 10 >= the stage's 6 steps" in warmup_note(t, [6, 20], 0)
+    assert warmup_note(t, [6, 20], 1) is None
+    run = SimpleNamespace(warmup_steps=10, lr_span="run")
+    assert warmup_note(run, [6, 20], 0) is None and warmup_note(run, [4, 5], 0) is not None
+    assert warmup_note(run, [4, 5], 1) is None  # a run-long schedule warms up once
