@@ -12,7 +12,8 @@ cltk ner --config NER.yaml [--set distill=null ...]               # continual NE
 
 A mistake the user can fix (:class:`cltk.errors.UserError`) is printed as one line, ``cltk: <message>``,
 by rank 0, and the exit code is 2 (see ``OTHER_RANK_GRACE_S`` for the other ranks). Any other exception is a bug in cltk: its traceback is printed with a
-line asking for a report that carries it, and the exit code is 1.
+line asking for a report that carries it, and the exit code is 1. A collective that fails because another
+rank died is neither: one line says so and how to resume, and the exit code is 3.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from cltk.errors import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_BUG = 1
+EXIT_PEER_LOST = 3  # another rank died: not this rank's mistake, not a bug; rerun with --resume
 # Seconds a rank other than 0 waits before reporting a user error itself. Every rank usually meets the
 # same mistake; rank 0 reports it at once and the launcher (deepspeed, torchrun, srun --kill-on-bad-exit)
 # then ends the other ranks, so the line appears once. A rank still alive after the wait met the mistake
@@ -169,6 +171,22 @@ def main(argv: list[str] | None = None) -> int:
                     "the run has a checkpoint)"
                 )
             )
+        if "EADDRINUSE" in str(e) and "torch" in sys.modules:  # the rendezvous port is taken
+            return _report_user_error(UserError(
+                f"the rendezvous port MASTER_PORT={os.environ.get('MASTER_PORT', '?')} is already in "
+                "use on this host (another job, or a previous launch still closing); launch with "
+                "another port (deepspeed --master_port, torchrun --master_port)"))
+        if _peer_lost(e):
+            print(
+                f"cltk: rank {_rank()}: another rank died (its process ended or its host went "
+                f"away: {_first_line(e)}); this rank stops too. Find the first error in that rank's "
+                "log (or the kill: out of memory, a preempted node), then rerun the same command "
+                "with --resume: the run continues from its last checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
+            _leave_now_if_ranks(EXIT_PEER_LOST)
+            return EXIT_PEER_LOST
         traceback.print_exc()
         print(
             f"cltk: this is a bug in cltk (rank {_rank()}), not in your input; please report it "
@@ -177,6 +195,33 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         return EXIT_BUG
+
+
+# A collective failed because another rank is gone (the communication library's words for it)
+_PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe",
+              "connection refused", "socket closed", "nccl communicator was aborted",
+              "remote process exited", "ncclremoteerror")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _peer_lost(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it) is a collective that failed because a peer rank died."""
+    if "torch" not in sys.modules:
+        return False
+    import torch.distributed as td
+
+    seen: BaseException | None = e
+    while seen is not None:
+        text = str(seen).lower()
+        backend_error = isinstance(seen, getattr(td, "DistBackendError", ()))
+        if any(w in text for w in _PEER_LOST) and (backend_error or "gloo" in text or "nccl" in text
+                                                   or isinstance(seen, RuntimeError)):
+            return td.is_initialized() and td.get_world_size() > 1
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -214,7 +259,10 @@ def _main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides=args.set)
     if args.command == "prepare":
         from cltk.data.prepare import prepare
+        from cltk.rundir import check_writable_dir
 
+        check_writable_dir(cfg.cache_dir, "data.cache_dir")  # before any tokenizer is trained
+        check_writable_dir(cfg.out, "output_dir")  # the run's tokenizer and data.json go there
         prepare(cfg)  # a UserError (a bad file, named with its line) is reported by main()
         return 0
     if args.command == "train":

@@ -27,11 +27,12 @@ from cltk import checkpoint
 from cltk import distributed as dist
 from cltk.activations import enable_activation_checkpointing
 from cltk.config import RunConfig
-from cltk.data.prepare import prepare
+from cltk.data.prepare import check_sources, prepare
 from cltk.data.sampler import Mix, Pool, StageSchedule, count_steps, mixture_pool
 from cltk.engine import build_engine, describe_optimizer, train_step
 from cltk.forward import engine_forward
 from cltk.grow import check_config, check_plan, complete_row
+from cltk.lock import release as release_lock
 from cltk.method import Method, StageContext
 from cltk.metrics import ForgettingReport, forgetting_report, format_table
 from cltk.metrics_files import save_report
@@ -40,7 +41,7 @@ from cltk.perplexity import evaluate_domains
 from cltk.plan import Stage, plan_json, plan_stages
 from cltk.registry import build_methods
 from cltk.rundir import check_global_batch, check_run_dir
-from cltk.schedules import stage_lr_lambda
+from cltk.schedules import stage_lr_lambda, warmup_note
 from cltk.start import start_record
 from cltk.task_report import task_report
 from cltk.task_runs import complete_tasks
@@ -113,6 +114,12 @@ class ContinualRun:
 
     # ----- the run ----------------------------------------------------------------------------------
     def run(self) -> RunResult:
+        try:
+            return self._run()
+        finally:  # the output directory's lock (taken by check_run_dir), also when the run fails
+            release_lock(self.out)
+
+    def _run(self) -> RunResult:
         dist.init()
         log(
             f"{dist.world_size()} rank(s), backend {torch.distributed.get_backend()}, device {dist.device()}"
@@ -120,6 +127,7 @@ class ContinualRun:
         self._check_output_dir()
         if self.resume:  # appended domains grow the run; any other change to its finished part is refused
             check_config(self.cfg)
+        check_sources(self.cfg)  # before anything is written into the output directory
         self._write_world()
         seed_everything(self.cfg.seed)
         self.tokenizer, self.domains = prepare(self.cfg)
@@ -131,6 +139,8 @@ class ContinualRun:
         if self.resume:
             check_plan(self.out, self.stages)
         self.stage_steps = self.plan_steps()
+        for m in self.methods:  # checks that need the data's sizes, before row 0 and any training
+            m.check_plan(self._context(self.stages[0]))
         self._write_run_files(self.stages)
         self.tracker = Tracker(self.out, self.cfg.train.log_sequence_ids)
         resume_state = None
@@ -163,7 +173,7 @@ class ContinualRun:
             tasks=task_report(self.task_rows, start_tasks),
         )
         if dist.is_main():
-            save_report(report, self.out)
+            save_report(report, self.out, heatmap=self.cfg.eval.heatmap)
             print(format_table(report), flush=True)
         for m in self.methods:
             m.on_run_end(self.out, report)
@@ -280,6 +290,9 @@ class ContinualRun:
             raise RuntimeError(f"stage {stage.dirname}: {len(schedule)} steps, but "
                                f"{self.stage_steps[stage.index]} were planned")
         lr_fn = stage_lr_lambda(c.train, self.stage_steps, stage.index)
+        note = warmup_note(c.train, self.stage_steps, stage.index)
+        if note:
+            log(f"stage {stage.dirname}: warning: {note}")
         engine = build_engine(c, model, len(schedule), load_universal=universal, lr_fn=lr_fn)
         ctx.engine = engine
         for m in self.methods:

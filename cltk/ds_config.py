@@ -35,12 +35,42 @@ def global_batch(cfg: EngineConfig, world_size: int) -> int:
 
 def load_deepspeed_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError("deepspeed", f"{path} is not UTF-8 text (byte {e.start}); save it as "
+                          "UTF-8 JSON") from e
     except json.JSONDecodeError as e:
         raise ConfigError("deepspeed", f"{path} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError("deepspeed", f"{path} must hold a JSON object")
     return data
+
+
+def check_deepspeed_shapes(ds: dict[str, Any], path: Path, grad_clip: float) -> None:
+    """The sections of a DeepSpeed JSON cltk reads, and the keys it owns, before DeepSpeed sees them."""
+    for key in ("zero_optimization", "bf16", "fp16"):
+        if key in ds and not isinstance(ds[key], dict):
+            raise ConfigError(
+                "deepspeed",
+                f"{path}: {key} must be an object like {{\"stage\": 2}}, got "
+                f"{type(ds[key]).__name__} {ds[key]!r}",
+            )
+    for key in ("bf16", "fp16"):
+        enabled = (ds.get(key) or {}).get("enabled", False)
+        if not isinstance(enabled, bool) and enabled != "auto":
+            raise ConfigError(
+                "deepspeed",
+                f'{path}: {key}.enabled must be true, false or "auto", got {enabled!r}',
+            )
+    clip = ds.get("gradient_clipping")
+    if clip is not None and clip != "auto":
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or float(clip) != grad_clip:
+            raise ConfigError(
+                "deepspeed",
+                f"{path} sets gradient_clipping={clip!r} but train.grad_clip is {grad_clip:g}; cltk "
+                'owns clipping: set train.grad_clip in the run config and remove gradient_clipping '
+                '(or set it to "auto")',
+            )
 
 
 def check_deepspeed_json(cfg: EngineConfig, world_size: int) -> None:
@@ -55,6 +85,7 @@ def check_deepspeed_json(cfg: EngineConfig, world_size: int) -> None:
     if not ds_path.is_file():  # type: ignore[union-attr]
         raise ConfigError("deepspeed", f"{ds_path} not found (ship one of ds_configs/zero*.json)")
     ds = load_deepspeed_json(ds_path)  # type: ignore[arg-type]
+    check_deepspeed_shapes(ds, ds_path, t.grad_clip)  # type: ignore[arg-type]
     for k, ours in (
         ("train_micro_batch_size_per_gpu", t.micro_batch_size),
         ("gradient_accumulation_steps", t.gradient_accumulation_steps),
@@ -63,7 +94,7 @@ def check_deepspeed_json(cfg: EngineConfig, world_size: int) -> None:
         if k in ds and ds[k] != "auto" and ds[k] != ours:
             raise ConfigError(
                 "deepspeed",
-                f"{ds_path} sets {k}={ds[k]} but the run config gives {ours}; "
+                f"{ds_path} sets {k}={ds[k]!r} but the run config gives {ours}; "
                 f'batch sizes belong in the run config\'s train section: remove {k} or set it to "auto"',
             )
     stage = (ds.get("zero_optimization") or {}).get("stage", 0)

@@ -91,6 +91,11 @@ class Method:
         """Return the model to train (e.g. wrapped with an adapter); before ``deepspeed.initialize``."""
         return model
 
+    def check_plan(self, ctx: StageContext) -> None:
+        """Once per run, after the data is prepared and the stages planned (``ctx.stages``), before row
+        0 and any training: checks that need the data's sizes. Raise :class:`cltk.errors.UserError`
+        (e.g. ``ConfigError`` naming the key); ``ctx`` is the first stage's."""
+
     def mixes(self, ctx: StageContext) -> list[Mix]:
         """Sequences drawn into every step of this stage besides its own (e.g. replay). Called before the
         stage's schedule exists, so ``ctx.schedule`` is None here; the shares of all methods' mixes must

@@ -21,13 +21,14 @@ def heatmap_title(report: ForgettingReport) -> str:
     return "\n".join(headline(report, advice=False))
 
 
-def save_report(report: ForgettingReport, out_dir: str | Path) -> dict[str, Path]:
+def save_report(report: ForgettingReport, out_dir: str | Path, heatmap: bool = True) -> dict[str, Path]:
     """Write ``forgetting.json``, ``forgetting.csv`` and ``forgetting.png`` into ``out_dir``.
 
     The CSV holds the matrix: a header row ``stage, trains, <domain>...``, the row ``start`` (the
     starting model, empty ``trains``) when measured, then one row per completed stage; downstream tasks
-    add ``<task> (<metric>)`` and ``<task> (<metric>_stderr)`` columns. Returns the three paths by kind
-    (``"json"``, ``"csv"``, ``"png"``).
+    add ``<task> (<metric>)`` and ``<task> (<metric>_stderr)`` columns. Returns the paths by kind
+    (``"json"``, ``"csv"``, and ``"png"`` unless ``heatmap`` is false (``eval.heatmap: false``): then
+    no picture is drawn, and one an earlier attempt drew is removed).
     """
     t = report.tasks
     task_cols = [] if t is None else [
@@ -49,7 +50,7 @@ def save_report(report: ForgettingReport, out_dir: str | Path) -> dict[str, Path
              for i, row in enumerate(report.perplexity)]
     return write_matrix(out_dir, (JSON_NAME, CSV_NAME, PNG_NAME), report.to_dict(),
                         ["stage", "trains", *report.domain_names, *task_cols], rows,
-                        lambda path: _save_heatmap(report, path))
+                        (lambda path: _save_heatmap(report, path)) if heatmap else None)
 
 
 def write_matrix(
@@ -58,11 +59,12 @@ def write_matrix(
     record: dict[str, Any],
     header: list[str],
     rows: list[list[Any]],
-    draw: Callable[[Path], None],
+    draw: Callable[[Path], None] | None,
 ) -> dict[str, Path]:
     """A matrix report on disk, for every mode (the forgetting matrix, NER's F1 matrix): ``record``
     as JSON, ``header`` and ``rows`` as CSV, the figure ``draw(path)`` writes; the three file
-    ``names`` in that order. Returns the paths by kind (``"json"``, ``"csv"``, ``"png"``)."""
+    ``names`` in that order (``draw`` None: no figure, an old one removed). Returns the paths by kind
+    (``"json"``, ``"csv"``, ``"png"``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {kind: out / name for kind, name in zip(("json", "csv", "png"), names)}
@@ -71,6 +73,9 @@ def write_matrix(
         writer = csv.writer(fh)
         writer.writerow(header)
         writer.writerows(rows)
+    if draw is None:  # no figure asked for: a stale one would contradict the matrix
+        paths.pop("png").unlink(missing_ok=True)
+        return paths
     draw(paths["png"])
     return paths
 

@@ -245,3 +245,20 @@ def check_model(cfg: RunConfig) -> None:
         path = cfg.resolve(m.gguf)
         check_gguf_file(path)  # type: ignore[arg-type]
         check_positions(gguf_positions(path), cfg.data.seq_len)  # type: ignore[arg-type]
+
+
+def meta_model(cfg: RunConfig) -> Any | None:
+    """The configured model built on the meta device (module names and shapes, no weights), or None
+    for a GGUF file (its config is read when it loads)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = cfg.model
+    if m.config is not None:
+        config = inline_config(cfg)
+    elif m.init_from:
+        config = _model_dir_config(cfg.resolve(m.init_from))  # type: ignore[arg-type]
+    else:
+        return None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)

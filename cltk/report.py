@@ -61,6 +61,7 @@ def evaluate_models(
     dist.init()
     if not model_dirs:
         raise ModelError(f"no saved models to evaluate (looked in {cfg.out / 'stages'})")
+    check_eval_inputs(model_dirs, start_dir, out_dir)
     tokenizer, domains = prepare(cfg)
     names = [d.name for d in cfg.domains]
     settings = TaskSettings.from_config(cfg)
@@ -78,9 +79,6 @@ def evaluate_models(
                                             if out_dir is not None and where else None))
         return [ppl[n] for n in names]
 
-    for d in [*model_dirs, *([start_dir] if start_dir is not None else [])]:
-        if not (Path(d) / "config.json").is_file():
-            raise ModelError(f"{d} is not a saved transformers model (no config.json)")
     start = None
     if start_dir is not None:
         start = row(AutoModelForCausalLM.from_pretrained(str(start_dir)), "start")
@@ -98,9 +96,23 @@ def evaluate_models(
     )
     if dist.is_main():
         if out_dir is not None:
-            save_report(report, out_dir)
+            save_report(report, out_dir, heatmap=cfg.eval.heatmap)
         print(format_table(report), flush=True)
     return report
+
+
+def check_eval_inputs(model_dirs: list[Path], start_dir: Path | None, out_dir: Path | None) -> None:
+    """Before any data is prepared: every model directory holds a config and readable weights, and
+    ``out_dir`` is a directory cltk can write."""
+    from cltk.model_files import check_weights_dir
+    from cltk.rundir import check_writable_dir
+
+    for d in [*model_dirs, *([start_dir] if start_dir is not None else [])]:
+        if not (Path(d) / "config.json").is_file():
+            raise ModelError(f"{d} is not a saved transformers model (no config.json)")
+        check_weights_dir(Path(d), "cltk eval" if d != start_dir else "cltk eval --start")
+    if out_dir is not None:
+        check_writable_dir(Path(out_dir), "cltk eval --out")
 
 
 def _domain_of(dirname: str, names: list[str], trained: list[str]) -> str | list[str]:

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from cltk import checkpoint, registry
+from cltk import checkpoint, lock, registry
 from cltk import distributed as dist
 from cltk.config import RunConfig
 from cltk.errors import UserError
@@ -99,6 +99,12 @@ def _writable_dir(path: Path, key: str) -> None:
     finally:
         with contextlib.suppress(OSError):
             probe.unlink()
+
+
+def check_writable_dir(path: Path, key: str) -> None:
+    """``path`` is (or can be made) a directory cltk can write; raises :class:`RunDirError` naming
+    ``key`` (for ``cltk prepare``'s cache, ``cltk eval --out``...)."""
+    _writable_dir(path, key)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -221,6 +227,19 @@ def _clean_leftovers(cfg: RunConfig, out: Path) -> list[str]:
     return removed
 
 
+def _take_lock(out: Path) -> None:
+    """Rank 0 takes the output directory's lock (:mod:`cltk.lock`); a refusal is raised on every rank."""
+    refused = None
+    if dist.is_main():
+        try:
+            lock.acquire(out)
+        except lock.RunLockedError as e:
+            refused = str(e)
+    refused = dist.broadcast_object(refused)
+    if refused:
+        raise lock.RunLockedError(refused)
+
+
 class RunExistsError(UserError):
     """Starting afresh would overwrite an existing run's checkpoints."""
 
@@ -234,6 +253,7 @@ def check_run_dir(cfg: RunConfig, resume: bool) -> None:
     out = cfg.out
     _writable_dir(out, "output_dir")
     _writable_dir(cfg.cache_dir, "data.cache_dir")
+    _take_lock(out)
     if holds_run(out):
         if not resume:
             raise RunExistsError(

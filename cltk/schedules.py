@@ -98,3 +98,20 @@ def stage_lr_lambda(train_cfg, stage_steps: list[int], stage: int) -> Callable[[
         )
 
     return f
+
+
+def warmup_note(train_cfg, stage_steps: list[int], stage: int) -> str | None:
+    """The warning logged when ``warmup_steps`` do not fit the span they warm (else None): the warmup
+    is then clipped to leave one step after it, so the peak LR is reached only at the span's end.
+    A warning, not a refusal: the steps are known only once the data is packed, and a short run (a
+    benchmark's ``--steps 2``) may mean it."""
+    t = train_cfg
+    if t.lr_span == "run" and stage > 0:
+        return None
+    total = stage_steps[stage] if t.lr_span == "stage" else sum(stage_steps)
+    if t.warmup_steps < total:
+        return None
+    span = f"the stage's {total}" if t.lr_span == "stage" else f"the run's {total}"
+    return (f"train.warmup_steps {t.warmup_steps} >= {span} steps: the warmup is clipped to "
+            f"{max(total - 1, 0)} steps and the peak LR is reached only at the last step; lower "
+            "train.warmup_steps to warm up and then train")

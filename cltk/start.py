@@ -13,10 +13,12 @@ reads it, and a run that grows (new domains appended) scores only the domains it
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from cltk import checkpoint
@@ -70,6 +72,31 @@ def model_identity(cfg: RunConfig) -> dict[str, Any]:
     return ident
 
 
+def eval_fingerprint(domain: Any) -> str:
+    """SHA-256 (16 hex) of a packed domain's held-out token ids: what its row-0 figure was measured on
+    (a few thousand tokens: cheap)."""
+    ev = domain.eval.with_format("numpy")
+    h = hashlib.sha256(len(ev).to_bytes(8, "little"))
+    if len(ev):
+        h.update(np.ascontiguousarray(np.asarray(ev[0 : len(ev)]["input_ids"], dtype="<i8")).tobytes())
+    return h.hexdigest()[:16]
+
+
+def start_key(cfg: RunConfig, tokenizer: Any) -> dict[str, Any]:
+    """Everything row 0 depends on besides each domain's held-out data: the starting model, the
+    tokenizer, the packing settings and the precision (a change to any is measured anew)."""
+    from cltk.data.tokenizer import tokenizer_fingerprint
+
+    ds = deepspeed_config(cfg, dist.world_size(), dist.bf16_available())
+    return {
+        "model": model_identity(cfg),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "seq_len": cfg.data.seq_len,
+        "eval_sequences": cfg.data.eval_sequences,
+        "precision": {k: (ds.get(k) or {}).get("enabled", False) for k in ("bf16", "fp16")},
+    }
+
+
 def _read(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -94,16 +121,22 @@ def start_record(
     from cltk.tasks import TaskScorer
 
     path = cfg.out / START_FILE
-    ident = model_identity(cfg)
+    key = start_key(cfg, tokenizer)
+    ident = key["model"]
+    data = {n: eval_fingerprint(domains[n]) for n in names}
     record = dist.broadcast_object(_read(path) if dist.is_main() else None)
-    if record is not None and record.get("model") != ident:
-        log(
-            f"start: {path} was measured on another starting model ({record.get('model')}); "
-            "measuring it again"
-        )
-        record = None
-    record = record or {"model": ident, "perplexity": {}}
-    missing = [n for n in names if n not in record["perplexity"]]
+    if record is not None:
+        old = {k: record.get(k) for k in key} if "key" not in record else record["key"]
+        changed = [k for k in key if old.get(k) != key[k]]
+        if changed:
+            log(f"start: {path} was measured with another {', '.join(changed)}; measuring it again")
+            record = None
+    record = record or {"key": key, "model": ident, "data": {}, "perplexity": {}}
+    stale = [n for n in names if n in record["perplexity"] and record.get("data", {}).get(n) != data[n]]
+    if stale:
+        log(f"start: the held-out data of {', '.join(stale)} changed since row 0 was measured; "
+            "measuring them again")
+    missing = [n for n in names if n not in record["perplexity"] or n in stale]
     scorer = TaskScorer(cfg, tokenizer, record)
     if not missing and not scorer.missing:
         log(f"start: row 0 read from {path} (measured once, not again)")
@@ -114,6 +147,7 @@ def start_record(
         ppl = evaluate_frozen(cfg, model, [domains[n] for n in missing], after=scorer)
         del model
         record["perplexity"].update(ppl)
+        record["data"] = {**record.get("data", {}), **{n: data[n] for n in missing}}
         record["world_size"] = dist.world_size()
         if dist.is_main():
             cfg.out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -50,8 +51,10 @@ def _convert_union(value: Any, tp: Any, key: str) -> Any:
         try:
             return convert(value, a, key)
         except ConfigError as e:
-            errors.append(str(e))
-    raise ConfigError(key, errors[0].split(": ", 1)[-1] if errors else "bad value")
+            errors.append(e)
+    if errors:
+        raise errors[0]  # it names its own key (a nested section's names the inner key)
+    raise ConfigError(key, "bad value")
 
 
 def _convert_scalar(value: Any, tp: Any, key: str) -> Any:
@@ -67,10 +70,13 @@ def _convert_scalar(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             if isinstance(value, str):  # YAML reads 3e-4 as a string
                 try:
-                    return float(value)
+                    value = float(value)
                 except ValueError:
                     pass
-            raise ConfigError(key, f"must be a number, got {value!r}")
+            if not isinstance(value, float):
+                raise ConfigError(key, f"must be a number, got {value!r}")
+        if not math.isfinite(value):  # NaN passes every `> 0` check; inf overflows step counts
+            raise ConfigError(key, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -156,7 +162,18 @@ def set_override(raw: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(key, f"'{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(key, f"the value {value!r} given with --set is not valid YAML") from e
+
+
+def _yaml_error(path: Path, e: yaml.YAMLError) -> str:
+    """``FILE:LINE:COL: not valid YAML (the problem)``, on one line."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+    return f"{where}: not valid YAML ({what or e}); fix the file there"
 
 
 def read_raw(path: str | os.PathLike, overrides: list[str] | None = None) -> tuple[dict, Path]:
@@ -166,9 +183,11 @@ def read_raw(path: str | os.PathLike, overrides: list[str] | None = None) -> tup
     if not p.is_file():
         raise ConfigError("", f"config file {p} not found")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError("", f"{p} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
     except yaml.YAMLError as e:
-        raise ConfigError("", f"{p} is not valid YAML: {e}") from e
+        raise ConfigError("", _yaml_error(p, e)) from e
     if not isinstance(raw, dict):
         raise ConfigError("", f"{p} must hold a mapping of sections, got {type(raw).__name__}")
     for o in overrides or []:

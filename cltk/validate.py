@@ -11,6 +11,12 @@ from typing import Any
 
 from cltk import registry
 from cltk.config import RunConfig, parse_config
+from cltk.config_checks import (
+    check_model_extras,
+    check_output_dir,
+    check_path_kinds,
+    check_written_sections,
+)
 from cltk.ds_config import check_deepspeed_json
 from cltk.errors import ConfigError
 from cltk.typed_config import read_raw
@@ -55,6 +61,7 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
     from cltk.model_checks import check_model
 
     check_model(cfg)
+    check_model_extras(cfg)
     from cltk.tasks import check_tasks  # last: naming a builtin lm-eval task indexes ~15k YAMLs
 
     check_tasks(cfg, world_size)
@@ -63,6 +70,7 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
 def _check_model_and_tokenizer(cfg: RunConfig) -> None:
     from cltk.data.tokenizer import MIN_VOCAB_SIZE
 
+    check_output_dir(cfg)
     m = cfg.model
     given = [k for k in ("init_from", "gguf", "config") if getattr(m, k)]
     if len(given) != 1:
@@ -76,6 +84,7 @@ def _check_model_and_tokenizer(cfg: RunConfig) -> None:
     from cltk.activations import check_attention
 
     check_attention(m.attn_implementation)
+    check_path_kinds(cfg)
     if m.config is not None and "model_type" not in m.config:
         raise ConfigError(
             "model.config.model_type", "an inline config needs model_type (e.g. llama)"
@@ -113,7 +122,7 @@ def _check_domains(cfg: RunConfig) -> None:
     seen = set()
     for i, d in enumerate(cfg.domains):
         key = f"domains[{i}]"
-        if not d.name or not d.name.replace("-", "").replace("_", "").isalnum():
+        if not d.name or not d.name.isascii() or not d.name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(
                 f"{key}.name", f"needs a name of letters, digits, - and _, got {d.name!r}"
             )
@@ -167,6 +176,7 @@ def _check_train(cfg: RunConfig, world_size: int) -> None:
 
 def check_methods(cfg: RunConfig) -> None:
     """Each active method's own checks, then the combinations no method can judge alone."""
+    check_written_sections(cfg)
     active = registry.active(cfg)
     for spec, section in active:
         spec.check(cfg, section)

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from cltk.bench import page
-from cltk.bench.arms import ARMS, TIERS, overrides
-from cltk.validate import load_config
+from cltk.bench.arms import ARMS, TIERS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,18 +51,16 @@ def test_the_page_reads_every_arm_against_naive_and_joint_of_the_same_seed(tmp_p
 
 
 def test_every_arm_is_a_valid_config_of_its_tier(tmp_path):
-    """Each arm's overrides load on each tier's config (the bench would otherwise fail mid-way)."""
-    from transformers import LlamaConfig
+    """Each arm's overrides load on each tier's config (the bench would otherwise fail mid-way): the
+    check the bench itself runs before its first run (the base's model stands in for its export)."""
+    from cltk.bench.run import BenchArgs, check_configs
+    from cltk.errors import UserError
 
-    LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                num_key_value_heads=4, max_position_embeddings=256).save_pretrained(tmp_path)
     for tier in TIERS.values():
-        for arm in tier.arms:
-            sets = overrides(arm, tier)
-            if tier.base:  # the arms continue the base's export (any model directory loads here)
-                sets = [f"model.init_from={tmp_path}", f"tokenizer.path={tmp_path}", *sets]
-            load_config(ROOT / "examples" / "bench" / tier.config, overrides=sets, world_size=1)
+        check_configs(BenchArgs(tier, tmp_path, [1], list(tier.arms)))
     assert set(TIERS["small"].arms) == set(ARMS)
+    with pytest.raises(UserError, match="arm naive's config is refused before any run: train.lrr"):
+        check_configs(BenchArgs(TIERS["small"], tmp_path, [1], ["naive"], sets=["train.lrr=1"]))
 
 
 TINY = ["--set", "data.seq_len=32", "--set", "data.eval_sequences=4", "--set", "eval.batch_size=4"]

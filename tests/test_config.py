@@ -75,7 +75,7 @@ def test_valid_config_loads_with_types_and_relative_paths(tmp_path):
             "blocks.one_hot_below",
             "must not exceed",
         ),
-        ({"distill": {"temperature": 0}}, "distill", "temperature must be > 0"),
+        ({"distill": {"temperature": 0}}, "distill.temperature", "temperature must be > 0"),
         ({"blocks": {"k": 3}, "distill": {}}, "distill", "choose one"),
         ({"das": {}, "lora": {"base": "frozen"}}, "das", "protect nothing"),
         ({"das": {}, "lora": {"base": "merged"}}, "das", "protect nothing"),

@@ -302,6 +302,9 @@ def test_resume_into_an_empty_dir_starts_fresh_and_leftovers_are_removed(
     assert "holds no checkpoint and no finished stage: starting fresh" in printed
     assert_one_line(code, printed, "none")
     out = tmp_path / "out"
+    assert not (out / "world.json").exists()  # the sources are listed before anything is written
+    # what an attempt that got further (a tokenizer trained, then a data error) leaves
+    (out / "world.json").write_text("{}")
     (out / "tokenizer").mkdir(parents=True)
     (out / "tokenizer" / "tokenizer.json").write_text("{}")
     (out / "mine.txt").write_text("the user's own file")
@@ -310,6 +313,7 @@ def test_resume_into_an_empty_dir_starts_fresh_and_leftovers_are_removed(
     assert not (out / "tokenizer").exists()
     assert (out / "mine.txt").is_file()
     # a path the config points at is never a leftover, even under the output directory
+    (out / "world.json").write_text("{}")
     (out / "tokenizer").mkdir()
     (out / "tokenizer" / "tokenizer.json").write_text("{}")
     cfg = write_tiny_run(tmp_path, domains=domains, tokenizer={"path": str(out / "tokenizer")})

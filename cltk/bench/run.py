@@ -19,6 +19,8 @@ from pathlib import Path
 from cltk.bench.arms import ARMS, Tier, overrides
 from cltk.distributed import free_port
 from cltk.errors import UserError
+from cltk.typed_config import read_raw
+from cltk.validate import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_CONFIGS = ROOT / "examples" / "bench"
@@ -98,6 +100,31 @@ def base_model(args: BenchArgs, seed: int) -> Path | None:
     else:
         print(f"[bench] base seed {seed}: done earlier, kept", flush=True)
     return export
+
+
+def check_configs(args: BenchArgs) -> None:
+    """Every config the bench will run (the base's and each arm's, with every override), validated
+    before the first run starts: a typo in ``--set`` fails in a second, not after the base's
+    pre-training. An arm's ``model.init_from`` (the base, not trained yet) is left to its run."""
+    common = ["train.checkpoint_every=0", "train.keep_checkpoints=1"]
+    if args.steps is not None:
+        common.append(f"train.max_steps_per_stage={args.steps}")
+    stand_in: list[str] = []  # the arms start from the base's export: its model and tokenizer
+    if args.tier.base is not None:
+        _check_one("the base", BENCH_CONFIGS / args.tier.base, [*common, *args.base_sets], args.ranks)
+        raw, _ = read_raw(BENCH_CONFIGS / args.tier.base, args.base_sets)
+        stand_in = [f"model={json.dumps(raw.get('model'))}",
+                    f"tokenizer={json.dumps(raw.get('tokenizer'))}"]
+    for arm in args.arms:
+        sets = [*common, *stand_in, *args.sets, *overrides(arm, args.tier)]
+        _check_one(f"arm {arm}", BENCH_CONFIGS / args.tier.config, sets, args.ranks)
+
+
+def _check_one(label: str, config: Path, sets: list[str], ranks: int) -> None:
+    try:
+        load_config(config, overrides=sets, world_size=ranks)
+    except UserError as e:
+        raise UserError(f"bench: {label}'s config is refused before any run: {e}") from e
 
 
 def run_arm(args: BenchArgs, arm: str, seed: int, base: Path | None) -> Path:
@@ -190,7 +217,14 @@ def bench(args: BenchArgs) -> dict[str, dict[int, dict]]:
         raise UserError(f"bench: unknown arm(s) {', '.join(unknown)}; known: {', '.join(ARMS)}")
     if not args.seeds:
         raise UserError("bench: give at least one seed")
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"bench: --out {args.out} is a file; name a directory for the arms' runs")
+    check_configs(args)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"bench: cannot create --out {args.out} ({e.strerror or e}); choose a place "
+                        "you can write") from e
     arms = ["naive"] + [a for a in args.arms if a != "naive"]  # the reference of the ratios
     results: dict[str, dict[int, dict]] = {a: {} for a in arms}
     for seed in args.seeds:

@@ -14,6 +14,7 @@ so that sampling a budget of characters covers the whole corpus rather than a fe
 
 from __future__ import annotations
 
+import difflib
 import gzip
 import importlib.util
 import json
@@ -63,6 +64,42 @@ _MANPAGES_APT = "apt-get install -y --no-install-recommends manpages groff-base"
 _fail = fail
 
 
+def resolve_source(source: Mapping[str, Any], base: str | os.PathLike) -> dict[str, Any]:
+    """``source`` with its relative paths and globs (``files``, ``jsonl``, ``hf_dataset``,
+    ``spdx_json``, in a ``mix`` too) made absolute against ``base``: the config file's directory, as
+    every path of a run config."""
+
+    def one(p: Any) -> Any:
+        if not isinstance(p, (str, os.PathLike)):
+            return p
+        q = os.path.expanduser(os.path.expandvars(os.fspath(p)))
+        return q if os.path.isabs(q) else os.path.join(os.fspath(base), q)
+
+    out: dict[str, Any] = dict(source)
+    if isinstance(out.get(MIX), list):
+        out[MIX] = [resolve_source(item, base) if isinstance(item, Mapping) else item
+                    for item in out[MIX]]
+    for key in ("files", "jsonl", "hf_dataset", "spdx_json"):
+        if key in out:
+            value = out[key]
+            out[key] = [one(v) for v in value] if isinstance(value, list) else one(value)
+    return out
+
+
+def _unknown_options(kind: str, unknown: list[str]) -> str:
+    """The message for keys a ``kind`` source does not take: a near miss of a source kind is named."""
+    allowed = sorted(_KIND_OPTIONS[kind])
+    takes = f"it takes {allowed}" if allowed else "it takes no options"
+    options = sorted(set().union(*_KIND_OPTIONS.values()))
+    for u in unknown:  # the nearest of every kind and option: 'fields' is the option 'field'
+        close = difflib.get_close_matches(str(u), [*SOURCE_KINDS, MIX, *options], n=1, cutoff=0.6)
+        if close and close[0] in (*SOURCE_KINDS, MIX):
+            return (f"{u!r} is not a source kind (did you mean {close[0]!r}?), and a source has "
+                    f"exactly one kind of {', '.join(SOURCE_KINDS)}; this one is a {kind!r} source: "
+                    f"{takes}")
+    return f"unknown option(s) {unknown} for a {kind!r} source; {takes}"
+
+
 def check_source(source: Any, *, domain: str = "?") -> str:
     """Check a source mapping's shape without reading any data.
 
@@ -91,8 +128,7 @@ def check_source(source: Any, *, domain: str = "?") -> str:
     kind = kinds[0]
     unknown = sorted(set(source) - {kind} - _KIND_OPTIONS[kind])
     if unknown:
-        allowed = sorted(_KIND_OPTIONS[kind]) or ["none"]
-        raise _fail(domain, f"unknown option(s) {unknown} for a {kind!r} source; allowed: {allowed}")
+        raise _fail(domain, _unknown_options(kind, unknown))
     value = source[kind]
     if kind == "files":
         items = [value] if isinstance(value, (str, os.PathLike)) else value

@@ -26,7 +26,7 @@ import tokenizers
 from cltk import distributed as dist
 from cltk import registry
 from cltk.config import DomainConfig, RunConfig
-from cltk.data.corpora import iter_documents, source_units
+from cltk.data.corpora import iter_documents, resolve_source, source_units
 from cltk.data.packing import (
     PackedDomain,
     SourceSpec,
@@ -62,6 +62,19 @@ def prepare(cfg: RunConfig) -> tuple[Any, dict[str, PackedDomain]]:
     """
     tokenizer = prepare_tokenizer(cfg)
     return tokenizer, prepare_domains(cfg, tokenizer)
+
+
+def check_sources(cfg: RunConfig) -> None:
+    """Every domain's and extra source's files listed (globs expanded, files stat'ed, nothing read) on
+    rank 0, its error raised on every rank: a glob that matches nothing, a FIFO, a dangling symlink
+    are refused before the run writes anything into its output directory."""
+
+    def work() -> None:
+        for d in cfg.domains + registry.extra_sources(cfg):
+            for _, part in source_items(resolved_source(cfg, d)):
+                source_units(part, domain=d.name)
+
+    _on_main(work)
 
 
 def _on_main(fn, *args):
@@ -155,7 +168,7 @@ def _tokenizer_domains(cfg: RunConfig) -> list[DomainConfig]:
 def _tokenizer_texts(cfg: RunConfig):
     budget = cfg.tokenizer.train.max_chars_per_domain
     for d in _tokenizer_domains(cfg):
-        items = source_items(d.source)
+        items = source_items(resolved_source(cfg, d))
         shares = apportion([w for w, _ in items], budget)
         for (_, part), share, part_max in zip(items, shares, _budgets(d)):
             used = 0  # the start of the very sample that is packed (the same seeded unit order)
@@ -166,6 +179,11 @@ def _tokenizer_texts(cfg: RunConfig):
                     break
                 yield doc[: share - used]
                 used += len(doc)
+
+
+def resolved_source(cfg: RunConfig, d: DomainConfig) -> dict:
+    """A domain's source with relative paths resolved against the config file's directory."""
+    return resolve_source(d.source, cfg.base_dir)
 
 
 def _budgets(d: DomainConfig) -> list[int | None]:
@@ -179,7 +197,7 @@ def _budgets(d: DomainConfig) -> list[int | None]:
 def _parts(cfg: RunConfig, d: DomainConfig) -> list[tuple[float, dict, int | None, list]]:
     """``(weight, source, max_chars, [path, size, mtime_ns] of its files)`` of each part of a domain."""
     out = []
-    for (w, part), budget in zip(source_items(d.source), _budgets(d)):
+    for (w, part), budget in zip(source_items(resolved_source(cfg, d)), _budgets(d)):
         units = source_units(part, domain=d.name)
         out.append((w, dict(part), budget, file_stats(p for u in units for p in u.paths)))
     return out
@@ -195,17 +213,19 @@ def domain_key(cfg: RunConfig, d: DomainConfig, tokenizer_fp: str, parts: list) 
 
 
 def changed_files(old: list, new: list) -> list[str]:
-    """What differs between two ``[path, size, mtime_ns]`` lists, one line per file."""
-    before, after = {p: (s, m) for p, s, m in old}, {p: (s, m) for p, s, m in new}
+    """What differs between two ``[path, size, mtime_ns, sampled hash]`` lists, one line per file
+    (a list written by an older cltk, without the hash, compares on size and mtime)."""
+    before, after = {f[0]: tuple(f[1:]) for f in old}, {f[0]: tuple(f[1:]) for f in new}
     lines = []
     for p in sorted(before.keys() | after.keys()):
         if p not in after:
             lines.append(f"{p} is gone")
         elif p not in before:
             lines.append(f"{p} is new")
-        elif before[p] != after[p]:
-            s0, s1 = before[p][0], after[p][0]
-            what = f"size {s0:,} -> {s1:,} bytes" if s0 != s1 else "modified (same size)"
+        elif before[p] != after[p][: len(before[p])]:
+            (s0, m0), (s1, m1) = before[p][:2], after[p][:2]
+            what = (f"size {s0:,} -> {s1:,} bytes" if s0 != s1 else "modified (same size)"
+                    if m0 != m1 else "edited in place (same size and mtime, other content)")
             lines.append(f"{p} changed: {what}" + (" (truncated?)" if s1 < s0 else ""))
     return lines
 
@@ -283,9 +303,20 @@ def _check_run_data(cfg: RunConfig, dirs: dict[str, str]) -> None:
     if path.is_file() and started:
         old = json.loads(path.read_text())
         for name, now in record.items():
-            if name in old and old[name]["key"] != now["key"]:
-                what = changed_files(old[name]["files"], now["files"]) or [
-                    "the tokenizer or packing settings changed"]
+            if name not in old:
+                continue
+            # the same key (files and settings) yet other text: an edit the sampled hash missed, read
+            # again because the cache was deleted. It is refused, never recorded over the old hash
+            other_text = old[name].get("content_sha256", now["content_sha256"]) != now["content_sha256"]
+            # a record of an older cltk (files without sampled hashes, another key layout): its files'
+            # size and mtime and the content hash decide; the resume config check covers the settings
+            legacy = any(len(f) == 3 for f in old[name]["files"])
+            changed = (bool(changed_files(old[name]["files"], now["files"])) if legacy
+                       else old[name]["key"] != now["key"])
+            if changed or other_text:
+                what = changed_files(old[name]["files"], now["files"]) or (
+                    ["the text read now differs from the text the run trained on (content hash)"]
+                    if other_text else ["the tokenizer or packing settings changed"])
                 what_it_is = "domain" if name in {d.name for d in cfg.domains} else "source"
                 raise StaleDataError(
                     f"{what_it_is} {name!r}: its data changed since this run trained on it "

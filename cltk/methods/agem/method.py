@@ -76,6 +76,9 @@ class AgemMethod(Method):
         return [ids[i : i + mb] for i in range(0, len(ids), mb)]
 
     # ----- hooks --------------------------------------------------------------------------------
+    def check_plan(self, ctx: StageContext) -> None:
+        self._check_sizes(ctx)  # the plan knows every stage's size: refused before row 0
+
     def mixes(self, ctx: StageContext) -> list[Mix]:
         # the first hook of a stage, called before its model is built: the memory's size is checked
         # against the plan here, before any training. A-GEM mixes nothing into the batches.

@@ -21,8 +21,10 @@ class DistillConfig:
 def check(cfg: RunConfig, d: DistillConfig) -> None:
     try:
         check_distillation_args(d.alpha, d.beta, d.temperature)
-    except ValueError as e:
-        raise ConfigError("distill", str(e)) from e
+    except ValueError as e:  # the message names the parameter: name its key
+        name = next((n for n in ("alpha", "beta", "temperature") if f"distillation {n} " in str(e)),
+                    None)
+        raise ConfigError(f"distill.{name}" if name else "distill", str(e)) from e
 
 
 

@@ -26,9 +26,13 @@ class LoraConfig:
 
 
 def check(cfg: RunConfig, section: LoraConfig) -> None:
-    from cltk.methods.lora.adapters import check_lora_config  # PEFT: imported only for LoRA runs
+    from cltk.methods.lora.adapters import (  # PEFT: imported only for LoRA runs
+        check_lora_config,
+        check_targets_up_front,
+    )
 
     check_lora_config(cfg)
+    check_targets_up_front(cfg)
 
 
 

@@ -145,6 +145,30 @@ def default_target_modules(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
+def _check_targets(targets: list[str], model: torch.nn.Module) -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+              if isinstance(m, (torch.nn.Linear, torch.nn.Embedding, Conv1D))}
+    missing = [t for t in targets if t not in leaves]
+    if missing:
+        raise ConfigError("lora.target_modules", f"{missing} match no linear or embedding layer "
+                          f"of {type(model).__name__}; its layers are named {sorted(leaves)}")
+
+
+def check_targets_up_front(cfg: RunConfig) -> None:
+    """``lora.target_modules`` against the configured model's layers, on a model built on the meta
+    device from its config (no weights, no memory): refused at config time, not when a stage starts."""
+    from cltk.model_checks import meta_model
+
+    lc = cfg.lora
+    if lc is None or not lc.target_modules:
+        return
+    model = meta_model(cfg)
+    if model is not None:
+        _check_targets(lc.target_modules, model)
+
+
 def peft_config(cfg: RunConfig, model: torch.nn.Module):
     """The ``peft.LoraConfig`` of the run's ``lora`` section for ``model``."""
     import peft
@@ -153,12 +177,7 @@ def peft_config(cfg: RunConfig, model: torch.nn.Module):
     lc = cfg.lora
     assert lc is not None
     targets = lc.target_modules or default_target_modules(model)
-    leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-              if isinstance(m, (torch.nn.Linear, torch.nn.Embedding, Conv1D))}
-    missing = [t for t in targets if t not in leaves]
-    if missing:
-        raise ConfigError("lora.target_modules", f"{missing} match no linear or embedding layer "
-                          f"of {type(model).__name__}; its layers are named {sorted(leaves)}")
+    _check_targets(targets, model)
     fan_in_fan_out = any(isinstance(m, Conv1D) for n, m in model.named_modules()
                          if n.rsplit(".", 1)[-1] in targets)
     return peft.LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
