@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sub.add_parser("config-reference", help="print every run-config key as a markdown table")
     b = sub.add_parser("bench", help="every method against naive and joint training (docs/benchmarks.md)")
-    b.add_argument("--tier", default="small", help="small (a model cltk pre-trains) or real (SmolLM2-135M)")
+    b.add_argument("--tier", default="small", help="small (a model cltk pre-trains), real "
+                   "(SmolLM2-135M) or scratch (the quickstart's model from scratch)")
     b.add_argument("--out", required=True, help="where every arm's run goes; finished arms are kept")
     b.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     b.add_argument("--arms", nargs="+", default=None, help="default: the tier's arms")
