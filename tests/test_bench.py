@@ -14,6 +14,7 @@ import pytest
 from cltk.bench import page
 from cltk.bench.arms import ARMS, TIERS, overrides
 from cltk.config import load_config
+from tests.kit import model_sets, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,10 +54,7 @@ def test_the_page_reads_every_arm_against_naive_and_joint_of_the_same_seed(tmp_p
 
 def test_every_arm_is_a_valid_config_of_its_tier(tmp_path):
     """Each arm's overrides load on each tier's config (the bench would otherwise fail mid-way)."""
-    from transformers import LlamaConfig
-
-    LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                num_key_value_heads=4, max_position_embeddings=256).save_pretrained(tmp_path)
+    tiny_llama(max_position_embeddings=256).config.save_pretrained(tmp_path)
     for tier in TIERS.values():
         for arm in tier.arms:
             sets = overrides(arm, tier)
@@ -67,9 +65,7 @@ def test_every_arm_is_a_valid_config_of_its_tier(tmp_path):
 
 
 TINY = ["--set", "data.seq_len=32", "--set", "data.eval_sequences=4", "--set", "eval.batch_size=4"]
-TINY_BASE = [x for kv in ("model.config.hidden_size=32", "model.config.intermediate_size=64",
-                          "model.config.num_hidden_layers=2", "model.config.num_attention_heads=4",
-                          "model.config.num_key_value_heads=2", "tokenizer.train.vocab_size=400",
+TINY_BASE = [x for kv in (*model_sets(), "tokenizer.train.vocab_size=400",
                           "train.max_steps_per_stage=3", "data.seq_len=32", "data.eval_sequences=4")
              for x in ("--base-set", kv)]
 

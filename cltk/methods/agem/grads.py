@@ -15,7 +15,7 @@ partitions:
 :func:`discard_grads` follows DeepSpeed's own path for a step it skips on overflow (clear the
 gradient buffers and the micro-step counter, touch neither weights nor optimizer state), so the next
 micro-batches accumulate from zero as after a real step. These are DeepSpeed internals, read in
-0.19.8 and tested per ZeRO stage (tests/scripts/agem_zero.py); fp16, bf16 without ZeRO and optimizer
+0.19.8 and tested per ZeRO stage (tests/test_agem.py); fp16, bf16 without ZeRO and optimizer
 offload are refused.
 """
 
