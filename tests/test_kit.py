@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.kit import TINY_LLAMA, run_distributed, tiny_llama
+from tests.kit.distributed import RankFailure
 
 
 def test_tiny_llama_is_seeded_and_takes_overrides():
@@ -25,9 +26,11 @@ def sum_ranks(base: int) -> tuple[int, int, float]:
     return dist.rank(), dist.world_size(), float(dist.all_reduce_sum(t))
 
 
-def fail_on_rank_1() -> None:
+def fail_on_rank_1():
+    """Yields one item, then fails on rank 1 (what the shared launch reads to name the failed check)."""
     from cltk import distributed as dist
 
+    yield "first"
     if dist.rank() == 1:
         raise ValueError("rank one broke")
     dist.barrier()  # rank 0 waits on rank 1 in a collective: it must be killed, not left hanging
@@ -36,5 +39,6 @@ def fail_on_rank_1() -> None:
 @pytest.mark.multirank
 def test_run_distributed_returns_every_rank_and_raises_a_rank_s_failure():
     assert run_distributed(sum_ranks, 10) == [(0, 2, 21.0), (1, 2, 21.0)]
-    with pytest.raises(AssertionError, match=r"(?s)fail_on_rank_1 failed on rank 1.*rank one broke"):
+    with pytest.raises(RankFailure, match=r"(?s)fail_on_rank_1 failed on rank 1.*rank one broke") as e:
         run_distributed(fail_on_rank_1)
+    assert e.value.streamed[1] == ["first"]
