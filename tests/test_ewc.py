@@ -13,10 +13,11 @@ import pytest
 import torch
 import yaml
 
-from cltk.config import ConfigError, load_config
+from cltk.config import ConfigError
 from cltk.methods.ewc import EwcConfig
 from cltk.methods.ewc.method import EwcMethod, EwcStateError
 from cltk.methods.ewc.penalty import add_square_, fold_fisher, penalty_
+from cltk.validate import load_config
 from tests.kit import ODD_SIZES, TINY_LLAMA, tiny_llama
 from tests.kit.zero import ds_config, gather_partitions, rel_err
 
@@ -282,7 +283,7 @@ def global_ce(model, step: int, world: int, stage_b: bool) -> torch.Tensor:
 
 def ewc_under_zero(stage: int, old_method) -> tuple[dict, object]:
     from cltk import distributed as dist
-    from cltk.zero_view import zero_view
+    from cltk.methods.kit.zero_view import zero_view
 
     rank, world = dist.rank(), dist.world_size()
     out: dict = {"stage": stage, "world": world}

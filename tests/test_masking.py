@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cltk import zero_view
 from cltk.methods.das.masking import attach_update_masks, param_masks, register_grad_masks
 from cltk.methods.das.units import attach_gates, build_unit_map
+from cltk.methods.kit import zero_view
 from tests.kit import tiny_llama
 from tests.masking_ranks import masks_under_zero_plan
 

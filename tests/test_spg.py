@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cltk.config import ConfigError, load_config
+from cltk.config import ConfigError
+from cltk.methods.kit.zero_view import Fragment, Partition, ZeroView
 from cltk.methods.spg import SpgConfig
 from cltk.methods.spg.importance import accumulate, importance
 from cltk.methods.spg.method import SpgMethod
@@ -20,7 +21,7 @@ from cltk.methods.spg.sharded import (
     importance_from_grads,
     layout_record,
 )
-from cltk.zero_view import Fragment, Partition, ZeroView
+from cltk.validate import load_config
 from tests.kit import tiny_llama as kit_llama
 from tests.tiny_run import write_tiny_run
 

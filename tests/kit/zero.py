@@ -39,7 +39,7 @@ def full_weights(engine) -> dict[str, torch.Tensor]:
 
 def place_fragments(full: dict[str, torch.Tensor], partitions, tensors) -> None:
     """Copy each of this rank's partition tensors (laid out like ``partitions``, a
-    :func:`cltk.zero_view.zero_view`'s) into the flat whole parameters ``full[name]``."""
+    :func:`cltk.methods.kit.zero_view.zero_view`'s) into the flat whole parameters ``full[name]``."""
     for part, t in zip(partitions, tensors, strict=True):
         flat = t.detach().float().cpu().reshape(-1)
         for f in part.fragments:
@@ -51,7 +51,7 @@ def gather_partitions(view, tensors, module: torch.nn.Module) -> dict[str, torch
     under ZeRO 1-3, so a sum over ranks puts each in place; under the plain layout every rank holds
     all)."""
     from cltk import distributed as dist
-    from cltk.zero_view import full_shape
+    from cltk.methods.kit.zero_view import full_shape
 
     shapes = {n: full_shape(p) for n, p in module.named_parameters() if p.requires_grad}
     full = {n: torch.zeros(s.numel()) for n, s in shapes.items()}
