@@ -1,5 +1,23 @@
 """Shared by the benchmark scripts (run as ``python benchmarks/X.py``: this folder is on sys.path)."""
 
+import argparse
+from pathlib import Path
+
+QUICKSTART = str(Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml")
+
+
+def timed_command(sub, name: str, help: str, steps: int, rounds: int) -> argparse.ArgumentParser:
+    """A subcommand that times training steps of a run config: ``--config`` (default the
+    quickstart's), ``--set`` overrides, ``--steps`` per arm and round, ``--rounds``, and the
+    ``--local_rank`` the deepspeed launcher passes."""
+    s = sub.add_parser(name, help=help)
+    s.add_argument("--config", default=QUICKSTART)
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--steps", type=int, default=steps, help="steps per arm per round")
+    s.add_argument("--rounds", type=int, default=rounds, help="timed rounds (after a warm-up)")
+    s.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return s
+
 
 class VocabOnly:
     """Stands in for a tokenizer where a model built from an inline config needs only its length."""

@@ -62,7 +62,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import PeakMemory, VocabOnly, random_batches  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import PeakMemory, VocabOnly, random_batches, timed_command  # noqa: E402  (benchmarks/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -451,11 +451,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("speed", help="step time with / without update masks; importance time")
-    s.add_argument("--config", default=str(ROOT / "examples" / "quickstart.yaml"))
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    s.add_argument("--steps", type=int, default=4, help="steps per arm per round")
-    s.add_argument("--rounds", type=int, default=8, help="timed rounds (after one warm-up round)")
+    s = timed_command(sub, "speed", "step time with / without update masks; importance time", 4, 8)
     s.add_argument("--importance-seqs", type=int, default=128)
     s.add_argument("--importance-rounds", type=int, default=3)
     s.add_argument("--hook-reps", type=int, default=50)
@@ -466,7 +462,6 @@ def main() -> None:
         help="torch threads per process (0: torch's default); 1 keeps OpenMP from "
         "spinning against the other processes of a shared machine",
     )
-    s.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     m = sub.add_parser("memory", help="peak memory of importance: on the engine vs a 2nd copy")
     m.add_argument("--config", default=str(ROOT / "examples" / "quickstart.yaml"))
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 import yaml
-from _common import VocabOnly, random_batches  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import VocabOnly, random_batches, timed_command  # noqa: E402  (benchmarks/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -209,13 +209,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("steps", help="step time and size, full training vs LoRA (under deepspeed)")
-    s.add_argument("--config", default=str(ROOT / "examples" / "quickstart.yaml"))
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    s.add_argument("--steps", type=int, default=6)
-    s.add_argument("--rounds", type=int, default=3)
+    s = timed_command(sub, "steps", "step time and size, full training vs LoRA (under deepspeed)",
+                      6, 3)
     s.add_argument("--r", type=int, default=8, help="LoRA rank when the config has no lora section")
-    s.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     a = sub.add_parser("arms", help="write the full and LoRA run configs of the quality benchmark")
     a.add_argument("--config", default=str(ROOT / "examples" / "quickstart.yaml"))
     a.add_argument("--base", required=True, help="the model both arms start from")

@@ -94,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="a finished run's output_dir: compare with its stage.json peaks")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     b = sub.add_parser("bench", help="every method against naive and joint training (docs/benchmarks.md)")
-    b.add_argument("--tier", default="small", help="small (a model cltk pre-trains) or real (SmolLM2-135M)")
+    b.add_argument("--tier", default="small", help="small (a model cltk pre-trains), real "
+                   "(SmolLM2-135M) or scratch (the quickstart's model from scratch)")
     b.add_argument("--out", required=True, help="where every arm's run goes; finished arms are kept")
     b.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     b.add_argument("--arms", nargs="+", default=None, help="default: the tier's arms")

@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.kit.distributed import _two_rank_session, on_two_ranks  # noqa: F401 - fixtures
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # DeepSpeed JIT-compiles its CPU ops (shm all-reduce, CPU Adam) into TORCH_EXTENSIONS_DIR under a file lock.
 # A build killed mid-way leaves the lock behind and every later launch waits on it forever, so the tests

@@ -29,25 +29,14 @@ from cltk.methods.lora.routing import MEAN, _Candidates, evaluate_frozen, load_a
 from cltk.models import export_pretrained
 from cltk.plan import Stage
 from cltk.validate import load_config
+from tests.kit import tiny_llama as kit_llama
 from tests.tiny_run import write_tiny_run
 
 VOCAB, T = 64, 24
 
 
 def tiny_llama(seed: int = 0):
-    cfg = AutoConfig.for_model(
-        "llama",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg)
+    return kit_llama(seed, vocab_size=VOCAB, tie_word_embeddings=True)
 
 
 def lora_cfg(tmp_path: Path, **lora):

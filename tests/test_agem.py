@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,10 +16,10 @@ from cltk.methods.agem import AgemConfig
 from cltk.methods.agem.memory import memory_batch, stage_sample
 from cltk.methods.agem.projection import coefficient, local_dots, project_, project_reference
 from cltk.validate import load_config
-from tests.multirank import run_one, run_ranks
-from tests.tiny_run import write_tiny_run
-
-SCRIPT = Path(__file__).parent / "scripts" / "agem_zero.py"
+from tests.kit import ODD_SIZES, tiny_llama
+from tests.kit.zero import ds_config, full_weights, place_fragments
+from tests.multirank import run_one
+from tests.tiny_run import ROOT, write_tiny_run
 
 
 # ----- the projection -----------------------------------------------------------------------------
@@ -162,7 +161,7 @@ def test_tiny_run_projects_in_the_second_stage_only(tmp_path):
         train={"lr": 3e-2, "max_steps_per_stage": steps},
         eval={"start": False, "heatmap": False},
     )
-    proc = run_one(cfg, env={"PYTHONPATH": str(SCRIPT.parents[2])}, timeout=600)
+    proc = run_one(cfg, env={"PYTHONPATH": str(ROOT)}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     first, second = sorted((tmp_path / "out" / "stages").iterdir())
     s0 = json.loads((first / "stage.json").read_text())["methods"]["agem"]
@@ -179,21 +178,190 @@ def test_tiny_run_projects_in_the_second_stage_only(tmp_path):
 
 
 # ----- real ranks ---------------------------------------------------------------------------------
+# A-GEM under DeepSpeed ZeRO against a plain single-process torch A-GEM. For each run (a ZeRO stage; ZeRO 2
+# also with bf16 weights and fp32 gradient accumulation, whose compact gradient buffers must be dropped
+# after the memory pass), in the same 2 processes, it builds the same tiny Llama on every rank (odd
+# sizes: ZeRO 3 pads, ZeRO 1/2 fragments straddle ranks), hands DeepSpeed cltk's AdamW param groups
+# (decay / no decay: two partitions per rank, stepped one after the other), and trains STEPS steps with
+# ``cltk.engine.train_step`` and a method whose ``before_step`` captures g_ref on this rank's memory
+# micro-batches and whose ``after_backward`` projects (:class:`cltk.methods.agem.reference.AgemProjector`),
+# with gradient accumulation and gradient clipping on. Training and memory tokens come from disjoint
+# halves of the vocabulary, so g and g_ref conflict and the projection acts, except at step 0, where the
+# memory loss is negated so that they agree and g must pass unchanged. The reference is one plain torch
+# model and AdamW with the same groups: g is the gradient of the mean loss over every rank's training
+# micro-batches, g_ref that of every rank's memory batch, both projected by
+# :func:`cltk.methods.agem.projection.project_reference`, clipped like DeepSpeed and stepped.
+STEPS, GAS, MB, SEQ, VOCAB = 2, 2, 2, 16, 64
+LR, WD, CLIP = 1e-2, 0.1, 0.5
+AGEM_LLAMA = {**ODD_SIZES, "vocab_size": VOCAB}
+AGEM_RUNS = ((0, False), (1, False), (2, False), (3, False), (2, True))  # (ZeRO stage, bf16)
+
+
+def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    from cltk.engine import param_groups
+
+    return torch.optim.AdamW(param_groups(model, WD), lr=LR, betas=(0.9, 0.95), weight_decay=WD)
+
+
+def batches(step: int, rank: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Rank ``rank``'s training micro-batches and memory micro-batches at ``step`` (two memory
+    micro-batches at step 0, so g_ref accumulates over them). Their tokens are disjoint halves of the
+    vocabulary: learning one half's statistics raises the loss on the other, so g and g_ref conflict."""
+    gen = torch.Generator().manual_seed(100 * step + rank)
+    train = [torch.randint(0, VOCAB // 2, (MB, SEQ), generator=gen) for _ in range(GAS)]
+    memory = [
+        torch.randint(VOCAB // 2, VOCAB, (MB, SEQ), generator=gen) for _ in range(2 - min(step, 1))
+    ]
+    return train, memory
+
+
+def memory_loss(step: int):
+    from cltk.losses import causal_lm_loss
+
+    if step == 0:  # a reference gradient that agrees with the training one: g must be left alone
+        return lambda logits, labels: -causal_lm_loss(logits, labels)
+    return causal_lm_loss
+
+
+class Capture:
+    """The gradient the torch optimizer receives, per parameter, summed over ranks (each element is
+    held by exactly one rank under ZeRO 1-3; by every rank under ZeRO 0)."""
+
+    def __init__(self, view, shapes: dict[str, torch.Size]):
+        self.view, self.shapes = view, shapes
+        self.full: dict[str, torch.Tensor] = {}
+        view.on_step(before=self.before)
+
+    def reset(self) -> None:
+        self.full = {n: torch.zeros(s.numel()) for n, s in self.shapes.items()}
+
+    def before(self, stepped) -> None:
+        place_fragments(self.full, [p for _, p in stepped], [p.tensor.grad for _, p in stepped])
+
+    def gathered(self) -> dict[str, torch.Tensor]:
+        from cltk import distributed as dist
+
+        if self.view.layout != "plain":
+            for t in self.full.values():
+                dist.all_reduce_sum(t)
+        return {n: t.reshape(self.shapes[n]) for n, t in self.full.items()}
+
+
+def reference_step(model, opt, step: int, world: int) -> tuple[dict[str, torch.Tensor], float]:
+    """One plain A-GEM step on ``model``: returns the gradient handed to AdamW and the coefficient."""
+    from cltk.forward import model_forward
+    from cltk.losses import causal_lm_loss
+    from cltk.methods.agem.projection import coefficient, project_reference
+
+    params = [p for p in model.parameters()]
+    forward = model_forward(model)
+
+    def grad(loss_fn, data: list[list[torch.Tensor]]) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        count = sum(len(d) for d in data)
+        for per_rank in data:
+            for ids in per_rank:  # full batches: every micro-batch of every rank weighs the same
+                (loss_fn(forward(ids), ids[:, 1:]) / count).backward()
+        return torch.cat([p.grad.reshape(-1) for p in params]).clone()
+
+    per_rank = [batches(step, r) for r in range(world)]
+    # g: the mean over ranks of each rank's mean over its micro-batches; g_ref likewise (its scale does
+    # not matter to the projection)
+    g = grad(causal_lm_loss, [t for t, _ in per_rank])
+    g_ref = grad(memory_loss(step), [m for _, m in per_rank])
+    dot = float(torch.dot(g.double(), g_ref.double()))
+    coef = coefficient(dot, float(torch.dot(g_ref.double(), g_ref.double())))
+    g = project_reference(g, g_ref)
+    norm = float(g.double().norm())
+    if norm > CLIP:  # DeepSpeed: divide by (norm + 1e-6) / clip when that is > 1
+        g = g / ((norm + 1e-6) / CLIP)
+    out, offset = {}, 0
+    for (name, p) in model.named_parameters():
+        p.grad = g[offset : offset + p.numel()].reshape(p.shape).clone()
+        out[name] = p.grad.clone()
+        offset += p.numel()
+    opt.step()
+    return out, coef
+
+
+def agem_under_zero(stage: int, bf16: bool = False) -> dict:
+    import deepspeed
+
+    from cltk import distributed as dist
+    from cltk.engine import train_step
+    from cltk.method import Method
+    from cltk.methods.agem.reference import AgemProjector
+
+    rank, world = dist.rank(), dist.world_size()
+    model = tiny_llama(**AGEM_LLAMA)
+    # bf16: bf16 weights, fp32 gradient accumulation (ZeRO 1/2's compact gradient buffers)
+    config = ds_config(stage, micro_batch=MB, accumulation=GAS, gradient_clipping=CLIP, bf16=bf16)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=adamw(model), config=config)
+    projector = AgemProjector(engine)
+    shapes = {
+        n: torch.Size(getattr(p, "ds_shape", p.shape)) for n, p in engine.module.named_parameters()
+    }
+    capture = Capture(projector.view, shapes)
+
+    class Agem(Method):
+        name = "agem-test"
+        result = None
+
+        def before_step(self, ctx) -> None:
+            projector.capture(batches(ctx.step, rank)[1], memory_loss(ctx.step))
+
+        def after_backward(self, ctx) -> None:
+            Agem.result = projector.project()
+
+    ref_model = tiny_llama(**AGEM_LLAMA)
+    ref_opt = adamw(ref_model)
+    ctx = SimpleNamespace(engine=engine, stage=SimpleNamespace(name="agem"), step=0)
+    out = {"stage": stage, "bf16": bf16, "world": world, "layout": projector.view.layout, "steps": []}
+    for step in range(STEPS):
+        ctx.step = step
+        before = full_weights(engine)
+        ref_before = {n: p.detach().clone() for n, p in ref_model.named_parameters()}
+        start_err = max(float((before[n] - ref_before[n]).abs().max()) for n in before)
+        capture.reset()
+        train_step(ctx, [Agem()], batches(step, rank)[0])
+        got = capture.gathered()
+        want, want_coef = reference_step(ref_model, ref_opt, step, world)
+        after = full_weights(engine)
+        scale = max(float(w.abs().max()) for w in want.values())
+        move = max(float((after[n] - before[n]).abs().max()) for n in after)
+        out["steps"].append({
+            "step": step,
+            "grad_err": max(float((got[n] - want[n]).abs().max()) for n in want) / scale,
+            "grad_rel": float(torch.cat([(got[n] - want[n]).reshape(-1) for n in want]).norm()
+                              / torch.cat([w.reshape(-1) for w in want.values()]).norm()),
+            "coef": Agem.result.coef,
+            "ref_coef": want_coef,
+            "dot": Agem.result.dot,
+            "start_weight_err": start_err,
+            "weight_err": max(
+                float((after[n] - p.detach()).abs().max()) for n, p in ref_model.named_parameters()
+            ) / move,
+            "micro_steps": engine.micro_steps,
+            "global_steps": engine.global_steps,
+        })
+    engine.destroy()
+    return out
+
+
+def agem_under_zero_0_1_2_3() -> list[dict]:
+    return [agem_under_zero(stage, bf16) for stage, bf16 in AGEM_RUNS]
+
+
 @pytest.mark.multirank
-def test_agem_projection_under_zero_matches_a_single_process_reference(tmp_path):
-    out = tmp_path / "agem.json"
-    run = run_ranks(
-        [SCRIPT, "--out", out, "--runs", "0", "1", "2", "3", "2:bf16"],
-        world_size=2,
-        timeout=600,
-        env={"PYTHONPATH": str(SCRIPT.parents[2])},
-    )
-    report = json.loads(out.read_text())
-    assert report["world"] == 2, run.stdout[-3000:]
+@pytest.mark.on_two_ranks("agem_under_zero_0_1_2_3")
+def test_agem_projection_under_zero_matches_a_single_process_reference(on_two_ranks):
+    """Per ZeRO stage and step: the gradient the engine's optimizer received (gathered from both
+    ranks' partitions) against the reference's, the coefficient on both sides, and the weights after
+    the step (relative to the step's largest move)."""
     layouts = {0: "plain", 1: "zero1/2", 2: "zero1/2", 3: "zero3"}
-    assert [(r["stage"], r["bf16"]) for r in report["results"]] == [
-        (0, False), (1, False), (2, False), (3, False), (2, True)]
-    for r in report["results"]:
+    assert [(r["stage"], r["bf16"]) for r in on_two_ranks] == list(AGEM_RUNS)
+    for r in on_two_ranks:
+        assert r["world"] == 2
         assert r["layout"] == layouts[r["stage"]]
         for s in r["steps"]:
             print(f"ZeRO {r['stage']}{' bf16' if r['bf16'] else ''} step {s['step']}: grad err "

@@ -13,6 +13,7 @@ import pytest
 
 from cltk.bench import page
 from cltk.bench.arms import ARMS, TIERS
+from tests.kit import model_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,9 +65,7 @@ def test_every_arm_is_a_valid_config_of_its_tier(tmp_path):
 
 
 TINY = ["--set", "data.seq_len=32", "--set", "data.eval_sequences=4", "--set", "eval.batch_size=4"]
-TINY_BASE = [x for kv in ("model.config.hidden_size=32", "model.config.intermediate_size=64",
-                          "model.config.num_hidden_layers=2", "model.config.num_attention_heads=4",
-                          "model.config.num_key_value_heads=2", "tokenizer.train.vocab_size=400",
+TINY_BASE = [x for kv in (*model_sets(), "tokenizer.train.vocab_size=400",
                           "train.max_steps_per_stage=3", "data.seq_len=32", "data.eval_sequences=4")
              for x in ("--base-set", kv)]
 

@@ -12,13 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.kit import model_sets
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "model.config.hidden_size=32",
-    "model.config.intermediate_size=64",
-    "model.config.num_hidden_layers=1",
-    "model.config.num_attention_heads=4",
-    "model.config.num_key_value_heads=2",
+    *model_sets(num_hidden_layers=1),
     "data.seq_len=16",
     "train.micro_batch_size=2",
     "train.gradient_accumulation_steps=2",
@@ -64,23 +62,6 @@ def test_benchmark_script_runs_on_a_tiny_setting(name, tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert expect in out, out[-4000:]
-
-
-def test_methods_benchmark_runs_arms_and_resumes(tmp_path):
-    """benchmarks/methods.py on the tests' tiny run: two arms, one seed, one step per stage; run again,
-    it keeps the finished arms."""
-    from tests.tiny_run import write_tiny_run
-
-    cfg = write_tiny_run(tmp_path / "cfg", eval={"start": False})
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "methods.py"), "--out", str(tmp_path / "mb"),
-           "--config", str(cfg), "--seeds", "1", "--steps", "1", "--ranks", "1", "--arms", "naive", "ewc"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
-    for attempt in range(2):
-        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        out = proc.stdout + proc.stderr
-        assert proc.returncode == 0, out[-4000:]
-        assert "| ewc |" in out and "| naive |" in out, out[-4000:]
-    assert "ewc seed 1: done earlier, kept" in out
 
 
 def test_overhead_benchmark_times_three_arms_on_the_same_work(tmp_path):

@@ -7,6 +7,7 @@ import yaml
 from cltk.config import ConfigError, describe
 from cltk.ds_config import deepspeed_config
 from cltk.validate import load_config
+from tests.kit import TINY_LLAMA
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,7 @@ def write(tmp_path, raw, ds=None):
 
 def base():
     return {
-        "model": {"config": {"model_type": "llama", "hidden_size": 32}},
+        "model": {"config": {**TINY_LLAMA, "max_position_embeddings": 256}},
         "tokenizer": {"train": {"vocab_size": 400}},
         "domains": [{"name": "a", "source": {"builtin": "stdlib"}}],
     }

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import transformers as T
 import yaml
 
 from cltk.config import ConfigError
@@ -19,9 +18,10 @@ from cltk.methods.ewc import EwcConfig
 from cltk.methods.ewc.method import EwcMethod, EwcStateError
 from cltk.methods.ewc.penalty import add_square_, fold_fisher, penalty_
 from cltk.validate import load_config
-from tests.multirank import run_ranks
+from tests.kit import ODD_SIZES, TINY_LLAMA, tiny_llama
+from tests.kit.zero import ds_config, gather_partitions, rel_err
 
-SCRIPT = Path(__file__).parent / "scripts" / "ewc_zero.py"
+LONG_LLAMA = {**TINY_LLAMA, "max_position_embeddings": 256}  # the default data.seq_len fits
 
 
 # ----- the arithmetic ---------------------------------------------------------------------------
@@ -57,7 +57,7 @@ def _config(tmp_path: Path, ds: dict | None = None, **sections) -> Path:
     (tmp_path / "ds.json").write_text(json.dumps(ds or {"zero_optimization": {"stage": 2}}))
     raw = {
         "deepspeed": "ds.json",
-        "model": {"config": {"model_type": "llama", "hidden_size": 32}},
+        "model": {"config": LONG_LLAMA},
         "tokenizer": {"train": {"vocab_size": 400}},
         "domains": [{"name": "a", "source": {"builtin": "stdlib"}}],
         **sections,
@@ -96,7 +96,7 @@ def _config_text() -> str:
     root = Path(__file__).resolve().parents[1]
     return (
         f"deepspeed: {root / 'ds_configs' / 'zero3.json'}\n"
-        "model: {config: {model_type: llama, hidden_size: 32}}\n"
+        f"model: {{config: {json.dumps(LONG_LLAMA)}}}\n"
         "tokenizer: {train: {vocab_size: 400}}\n"
         "domains: [{name: a, source: {builtin: stdlib}}]\n"
         "ewc: {lam: 0, gamma: 0.9, fisher_steps: 3}\n"
@@ -105,12 +105,8 @@ def _config_text() -> str:
 
 # ----- one process: the hooks against plain torch -----------------------------------------------
 def tiny() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = T.LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1,
-    )
-    return T.AutoModelForCausalLM.from_config(config)
+    return tiny_llama(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
 
 
 def batches(n: int, seed: int) -> list[torch.Tensor]:
@@ -150,7 +146,8 @@ def test_hooks_equal_adamw_on_loss_plus_penalty():
     view = method.view
     method.on_stage_end(ctx)
     anchor = {n: p.detach().clone() for n, p in ref.named_parameters()}
-    got_f, got_a = unlay(view, method.fisher), unlay(view, method.anchor)
+    got_f = gather_partitions(view, method.fisher, model)
+    got_a = gather_partitions(view, method.anchor, model)
     for n in fisher:
         torch.testing.assert_close(got_f[n], fisher[n], rtol=1e-6, atol=1e-12)
         torch.testing.assert_close(got_a[n], anchor[n], rtol=0, atol=0)
@@ -245,29 +242,157 @@ def test_resume_inside_the_fisher_window_equals_an_uninterrupted_stage():
         assert torch.equal(a, b)
 
 
-def unlay(view, tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-partition flat tensors back to full parameters (plain layout: one per parameter)."""
-    out = {}
-    for part, t in zip(view.partitions, tensors):
-        for f in part.fragments:
-            out[f.name] = t.reshape(-1)[f.offset : f.offset + f.numel].view(f.param.shape)
-    return out
-
-
 # ----- two ranks, ZeRO 1, 2 and 3 ---------------------------------------------------------------
-@pytest.mark.multirank
-def test_two_ranks_under_zero_1_2_3_equal_one_process(tmp_path):
-    out = tmp_path / "ewc.json"
-    run_ranks(
-        [SCRIPT, "--out", out, "--stages", "1", "2", "3"],
-        world_size=2,
-        timeout=600,
-        env={"PYTHONPATH": str(SCRIPT.parents[2])},
+# Per ZeRO stage (one engine after the other, in the same 2 processes): stage A trains the tiny Llama of
+# odd sizes (ZeRO 3 pads, ZeRO 1/2 fragments straddle ranks) 3 steps on per-rank batches with the EWC
+# hooks (Fisher window: the last 2 steps); its Fisher and anchor, gathered from both ranks' partitions,
+# are compared with plain torch on the global batch (mean g * g of the averaged, clipped gradient; final
+# weights). Stage B builds a new engine from perturbed weights, takes 2 steps with the penalty on, and
+# compares the gradient the optimizer received, the reported penalty and the final weights with plain
+# torch on CE + penalty. The ZeRO 1 run's EWC state is offered to the ZeRO 3 engine, which must refuse it.
+LR, WD, LAM, STEPS_A, STEPS_B, FISHER_STEPS, CLIP = 1e-2, 0.1, 300.0, 3, 2, 2, 1.0
+
+
+def batch(step: int, rank: int, stage_b: bool) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1000 * stage_b + 10 * step + rank)
+    return torch.randint(0, 64, (2, 16), generator=gen)
+
+
+def optimizer(model):
+    from cltk.engine import param_groups
+
+    return torch.optim.AdamW(param_groups(model, WD), lr=LR, weight_decay=WD)
+
+
+def engine_for(model, stage: int):
+    import deepspeed
+
+    config = ds_config(stage, micro_batch=2, gradient_clipping=CLIP)
+    return deepspeed.initialize(model=model, optimizer=optimizer(model), config=config)[0]
+
+
+def stage_context(engine, steps: int, name: str) -> SimpleNamespace:
+    """The parts of :class:`cltk.method.StageContext` the EWC hooks read."""
+    stage = SimpleNamespace(name=name)
+    return SimpleNamespace(engine=engine, step=0, schedule=range(steps), stage=stage)
+
+
+def global_ce(model, step: int, world: int, stage_b: bool) -> torch.Tensor:
+    """The loss DeepSpeed's averaged gradient belongs to: the mean over ranks of their mean CE."""
+    ids = [batch(step, r, stage_b) for r in range(world)]
+    return sum(model(input_ids=b, labels=b).loss for b in ids) / world
+
+
+def ewc_under_zero(stage: int, old_method) -> tuple[dict, object]:
+    from cltk import distributed as dist
+    from cltk.methods.kit.zero_view import zero_view
+
+    rank, world = dist.rank(), dist.world_size()
+    out: dict = {"stage": stage, "world": world}
+    # ----- stage A: Fisher and anchor -----------------------------------------------------------
+    ref = tiny_llama(**ODD_SIZES)
+    ref_opt = optimizer(ref)
+    engine = engine_for(tiny_llama(**ODD_SIZES), stage)
+    method = EwcMethod(EwcConfig(lam=LAM, gamma=1.0, fisher_steps=FISHER_STEPS))
+    ctx = stage_context(engine, STEPS_A, "A")
+    method.on_engine_ready(ctx)
+    fisher = {n: torch.zeros_like(p) for n, p in ref.named_parameters()}
+    clipped: list[bool] = []  # DeepSpeed clips before the EWC hook sees g; so does the reference
+    for step in range(STEPS_A):
+        ctx.step = step
+        ids = batch(step, rank, False)
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+        global_ce(ref, step, world, False).backward()
+        clipped.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)) > CLIP)
+        if step >= STEPS_A - FISHER_STEPS:
+            for n, p in ref.named_parameters():
+                fisher[n] += p.grad**2 / FISHER_STEPS
+        ref_opt.step()
+        ref_opt.zero_grad()
+    view = method.view
+    method.on_stage_end(ctx)
+    anchor = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    out["layout"] = view.layout
+    out["fisher_rel_err"] = rel_err(gather_partitions(view, method.fisher, ref), fisher)
+    out["anchor_rel_err"] = rel_err(gather_partitions(view, method.anchor, ref), anchor)
+    out["fisher_max"] = max(float(f.max()) for f in fisher.values())
+    # memory: this rank's F + theta* (bytes) against the model's trainable parameters
+    out["state_bytes_rank"] = sum(4 * t.numel() for t in method.fisher + method.anchor)
+    out["trainable"] = sum(p.numel() for p in ref.parameters())
+    engine.destroy()
+
+    # ----- stage B: the penalty, on a new engine from perturbed weights ------------------------
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(5)
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    ref_opt = optimizer(ref)
+    engine = engine_for(copy.deepcopy(ref), stage)
+    if old_method is not None:  # state made by another ZeRO layout must be refused, not misread
+        try:
+            old_method.on_engine_ready(stage_context(engine, STEPS_B, "B"))
+            out["foreign_refused"] = False
+        except EwcStateError:
+            out["foreign_refused"] = True
+    ctx = stage_context(engine, STEPS_B, "B")
+    method.on_engine_ready(ctx)
+    seen: list[torch.Tensor] = []
+    grads = zero_view(engine)  # a second view: captures .grad right after the EWC hook ran
+    grads.on_step(before=lambda parts: seen.extend((i, p.tensor.grad.clone()) for i, p in parts))
+    grad_err, pen_err, pen_share = 0.0, 0.0, 0.0
+    for step in range(STEPS_B):
+        ctx.step = step
+        ids = batch(step, rank, True)
+        reported = float(method.extra_loss(ctx, {}, torch.zeros(1), torch.zeros(1))["ewc_penalty"])
+        seen.clear()
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+        got = gather_partitions(grads, [t for _, t in sorted(seen, key=lambda x: x[0])], ref)
+        penalty = LAM / 2 * sum(
+            (fisher[n] * (p - anchor[n]) ** 2).sum() for n, p in ref.named_parameters()
+        )
+        global_ce(ref, step, world, True).backward()
+        clipped.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)) > CLIP)
+        ce_grad = {n: p.grad.clone() for n, p in ref.named_parameters()}
+        penalty.backward()
+        want = {n: p.grad.clone() for n, p in ref.named_parameters()}
+        grad_err = max(grad_err, rel_err(got, want))
+        pen_share = max(pen_share, rel_err(ce_grad, want))  # how much the penalty changes g
+        pen_err = max(pen_err, abs(reported / float(penalty.detach()) - 1))
+        ref_opt.step()
+        ref_opt.zero_grad()
+    final = {n: p.detach() for n, p in ref.named_parameters()}
+    parts = [p.tensor.detach() for p in method.view.partitions]
+    weight_err = rel_err(gather_partitions(method.view, parts, ref), final)
+    out.update(
+        clipped_steps=sum(clipped),
+        grad_rel_err=grad_err,
+        penalty_rel_err=pen_err,
+        weight_rel_err=weight_err,
+        penalty_grad_share=pen_share,
     )
-    report = json.loads(out.read_text())
-    assert report["world"] == 2 and [r["stage"] for r in report["results"]] == [1, 2, 3]
-    for r in report["results"]:
+    method.on_stage_end(ctx)
+    engine.destroy()
+    return out, method
+
+
+def ewc_under_zero_1_2_3() -> list[dict]:
+    results, previous = [], None
+    for stage in (1, 2, 3):
+        res, method = ewc_under_zero(stage, previous if stage == 3 else None)
+        results.append(res)
+        previous = method
+    return results
+
+
+@pytest.mark.multirank
+@pytest.mark.on_two_ranks("ewc_under_zero_1_2_3")
+def test_two_ranks_under_zero_1_2_3_equal_one_process(on_two_ranks):
+    assert [r["stage"] for r in on_two_ranks] == [1, 2, 3]
+    for r in on_two_ranks:
         print(r)
+        assert r["world"] == 2
         assert r["layout"] == ("zero3" if r["stage"] == 3 else "zero1/2"), r
         assert r["fisher_max"] > 0 and r["fisher_rel_err"] < 1e-4, r
         assert r["anchor_rel_err"] < 5e-5, r  # after 3 AdamW steps: float rounding only
@@ -275,7 +400,71 @@ def test_two_ranks_under_zero_1_2_3_equal_one_process(tmp_path):
         assert r["penalty_grad_share"] > 0.1, r  # the penalty changes the gradient a lot...
         assert r["grad_rel_err"] < 1e-4, r  # ...and exactly as plain torch's autograd does
         assert r["penalty_rel_err"] < 1e-5 and r["weight_rel_err"] < 5e-5, r
-    assert report["results"][2]["foreign_refused"] is True
+    assert on_two_ranks[2]["foreign_refused"] is True
+
+
+# ----- two ranks, ZeRO 1, 2 and 3: the per-sample Fisher (ewc.fisher: sample) ----------------------
+# At a stage's end every rank runs the same few single sequences through the engine; the Fisher, gathered
+# from both ranks' partitions, must equal the mean over those sequences of each one's squared gradient in
+# plain torch, and no step may have been taken (the anchor is the starting weights).
+SAMPLE_SEQS = [torch.randint(0, 64, (16,), generator=torch.Generator().manual_seed(50 + i)) for i in range(5)]
+
+
+class _Trained:
+    """The parts of the stage's schedule the per-sample Fisher reads: its trained sequences."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def trained_new(self) -> list[tuple[int, int]]:
+        return [(0, i) for i in range(len(SAMPLE_SEQS))]
+
+
+def ewc_sample_fisher_under_zero(stage: int) -> dict:
+    import numpy as np
+
+    from cltk import distributed as dist
+    from cltk.methods.ewc.sample_fisher import pick_sequences
+
+    ref = tiny_llama(**ODD_SIZES)
+    engine = engine_for(tiny_llama(**ODD_SIZES), stage)
+    method = EwcMethod(EwcConfig(lam=LAM, fisher="sample", fisher_samples=3), seed=4)
+    ctx = SimpleNamespace(engine=engine, step=0, schedule=_Trained(), stage=SimpleNamespace(name="A", index=1),
+                          rows=lambda items: np.stack([SAMPLE_SEQS[i].numpy() for _, i in items]))
+    method.on_engine_ready(ctx)
+    view = method.view
+    method.on_stage_end(ctx)
+    picked = pick_sequences(_Trained().trained_new(), 3, seed=4, stage_index=1)
+    fisher = {n: torch.zeros_like(p) for n, p in ref.named_parameters()}
+    for _, i in picked:
+        ids = SAMPLE_SEQS[i][None]
+        ref.zero_grad()
+        ref(input_ids=ids, labels=ids).loss.backward()
+        for n, p in ref.named_parameters():
+            fisher[n] += p.grad**2 / len(picked)
+    start = {n: p.detach() for n, p in ref.named_parameters()}
+    out = {
+        "stage": stage, "world": dist.world_size(), "stages": method.stages,
+        "fisher_rel_err": rel_err(gather_partitions(view, method.fisher, ref), fisher),
+        "anchor_rel_err": rel_err(gather_partitions(view, method.anchor, ref), start),
+        "fisher_max": max(float(f.max()) for f in fisher.values()),
+    }
+    engine.destroy()
+    return out
+
+
+def ewc_sample_fisher_under_zero_1_2_3() -> list[dict]:
+    return [ewc_sample_fisher_under_zero(stage) for stage in (1, 2, 3)]
+
+
+@pytest.mark.multirank
+@pytest.mark.on_two_ranks("ewc_sample_fisher_under_zero_1_2_3")
+def test_the_per_sample_fisher_on_two_ranks_equals_plain_torch(on_two_ranks):
+    assert [r["stage"] for r in on_two_ranks] == [1, 2, 3]
+    for r in on_two_ranks:
+        assert r["world"] == 2 and r["stages"] == 1, r
+        assert r["fisher_max"] > 0 and r["fisher_rel_err"] < 1e-4, r
+        assert r["anchor_rel_err"] == 0.0, r  # no step was taken: the weights are the starting ones
 
 
 # ----- a two-stage cltk train run ---------------------------------------------------------------

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from cltk import cli
+from tests.kit import tiny_llama
 from tests.multirank import free_port
 from tests.test_user_errors import _tmpfs, _umount, assert_one_line
 from tests.tiny_run import TINY_MODEL, write_tiny_run
@@ -82,12 +83,9 @@ def _ds(tmp: Path, text: bytes | str) -> list[str]:
 
 def _model_dir(tmp: Path, weights: bytes | None) -> Path:
     """A model directory with a real config.json and the given bytes as model.safetensors."""
-    from transformers import LlamaConfig
-
     d = tmp / "model"
     d.mkdir(parents=True, exist_ok=True)
-    spec = {k: v for k, v in TINY_MODEL.items() if k != "model_type"}
-    LlamaConfig(vocab_size=400, **spec).save_pretrained(d)
+    tiny_llama(vocab_size=400).config.save_pretrained(d)
     if weights is not None:
         (d / "model.safetensors").write_bytes(weights)
     return d

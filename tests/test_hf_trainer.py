@@ -5,26 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import TrainingArguments
 
 from cltk.methods.kit.soft_losses import distillation_loss, soft_target_loss
 from cltk.methods.soft_targets.hf_trainer import SoftTargetTrainer, shift_labels
+from tests.kit import tiny_llama
 
 VOCAB, SEQ, N = 64, 16, 8
 
 
-def _llama(seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=SEQ,
-    )
-    return LlamaForCausalLM(cfg).float()
+def _llama(seed: int) -> torch.nn.Module:
+    return tiny_llama(seed, vocab_size=VOCAB, max_position_embeddings=SEQ)
 
 
 class _Rows(torch.utils.data.Dataset):

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,25 +14,35 @@ from cltk.methods.das.importance import (
     save_importance,
 )
 from cltk.methods.das.units import build_unit_map
-from tests.multirank import run_ranks
+from tests.kit import tiny_llama
 
-SCRIPT = Path(__file__).parent / "scripts" / "importance_ranks.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("importance_ranks", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+NUM_BATCHES, LM_SAMPLES = 8, 11
 
 
-@pytest.fixture(scope="module")
-def script():
-    return _script()
+def build() -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
+    """The tiny dropout-free Llama and the batches every test here uses."""
+    model = tiny_llama(intermediate_size=48)
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        {"input_ids": torch.randint(0, 64, (2, 12), generator=gen)} for _ in range(NUM_BATCHES)
+    ]
+    return model, batches
 
 
-def test_proxy_is_finite_and_nonzero_on_a_dropout_free_llama(script):
-    model, batches = script.build()
+def scores(model, batches) -> dict[str, torch.Tensor]:
+    """Raw importance of both modes; ``lm`` stops at LM_SAMPLES sequences over all ranks."""
+    proxy = estimate_importance(model, batches, mode="proxy", proxy_dropout=0.1)
+    lm = estimate_importance(model, batches, mode="lm", num_samples=LM_SAMPLES)
+    return {
+        "proxy_heads": proxy["heads"],
+        "proxy_ffn": proxy["ffn"],
+        "lm_heads": lm["heads"],
+        "lm_ffn": lm["ffn"],
+    }
+
+
+def test_proxy_is_finite_and_nonzero_on_a_dropout_free_llama():
+    model, batches = build()
     assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
     raw = estimate_importance(model, batches[:2], mode="proxy", proxy_dropout=0.1)
     umap = build_unit_map(model)
@@ -54,9 +61,9 @@ def test_proxy_is_finite_and_nonzero_on_a_dropout_free_llama(script):
     assert float(flat["heads"].abs().max()) < 1e-4 * float(raw["heads"].max())
 
 
-def test_token_row_scores_are_gate_gradients(script):
+def test_token_row_scores_are_gate_gradients():
     """|d loss / d gate_r| of a gate scaling row r equals |<W_r, d loss / d W_r>| (one batch)."""
-    model, batches = script.build()
+    model, batches = build()
     ids = batches[0]["input_ids"]
     raw = estimate_importance(model, [{"input_ids": ids}], mode="lm")
     model.zero_grad()
@@ -81,8 +88,8 @@ def test_every_mapped_architecture_scores(arch):
     assert model.training
 
 
-def test_state_is_restored_and_parameters_untouched(script):
-    model, batches = script.build()
+def test_state_is_restored_and_parameters_untouched():
+    model, batches = build()
     model.eval()
     model.model.embed_tokens.weight.requires_grad_(False)  # frozen parameters are fine
     ids = batches[0]["input_ids"]
@@ -98,9 +105,9 @@ def test_state_is_restored_and_parameters_untouched(script):
 
 
 @pytest.mark.parametrize("mode", ["lm", "proxy"])
-def test_mean_over_samples_of_per_batch_abs(script, mode):
+def test_mean_over_samples_of_per_batch_abs(mode):
     """Two batches score the sample-weighted mean of each batch's |grad| (not a signed sum)."""
-    model, batches = script.build()
+    model, batches = build()
     a = batches[0]
     b = {"input_ids": batches[1]["input_ids"][:1]}  # 1 sequence: unequal weights
     both = estimate_importance(model, [a, b], mode=mode)
@@ -110,8 +117,8 @@ def test_mean_over_samples_of_per_batch_abs(script, mode):
         torch.testing.assert_close(both[k], (2 * ra[k] + rb[k]) / 3, rtol=1e-5, atol=0)
 
 
-def test_num_samples_cuts_the_last_batch(script):
-    model, batches = script.build()
+def test_num_samples_cuts_the_last_batch():
+    model, batches = build()
     cut = estimate_importance(model, batches, mode="lm", num_samples=3)
     explicit = estimate_importance(
         model, [batches[0], {"input_ids": batches[1]["input_ids"][:1]}], mode="lm"
@@ -120,8 +127,8 @@ def test_num_samples_cuts_the_last_batch(script):
         torch.testing.assert_close(cut[k], explicit[k], rtol=1e-6, atol=0)
 
 
-def test_padding_is_left_out(script):
-    model, batches = script.build()
+def test_padding_is_left_out():
+    model, batches = build()
     ids = batches[0]["input_ids"]
     mask = torch.ones_like(ids)
     mask[:, 8:] = 0
@@ -133,8 +140,8 @@ def test_padding_is_left_out(script):
         torch.testing.assert_close(padded[k], other[k], rtol=1e-5, atol=1e-9)
 
 
-def test_bad_arguments_are_named(script):
-    model, batches = script.build()
+def test_bad_arguments_are_named():
+    model, batches = build()
     with pytest.raises(ValueError, match="mode"):
         estimate_importance(model, batches, mode="fisher")
     with pytest.raises(ValueError, match="no samples"):
@@ -175,8 +182,8 @@ def test_accumulate_is_elementwise_max():
         accumulate(a, {"heads": torch.zeros(1, 3), "ffn": b["ffn"]})
 
 
-def test_save_load_roundtrip_and_errors(tmp_path, script):
-    model, _ = script.build()
+def test_save_load_roundtrip_and_errors(tmp_path):
+    model, _ = build()
     umap = build_unit_map(model)
     imp = {
         "heads": torch.rand(umap.num_layers, umap.num_heads),
@@ -203,14 +210,24 @@ def test_save_load_roundtrip_and_errors(tmp_path, script):
         load_importance(tmp_path / "wrong.safetensors", model=model)
 
 
+def importance_on_ranks() -> dict[str, torch.Tensor]:
+    """Rank r scores batches r, r + world, ...; every rank must end with the same scores."""
+    from cltk import distributed as dist
+
+    model, batches = build()
+    result = scores(model, batches[dist.rank() :: dist.world_size()])
+    for other in dist.all_gather_object(result):  # every rank holds the result, not only rank 0
+        for k, v in other.items():
+            torch.testing.assert_close(v, result[k], rtol=0, atol=0)
+    return result
+
+
 @pytest.mark.multirank
-def test_two_ranks_equal_one_process(tmp_path, script):
-    out = tmp_path / "ranks.safetensors"
-    run_ranks([SCRIPT, out], world_size=2, timeout=300)
-    two = load_file(out)
-    model, batches = script.build()
-    one = script.scores(model, batches)
-    assert set(two) == set(one)
+@pytest.mark.on_two_ranks("importance_on_ranks")
+def test_two_ranks_equal_one_process(on_two_ranks):
+    model, batches = build()
+    one = scores(model, batches)
+    assert set(on_two_ranks) == set(one)
     for k in one:
         assert bool((one[k] > 0).all())
-        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=0)
+        torch.testing.assert_close(on_two_ranks[k], one[k], rtol=1e-5, atol=0)

@@ -2,35 +2,23 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-import transformers as T
 
 from cltk.methods.das.masking import attach_update_masks, param_masks, register_grad_masks
 from cltk.methods.das.units import attach_gates, build_unit_map
 from cltk.methods.kit import zero_view
-from tests.multirank import run_ranks
+from tests.kit import tiny_llama
+from tests.masking_ranks import masks_under_zero_plan
 
-SCRIPT = Path(__file__).parent / "scripts" / "masking_zero.py"
 L, H, KV, FFN = 2, 4, 2, 48
 
 
 def tiny() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = T.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=FFN,
-        num_hidden_layers=L,
-        num_attention_heads=H,
-        num_key_value_heads=KV,
-        attention_bias=True,
-    )
-    return T.AutoModelForCausalLM.from_config(config)
+    return tiny_llama(intermediate_size=FFN, num_hidden_layers=L, num_attention_heads=H,
+                      num_key_value_heads=KV, attention_bias=True)
 
 
 def importance(**units) -> dict[str, torch.Tensor]:
@@ -193,19 +181,16 @@ def check_importance_agreement(r: dict) -> None:
                 assert e["norm_mean_err"] < 0.03 and e["norm_max_err"] < 0.2, (mode, key, e)
 
 
+def masks_under_zero_0_1_2_3() -> list[dict]:
+    return masks_under_zero_plan(PLAN)
+
+
 @pytest.mark.multirank
-def test_masks_hold_under_zero_on_two_ranks(tmp_path):
-    out = tmp_path / "masking.json"
-    run = run_ranks(
-        [SCRIPT, "--out", out, "--stages", "0", "1", "2", "3", "--runs", *PLAN],
-        world_size=2,
-        timeout=900,
-        env={"PYTHONPATH": str(SCRIPT.parents[2])},
-    )
-    report = json.loads(out.read_text())
-    assert report["world"] == 2
+@pytest.mark.on_two_ranks("masks_under_zero_0_1_2_3")
+def test_masks_hold_under_zero_on_two_ranks(on_two_ranks):
     seen = set()
-    for r in report["results"]:
+    for r in on_two_ranks:
+        assert r["world"] == 2
         seen.add((r["stage"], r["run"]))
         if r["run"].startswith("importance"):
             check_importance_agreement(r)
@@ -232,4 +217,3 @@ def test_masks_hold_under_zero_on_two_ranks(tmp_path):
     assert {(s, k) for s in range(4) for k in ("update", "grad_sgd")} <= seen
     assert {(2, "update_offload"), (3, "update_offload"), (2, "importance"), (3, "importance"),
             (3, "importance_bf16")} <= seen
-    assert "MASKING" in run.stdout

@@ -350,10 +350,11 @@ def test_cli_ner_refuses_a_bad_config_with_exit_2(tmp_path, capsys):
 
 def test_a_decoder_backbone_works_too():
     from cltk.ner.model import build_backbone
+    from tests.kit import TINY_LLAMA
 
-    llama = build_backbone({"model_type": "llama", "hidden_size": 16, "intermediate_size": 32,
-                            "num_hidden_layers": 1, "num_attention_heads": 2,
-                            "num_key_value_heads": 1}, None, vocab_size=40)
+    small = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "num_key_value_heads": 1}
+    llama = build_backbone({**TINY_LLAMA, **small}, None, vocab_size=40)
     tagger = NerTagger(llama, [3, 5])
     ids = torch.tensor([[1, 2, 3, 4]])
     out = tagger(ids, torch.ones_like(ids))

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import transformers as T
 
 from cltk.config import ConfigError
 from cltk.methods.kit.zero_view import Fragment, Partition, ZeroView
@@ -23,6 +22,7 @@ from cltk.methods.spg.sharded import (
     layout_record,
 )
 from cltk.validate import load_config
+from tests.kit import tiny_llama as kit_llama
 from tests.tiny_run import write_tiny_run
 
 
@@ -88,12 +88,8 @@ def test_sharded_importance_equals_the_whole_tensor_reference(in_place):
 
 
 def tiny_llama(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config = T.LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, attention_bias=True,
-    )
-    return T.AutoModelForCausalLM.from_config(config)
+    return kit_llama(seed, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=1, attention_bias=True)
 
 
 def batch(step: int) -> torch.Tensor:

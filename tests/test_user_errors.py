@@ -204,11 +204,11 @@ class BytesEngine:
 
 def test_full_disk_while_checkpointing_or_exporting_keeps_the_last_good_checkpoint(tmp_path):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from cltk import checkpoint
     from cltk.diskfull import DiskFullError
     from cltk.models import export_pretrained
+    from tests.kit import tiny_llama
 
     disk = tmp_path / "disk"
     _tmpfs(disk, "600k")
@@ -227,15 +227,8 @@ def test_full_disk_while_checkpointing_or_exporting_keeps_the_last_good_checkpoi
             with checkpoint._disk_full_guard(root, "s01-end"):
                 torch.save(torch.zeros(200_000), disk / "big.pt")
         (disk / "big.pt").unlink(missing_ok=True)
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=2000,
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-            )
-        )
+        model = tiny_llama(vocab_size=2000, hidden_size=64, intermediate_size=128,
+                           num_key_value_heads=4)
         with pytest.raises(
             DiskFullError, match=r"no space left on .* while writing the export s00"
         ):
@@ -439,7 +432,7 @@ def test_model_config_defaults_are_not_mistakes():
     from cltk.model_checks import inline_config
 
     # KV heads left unset follow the heads; legacy names transformers still takes are accepted
-    spec = {"model_type": "llama", "hidden_size": 32, "num_attention_heads": 4, "rope_theta": 1e4}
+    spec = {k: v for k, v in TINY_MODEL.items() if k != "num_key_value_heads"} | {"rope_theta": 1e4}
     config = inline_config(RunConfig(model=ModelConfig(config=spec)))
     assert config.num_key_value_heads == 4
     gpt2 = {"model_type": "gpt2", "n_embd": 32, "n_head": 4, "n_positions": 64}

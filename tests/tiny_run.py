@@ -8,17 +8,10 @@ from typing import Any
 
 import yaml
 
+from tests.kit.models import TINY_LLAMA
+
 ROOT = Path(__file__).resolve().parents[1]
-# the tiny run's inline model config (a 2-layer Llama with grouped KV heads)
-TINY_MODEL = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-}
+TINY_MODEL = TINY_LLAMA  # the tiny run's inline model config
 
 
 def write_tiny_run(

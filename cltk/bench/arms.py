@@ -66,6 +66,14 @@ TIERS: dict[str, Tier] = {
         "SmolLM2-135M (GGUF) continued on Shakespeare and software licences, with Python code and "
         "man pages (what it already knows) evaluation-only",
     ),
+    "scratch": Tier(
+        "scratch", "../quickstart.yaml", None,
+        "[{name: general, source: {builtin: licenses}, max_chars: 200000}]",
+        ("naive", "replay", "replay-reservoir", "replay-general", "replay+general", "distill",
+         "blocks", "das", "ewc", "spg", "agem", "lora", "lr-continue", "lr-wsd"),
+        "the quickstart's 4M-parameter Llama trained from scratch on Python code, Shakespeare and the "
+        "Bible (docs/methods.md); general data: software licences, never a stage",
+    ),
 }
 
 

@@ -1,55 +1,38 @@
-"""DAS masks under DeepSpeed: how far units of importance 0, 0.9 and 1 move in 50 training steps.
+"""DAS masks under DeepSpeed on real ranks (run by tests/test_masking.py in the session's 2-rank launch):
+how far units of importance 0, 0.9 and 1 move in 50 training steps.
 
-Run by tests/test_masking.py on 2 ranks (CPU, gloo); also runs as one plain process (world of 1):
-
-    deepspeed --num_gpus 2 tests/scripts/masking_zero.py --out OUT.json --stages 0 1 2 3 \
-        --runs update grad_sgd 1:grad_adamw 3:update_client
-    PYTHONPATH=. python tests/scripts/masking_zero.py --out OUT.json --stages 0 --runs update
-
-Each run builds the same tiny Llama on every rank (odd-sized biases, so ZeRO 3 pads and ZeRO 1/2
-fragments straddle ranks), masks it with a fixed importance pattern, trains 50 steps on per-rank
-random tokens and gathers the full weights. Run kinds: ``update`` (update masks, AdamW with weight
-decay built by DeepSpeed from its config), ``update_client`` (the same with a torch AdamW handed
-over), ``update_bf16`` (update masks, bf16 weights: DeepSpeed's BF16_Optimizer at ZeRO 1),
-``update_offload`` (update masks, optimizer offloaded to the CPU: DeepSpeedCPUAdam, compiled on
-first use), ``grad_sgd`` (gradient masks, SGD) and ``grad_adamw`` (gradient masks, AdamW: expected
-NOT to protect). Rank 0 writes per run: mean |move| of importance-0 and 0.9 elements and their
-ratio, the largest move of importance-1 elements; for update runs the layout used, that move after
-``handle.remove()`` and (fp32) the element-by-element probe of the first step (:func:`probe`); for
-``update`` and ``update_offload`` the exact check of the first step against an unmasked engine
-(:func:`exact`). ``importance`` / ``importance_bf16`` score DAS importance on the engine (fp32 or
-bf16) and on the plain fp32 model, and write how far they differ (:func:`importance_agreement`).
+Each run builds the same tiny Llama on every rank (odd sizes: ZeRO 3 pads, ZeRO 1/2 fragments straddle
+ranks), masks it with a fixed importance pattern, trains 50 steps on per-rank random tokens and gathers
+the full weights. Run kinds: ``update`` (update masks, AdamW with weight decay built by DeepSpeed from its
+config), ``update_client`` (the same with a torch AdamW handed over), ``update_bf16`` (update masks, bf16
+weights: DeepSpeed's BF16_Optimizer at ZeRO 1), ``update_offload`` (update masks, optimizer offloaded to
+the CPU: DeepSpeedCPUAdam, compiled on first use), ``grad_sgd`` (gradient masks, SGD) and ``grad_adamw``
+(gradient masks, AdamW: expected NOT to protect). Each run returns: mean |move| of importance-0 and 0.9
+elements and their ratio, the largest move of importance-1 elements; for update runs the layout used,
+that move after ``handle.remove()`` and (fp32) the element-by-element probe of the first step
+(:func:`probe`); for ``update`` and ``update_offload`` the exact check of the first step against an
+unmasked engine (:func:`exact`). ``importance`` / ``importance_bf16`` score DAS importance on the engine
+(fp32 or bf16) and on the plain fp32 model, and return how far they differ (:func:`importance_agreement`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-
 import torch
-import transformers as T
+
+from tests.kit import ODD_SIZES, tiny_llama
+from tests.kit.zero import ds_config, full_weights
 
 STEPS, LR, WD = 50, 1e-2, 0.1
 RUNS = ("update", "update_client", "update_bf16", "update_offload", "grad_sgd", "grad_adamw",
         "importance", "importance_bf16")
 
 
-def tiny_llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    # head_dim != hidden / heads, and biases of odd length (45): ZeRO 3 pads them on 2 ranks.
-    config = T.LlamaConfig(
-        vocab_size=64,
-        hidden_size=36,
-        head_dim=10,
-        intermediate_size=45,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attention_bias=True,
-        mlp_bias=True,
-    )
-    return T.AutoModelForCausalLM.from_config(config)
+def masking_config(stage: int, deepspeed_adamw: bool, bf16: bool = False,
+                   offload: bool = False) -> dict:
+    """Micro-batch 4; with ``deepspeed_adamw`` DeepSpeed builds AdamW (weight decay) from the config."""
+    optimizer = {"type": "AdamW", "params": {"torch_adam": True, "lr": LR, "weight_decay": WD}}
+    extra = {"optimizer": optimizer} if deepspeed_adamw else {}
+    return ds_config(stage, bf16=bf16, offload=offload, **extra)
 
 
 def pattern(layers: int, heads: int, inter: int) -> dict[str, torch.Tensor]:
@@ -62,36 +45,6 @@ def pattern(layers: int, heads: int, inter: int) -> dict[str, torch.Tensor]:
         ffn[i, perm[inter // 3 : inter // 2]] = 1.0
     h = torch.tensor([[0.9, 0.9, 0.0, 0.0], [1.0, 0.0, 0.9, 0.0]])[:layers, :heads]
     return {"heads": h, "ffn": ffn}
-
-
-def ds_config(stage: int, client: bool, bf16: bool = False, offload: bool = False) -> dict:
-    cfg = {
-        "train_micro_batch_size_per_gpu": 4,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": stage},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-    }
-    if bf16:  # ZeRO 1 + bf16 + fp32 gradient accumulation: DeepSpeed's BF16_Optimizer
-        cfg.update(bf16={"enabled": True}, data_types={"grad_accum_dtype": "fp32"})
-    if offload:  # the optimizer steps on the CPU: DeepSpeedCPUAdam, as cltk.engine builds it
-        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
-    if not client:
-        cfg["optimizer"] = {
-            "type": "AdamW",
-            "params": {"torch_adam": True, "lr": LR, "weight_decay": WD},
-        }
-    return cfg
-
-
-def full_weights(engine, stage: int) -> dict[str, torch.Tensor]:
-    import deepspeed
-
-    params = dict(engine.module.named_parameters())
-    if stage == 3:
-        with deepspeed.zero.GatheredParameters(list(params.values())):
-            return {n: p.detach().float().clone() for n, p in params.items()}
-    return {n: p.detach().float().clone() for n, p in params.items()}
 
 
 def train(engine, steps: int, rank: int, offset: int = 0) -> None:
@@ -180,12 +133,12 @@ def first_step_free(stage: int, kind: str, rank: int) -> dict[str, torch.Tensor]
     """The same engine without masks, one step: the free update the masked one is measured by."""
     import deepspeed
 
-    model = tiny_llama()
+    model = tiny_llama(**ODD_SIZES)
     opt = optimizer_for(kind, model)
-    config = ds_config(stage, opt is not None, offload=kind == "update_offload")
+    config = masking_config(stage, opt is None, offload=kind == "update_offload")
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     train(engine, 1, rank)
-    out = full_weights(engine, stage)
+    out = full_weights(engine)
     engine.destroy()
     return out
 
@@ -201,9 +154,10 @@ def importance_agreement(stage: int, kind: str, rank: int) -> dict:
     # rank 0 scores 3 batches, rank 1 two: under ZeRO 3 the ranks must still run equal passes
     batches = [{"input_ids": torch.randint(0, 64, (2, 16), generator=gen)}
                for _ in range(3 - rank)]
-    plain = tiny_llama()
+    plain = tiny_llama(**ODD_SIZES)
     engine, *_ = deepspeed.initialize(
-        model=tiny_llama(), config=ds_config(stage, False, bf16=kind == "importance_bf16"))
+        model=tiny_llama(**ODD_SIZES),
+        config=masking_config(stage, True, bf16=kind == "importance_bf16"))
     out = {"stage": stage, "run": kind}
     for mode in ("proxy", "lm"):
         want = estimate_importance(plain, batches, mode=mode)
@@ -222,22 +176,25 @@ def importance_agreement(stage: int, kind: str, rank: int) -> dict:
     return out
 
 
-def run(stage: int, kind: str, rank: int) -> dict:
+def masks_under_zero(stage: int, kind: str) -> dict:
     import deepspeed
 
+    from cltk import distributed as dist
     from cltk.methods.das.masking import attach_update_masks, param_masks, register_grad_masks
     from cltk.methods.das.units import build_unit_map
 
+    rank = dist.rank()
     if kind.startswith("importance"):
         return importance_agreement(stage, kind, rank)
     free = first_step_free(stage, kind, rank) if kind in ("update", "update_offload") else None
-    model = tiny_llama()
+    model = tiny_llama(**ODD_SIZES)
     umap = build_unit_map(model)
     masks = param_masks(model, pattern(umap.num_layers, umap.num_heads, umap.intermediate))
     if kind.startswith("grad"):
         register_grad_masks(model, masks)
     opt = optimizer_for(kind, model)
-    config = ds_config(stage, opt is not None, kind == "update_bf16", kind == "update_offload")
+    config = masking_config(stage, opt is None, bf16=kind == "update_bf16",
+                            offload=kind == "update_offload")
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     if stage == 3:  # the map also reads a partitioned model (full shapes from ds_shape)
         again = param_masks(
@@ -245,11 +202,11 @@ def run(stage: int, kind: str, rank: int) -> dict:
         )
         assert again.keys() == masks.keys() and all(torch.equal(again[k], masks[k]) for k in masks)
     handle = attach_update_masks(engine, masks) if kind.startswith("update") else None
-    before = full_weights(engine, stage)
+    before = full_weights(engine)
     train(engine, 1, rank)
-    first = full_weights(engine, stage)
+    first = full_weights(engine)
     train(engine, STEPS - 1, rank, offset=2)
-    after = full_weights(engine, stage)
+    after = full_weights(engine)
     out = {"stage": stage, "run": kind, **moves(before, after, masks)}
     if kind in ("update", "update_client"):  # fp32 AdamW: bf16 rounding would blur the reading
         out.update(probe(before, first, masks))
@@ -259,67 +216,22 @@ def run(stage: int, kind: str, rank: int) -> dict:
         out["layout"], out["masked_numel_rank"] = handle.layout, handle.masked_numel
         handle.remove()
         train(engine, 3, rank, offset=1)
-        out["one_max_after_remove"] = moves(after, full_weights(engine, stage), masks)["one_max"]
+        out["one_max_after_remove"] = moves(after, full_weights(engine), masks)["one_max"]
     if hasattr(engine, "destroy"):  # free DeepSpeed's hooks and buffers before the next run
         engine.destroy()
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
-    parser.add_argument(
-        "--runs",
-        nargs="+",
-        default=list(RUNS),
-        help="run kinds for every stage; 'S:kind' runs kind at stage S only",
-    )
-    parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
-    args = parser.parse_args()
-    for key, value in (
-        ("RANK", "0"),
-        ("WORLD_SIZE", "1"),
-        ("LOCAL_RANK", "0"),
-        ("MASTER_ADDR", "127.0.0.1"),
-    ):
-        os.environ.setdefault(key, value)  # one plain process: a world of 1
-    if "MASTER_PORT" not in os.environ:
-        from tests.multirank import free_port
+def masks_under_zero_plan(plan: list[str], stages=(0, 1, 2, 3)) -> list[dict]:
+    """Every run of ``plan`` at every stage (``"S:kind"``: at stage S only)."""
+    from cltk import distributed as dist
 
-        os.environ["MASTER_PORT"] = str(free_port())
-    import deepspeed
-    import torch.distributed as dist
-
-    from cltk import distributed as cltk_dist
-
-    deepspeed.init_distributed("gloo")
-    cltk_dist.release_shm_names()  # leave /dev/shm as it was, whatever happens next
-    rank = dist.get_rank()
     results = []
-    for stage in args.stages:
-        for spec in args.runs:
+    for stage in stages:
+        for spec in plan:
             only, _, kind = spec.rpartition(":")
             if kind not in RUNS:
-                raise ValueError(f"--runs {spec}: kind must be one of {RUNS}")
-            if only and int(only) != stage:
-                continue
-            res = run(stage, kind, rank)
-            results.append(res)
-            if rank == 0 and kind.startswith("importance"):
-                print(f"IMPORTANCE stage={stage} run={kind} {json.dumps(res)}", flush=True)
-            elif rank == 0:
-                print(
-                    f"MASKING stage={stage} run={kind} ratio={res['ratio']:.3f} "
-                    f"pooled={res['pooled_ratio']:.3f} worst={res['worst_param_ratio']:.3f} "
-                    f"one_max={res['one_max']:.2e} zero_mean={res['zero_mean']:.2e}",
-                    flush=True,
-                )
-    if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump({"world": dist.get_world_size(), "results": results}, f, indent=1)
-    dist.barrier()
-
-
-if __name__ == "__main__":
-    main()
+                raise ValueError(f"{spec}: kind must be one of {RUNS}")
+            if not only or int(only) == stage:
+                results.append({**masks_under_zero(stage, kind), "world": dist.world_size()})
+    return results
