@@ -14,9 +14,9 @@ import pytest
 from cltk.bench import page
 from cltk.bench.arms import ARMS, TIERS, overrides
 from cltk.bench.sources import check_general_apart, tier_files
-from cltk.config import load_config
 from cltk.data.windows import apportion
 from cltk.errors import UserError
+from cltk.validate import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

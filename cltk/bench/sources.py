@@ -39,7 +39,7 @@ def tier_files(tier: Tier, general: str | None = None) -> tuple[dict[str, set[Pa
                                 f"which {tier.config} does not have")
             out[f"domain:{name}"] = source_files(domains[name]["source"], name)
         else:
-            out[g["name"]] = source_files(g["source"], f"replay.{g['name']}")
+            out[g["name"]] = source_files(g["source"], f"general data {g['name']}")
     return out, held
 
 
