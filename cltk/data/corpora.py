@@ -52,13 +52,16 @@ _KIND_OPTIONS: dict[str, frozenset[str]] = {
 }
 SOURCE_KINDS: tuple[str, ...] = tuple(_KIND_OPTIONS)
 MIX = "mix"  # a mixture: {mix: [{<a source>, weight: W}, ...]}
-BUILTIN_CORPORA: tuple[str, ...] = ("stdlib", "shakespeare", "kjv", "licenses", "manpages")
+BUILTIN_CORPORA: tuple[str, ...] = ("stdlib", "shakespeare", "kjv", "licenses", "manpages", "pydoc")
 
 # Directories of the stdlib that hold its own test suites: left out so "code" means library code.
 _STDLIB_SKIP_DIRS = frozenset(
     {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 )
 _MANPAGES_APT = "apt-get install -y --no-install-recommends manpages groff-base"
+_PYDOC_APT = "apt-get install -y --no-install-recommends python3.11-doc"
+_PYDOC_DIRS = "/usr/share/doc/python3*/html/_sources"
+_DPKG_INFO = Path("/var/lib/dpkg/info")
 
 
 _fail = fail
@@ -460,10 +463,31 @@ def _manpages(domain: str, source: Mapping[str, Any]) -> list[Unit]:
     return [Unit(str(g[0]), tuple(g), lambda g=g: _render_pages(g)) for g in groups]
 
 
+def _pydoc(domain: str, source: Mapping[str, Any]) -> list[Unit]:
+    """Python's documentation as reStructuredText (Debian's ``python3.X-doc``: the tutorial, the
+    library and language references, the HOWTOs), the newest version installed."""
+    roots = sorted(Path("/").glob(_PYDOC_DIRS.lstrip("/")),
+                   key=lambda p: [int(x) if x.isdigit() else 0
+                                  for x in re.findall(r"\d+", p.parts[-3])])
+    files = sorted(roots[-1].rglob("*.rst.txt")) if roots else []
+    if not files:
+        docs = sorted(_DPKG_INFO.glob("python3*-doc.list"))
+        if docs:  # installed, yet its files are gone
+            raise _fail(
+                domain,
+                f"{docs[-1].stem} is installed but no {_PYDOC_DIRS}/**/*.rst.txt is there (a dpkg "
+                f"path-exclude for /usr/share/doc, common in containers?); remove the exclude and "
+                f"run: {_PYDOC_APT}",
+            )
+        raise _fail(domain, f"Python's documentation is not installed; run: {_PYDOC_APT}")
+    return _file_units(files)
+
+
 _BUILTIN_UNITS: dict[str, Callable[[str, Mapping[str, Any]], list[Unit]]] = {
     "stdlib": _stdlib,
     "shakespeare": _shakespeare,
     "kjv": _kjv,
     "licenses": _licenses,
     "manpages": _manpages,
+    "pydoc": _pydoc,
 }
