@@ -29,6 +29,7 @@ from cltk.losses import (
     soft_target_loss_topk,
 )
 from cltk.method import Method, StageContext
+from cltk.methods.soft_targets.cache_layout import samples_for_budget
 from cltk.methods.soft_targets.teacher_cache import (
     CacheKeys,
     TeacherCache,
@@ -39,7 +40,7 @@ from cltk.methods.soft_targets.teacher_cache import (
 from cltk.teacher import OnlineTeacher, audit_teacher, checkpoint_key, mean_label_prob
 from cltk.tracking import log
 
-__all__ = ["SoftTargetMethod", "cache_dir", "open_or_build_cache", "stage_rows"]
+__all__ = ["SoftTargetMethod", "cache_dir", "cache_keys", "open_or_build_cache", "stage_rows"]
 
 
 def stage_rows(ctx: StageContext) -> np.ndarray:
@@ -92,9 +93,12 @@ class SoftTargetMethod(Method):
             log(f"stage {ctx.stage.dirname}: soft targets (p={self.b.p}) from online teacher "
                 f"{ctx.prev_stage_dir.name} (ZeRO {self.teacher.zero_stage})")
             return
-        self.cache = open_or_build_cache(ctx, self.b.topk)
+        self.cache = open_or_build_cache(ctx, self.b)
+        k = self.cache.keys
+        what = (f"top-{k.topk}" if k.layout == "topk"
+                else f"sampled: {k.head} exact + {k.samples} draws")
         log(f"stage {ctx.stage.dirname}: soft targets (p={self.b.p}) from teacher cache "
-            f"{self.cache.dir} (top-{self.cache.keys.topk}, {len(self.cache)} sequences, "
+            f"{self.cache.dir} ({what}, {len(self.cache)} sequences, "
             f"{self.cache.bytes_per_token:.0f} bytes/token)")
 
     def loss(self, ctx: StageContext, batch: dict[str, torch.Tensor], logits: torch.Tensor,
@@ -121,7 +125,18 @@ class SoftTargetMethod(Method):
         self.teacher = self.cache = None
 
 
-def open_or_build_cache(ctx: StageContext, topk: int):
+def cache_keys(b: Any, teacher: str, ids: np.ndarray, vocab: int) -> CacheKeys:
+    """The keys of a stage's cache from the ``blocks`` section ``b`` (its layout and sizes)."""
+    common = {"teacher": teacher, "data": data_key(ids), "seq_len": int(ids.shape[1]),
+              "vocab": vocab, "layout": b.cache_layout}
+    if b.cache_layout == "topk":
+        return CacheKeys(topk=min(b.topk, vocab), **common)
+    head = min(b.cache_head, vocab - 1)
+    return CacheKeys(topk=0, head=head, samples=samples_for_budget(vocab, head, b.cache_bytes),
+                     **common)
+
+
+def open_or_build_cache(ctx: StageContext, b: Any):
     """The stage's offline teacher cache: reused when complete and matching, built when absent
     (collective), refused (:class:`~cltk.methods.soft_targets.teacher_cache.StaleCacheError`) when built for another
     teacher or other data."""
@@ -132,8 +147,7 @@ def open_or_build_cache(ctx: StageContext, topk: int):
     tkey = checkpoint_key(ctx.prev_stage_dir) if dist.is_main() else None
     tkey, found = dist.broadcast_object((tkey, found))
     vocab = int(ctx.engine.module.config.vocab_size)
-    keys = CacheKeys(teacher=tkey, data=data_key(ids), topk=min(topk, vocab),
-                     seq_len=int(ids.shape[1]), vocab=vocab)
+    keys = cache_keys(b, tkey, ids, vocab)
     if not found:
         teacher = OnlineTeacher(ctx.prev_stage_dir, ctx.cfg, ctx.engine)
         try:
@@ -141,5 +155,6 @@ def open_or_build_cache(ctx: StageContext, topk: int):
         finally:
             teacher.close()
         log(f"stage {ctx.stage.dirname}: teacher cache written: {manifest['rows']} sequences, "
-            f"{manifest['bytes'] / 2**20:.1f} MiB, {manifest['bytes_per_token']:.0f} bytes/token")
+            f"{manifest['bytes'] / 2**20:.1f} MiB, {manifest['bytes_per_token']:.0f} bytes/token, "
+            f"{manifest['build_s']:.1f} s")
     return TeacherCache(where, keys)

@@ -1,0 +1,150 @@
+"""Soft targets from the offline teacher cache against the full softmax, one layout beside another.
+
+    python benchmarks/teacher_cache_fidelity.py --teacher RUN/stages/00-code \
+        --student RUN/stages/01-shakespeare --data RUN/../.cltk-cache/code-<key> [--rows 32 --p 0.9]
+
+``--teacher`` and ``--student`` are stage exports (HF model directories) of one run, ``--data`` a
+packed domain directory (``cltk prepare``'s or a run's ``.cltk-cache/<domain>-<key>``): ``--rows``
+of its train windows, evenly spaced, are the micro-batch. For every layout the script builds a real
+cache of those rows with the teacher (``write_shard`` + ``finalize``, timed, the teacher forward
+included), reads it back through ``TeacherCache.lookup`` and compares, with the student's logits:
+
+- the per-token soft-target loss ``lambda CE(y) + (1 - lambda) CE(target)`` from the cache against
+  the one from the full softmax: mean absolute difference, that over the mean loss (relative), and
+  the mean signed difference (the bias: what averaging over tokens and steps does not remove);
+- the gradient of the micro-batch's mean loss (``cltk.losses``' functions) with respect to the
+  student's parameters, and with respect to its logits: cosine similarity with the full softmax's;
+- bytes per token (the manifest's: every file of the cache over cached tokens) and build seconds.
+
+Layouts: the first one (``topk``, top-64 fp16 log-probs, uint16 ids, fp32 log q_y) and the packed
+``sampled`` record at 64 bytes with 0, 4, 8 or 16 exact entries (the rest draws), and with no draws
+at all (top-22 in 8 bits: fewer entries, quantised, ids packed; the tail dropped and renormalised
+like the first layout). A script, not a test: docs/benchmarks/soft_targets.md quotes its output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cltk.data.packing import load_packed
+from cltk.losses import soft_target_loss, soft_target_loss_topk
+from cltk.methods.soft_targets.cache_layout import samples_for_budget
+from cltk.methods.soft_targets.teacher_cache import (
+    CacheKeys,
+    TeacherCache,
+    data_key,
+    finalize,
+    write_shard,
+)
+
+
+def _model(path: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _layouts(vocab: int, budget: int) -> list[tuple[str, dict]]:
+    out = [("topk, top-64 fp16 (first layout)", {"layout": "topk", "topk": 64})]
+    for head in (0, 4, 8, 16):
+        n = samples_for_budget(vocab, head, budget)
+        out.append((f"sampled, {head} exact + {n} draws", {"layout": "sampled", "head": head,
+                                                           "samples": n}))
+    bits = int(np.ceil(np.log2(vocab)))
+    head = (budget - 8) * 8 // (bits + 8)
+    out.append((f"sampled, {head} exact + 0 draws (top-{head}, 8-bit)",
+                {"layout": "sampled", "head": head, "samples": 0}))
+    return out
+
+
+def _per_token(logits, labels, lam, tgt_lp, tgt_ids) -> torch.Tensor:
+    """``lambda CE(y) + (1 - lambda) CE(r)`` per token, ``r = softmax(tgt_lp)`` over ``tgt_ids``."""
+    ls = F.log_softmax(logits.float(), -1)
+    ce_y = -ls.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    r = torch.softmax(tgt_lp, -1)
+    ce_r = -(r * ls.gather(-1, tgt_ids)).sum(-1)
+    return lam * ce_y + (1 - lam) * ce_r
+
+
+def _grads(student, ids, loss_fn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, flat parameter gradient, logits gradient) of ``loss_fn(logits)``."""
+    student.zero_grad(set_to_none=True)
+    logits = student(ids).logits[:, :-1]
+    logits.retain_grad()
+    loss = loss_fn(logits)
+    loss.backward()
+    flat = torch.cat([p.grad.reshape(-1) for p in student.parameters() if p.grad is not None])
+    return loss.detach(), flat, logits.grad.reshape(-1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--teacher", required=True)
+    ap.add_argument("--student", required=True)
+    ap.add_argument("--data", required=True, help="a packed domain directory")
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--p", type=float, default=0.9)
+    ap.add_argument("--budget", type=int, default=64, help="bytes per token of the packed layout")
+    ap.add_argument("--batch", type=int, default=16, help="sequences per teacher forward")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    teacher, student = _model(a.teacher), _model(a.student)
+    dom = load_packed(Path(a.data), Path(a.data).name.rsplit("-", 1)[0])
+    pick = np.linspace(0, len(dom.train) - 1, a.rows).astype(int)
+    rows = np.stack([dom.train.row(int(i)) for i in pick]).astype(np.int32)
+    ids = torch.as_tensor(rows, dtype=torch.long)
+    labels = ids[:, 1:]
+    vocab = int(teacher.config.vocab_size)
+
+    @torch.no_grad()
+    def score(batch: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(teacher(batch).logits[:, :-1].float(), -1)
+
+    full = torch.cat([score(ids[i:i + a.batch]) for i in range(0, len(ids), a.batch)])
+    q_y = full.gather(-1, labels.unsqueeze(-1)).squeeze(-1).exp()
+    lam = ((a.p - q_y) / (1 - q_y)).clamp(min=0)
+    with torch.no_grad():
+        s_logits = student(ids).logits[:, :-1]
+    ref = _per_token(s_logits, labels, lam, full, torch.arange(vocab).expand_as(full))
+    loss_full, g_full, gz_full = _grads(student, ids,
+                                        lambda z: soft_target_loss(z, labels, full, p=a.p))
+    assert torch.allclose(ref.mean(), loss_full, rtol=1e-4), (ref.mean(), loss_full)
+    entropy = -(full.exp() * full).sum(-1).mean().item()
+    top64 = full.topk(64, -1).values.exp().sum(-1).mean().item()
+    print(f"teacher {a.teacher}, student {a.student}, data {a.data}: {a.rows} x {ids.shape[1]} "
+          f"tokens, vocab {vocab}, p {a.p}; teacher entropy {entropy:.2f} nats, top-64 mass "
+          f"{top64:.3f}, mean q_y {q_y.mean():.3f}; full-softmax loss {loss_full:.4f}")
+    print("| layout | bytes/token | build s | mean abs diff | rel. diff | mean diff (bias) "
+          "| grad cosine (params) | grad cosine (logits) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, spec in _layouts(vocab, a.budget):
+        keys = CacheKeys(teacher="t" * 64, data=data_key(rows), seq_len=rows.shape[1],
+                         vocab=vocab, **{"topk": 0, **spec})
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            write_shard(tmp, keys, rows, score, 0, 1, a.batch)
+            manifest = finalize(tmp, keys, 1)
+            build_s = time.perf_counter() - t0
+            t_lp, t_ix, t_lab = TeacherCache(tmp, keys).lookup(ids)
+        lam_c = ((a.p - t_lab.exp()) / (1 - t_lab.exp())).clamp(min=0)
+        got = _per_token(s_logits, labels, lam_c, t_lp, t_ix)
+        diff = got - ref
+        loss_c, g_c, gz_c = _grads(student, ids, lambda z: soft_target_loss_topk(  # noqa: B023
+            z, labels, t_lp, t_ix, t_lab, p=a.p))
+        assert torch.allclose(got.mean(), loss_c, rtol=1e-4), (got.mean(), loss_c)
+        cos = F.cosine_similarity(g_c.double(), g_full.double(), dim=0).item()
+        cos_z = F.cosine_similarity(gz_c.double(), gz_full.double(), dim=0).item()
+        print(f"| {name} | {manifest['bytes_per_token']:.1f} | {build_s:.2f} | "
+              f"{diff.abs().mean():.4f} | {diff.abs().mean() / ref.mean():.2%} | "
+              f"{diff.mean():+.4f} | {cos:.5f} | {cos_z:.5f} |")
+
+
+if __name__ == "__main__":
+    main()
