@@ -14,7 +14,9 @@ included), reads it back through ``TeacherCache.lookup`` and compares, with the 
   the mean signed difference (the bias: what averaging over tokens and steps does not remove);
 - the gradient of the micro-batch's mean loss (``cltk.losses``' functions) with respect to the
   student's parameters, and with respect to its logits: cosine similarity with the full softmax's;
-- bytes per token (the manifest's: every file of the cache over cached tokens) and build seconds.
+- bytes per token (the manifest's: every file of the cache over cached tokens), build seconds (the
+  teacher forward included, one build: noisy on a shared machine) and the encoding alone (top-k
+  or record packing from the same log-probs, ms for the whole micro-batch, least of 3 runs).
 
 Layouts: the first one (``topk``, top-64 fp16 log-probs, uint16 ids, fp32 log q_y) and the packed
 ``sampled`` record at 64 bytes with 0, 4, 8 or 16 exact entries (the rest draws), and with no draws
@@ -40,7 +42,9 @@ from cltk.methods.soft_targets.teacher_cache import (
     CacheKeys,
     TeacherCache,
     data_key,
+    encode_batch,
     finalize,
+    row_keys,
     write_shard,
 )
 
@@ -84,6 +88,18 @@ def _grads(student, ids, loss_fn) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return loss.detach(), flat, logits.grad.reshape(-1)
 
 
+def _encode_ms(keys: CacheKeys, full: torch.Tensor, ids: torch.Tensor, rows: np.ndarray) -> float:
+    """Milliseconds to turn the micro-batch's teacher log-probs into the layout's arrays (the
+    cache build's own work besides the teacher forward), the least of 3 runs."""
+    seeds = row_keys(rows)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        encode_batch(keys, full, ids, seeds)
+        best = min(best, time.perf_counter() - t0)
+    return 1000 * best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--teacher", required=True)
@@ -121,9 +137,9 @@ def main() -> None:
     print(f"teacher {a.teacher}, student {a.student}, data {a.data}: {a.rows} x {ids.shape[1]} "
           f"tokens, vocab {vocab}, p {a.p}; teacher entropy {entropy:.2f} nats, top-64 mass "
           f"{top64:.3f}, mean q_y {q_y.mean():.3f}; full-softmax loss {loss_full:.4f}")
-    print("| layout | bytes/token | build s | mean abs diff | rel. diff | mean diff (bias) "
-          "| grad cosine (params) | grad cosine (logits) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| layout | bytes/token | build s | encode ms | mean abs diff | rel. diff "
+          "| mean diff (bias) | grad cosine (params) | grad cosine (logits) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, spec in _layouts(vocab, a.budget):
         keys = CacheKeys(teacher="t" * 64, data=data_key(rows), seq_len=rows.shape[1],
                          vocab=vocab, **{"topk": 0, **spec})
@@ -133,6 +149,7 @@ def main() -> None:
             manifest = finalize(tmp, keys, 1)
             build_s = time.perf_counter() - t0
             t_lp, t_ix, t_lab = TeacherCache(tmp, keys).lookup(ids)
+        encode_ms = _encode_ms(keys, full, ids, rows)
         lam_c = ((a.p - t_lab.exp()) / (1 - t_lab.exp())).clamp(min=0)
         got = _per_token(s_logits, labels, lam_c, t_lp, t_ix)
         diff = got - ref
@@ -141,7 +158,7 @@ def main() -> None:
         assert torch.allclose(got.mean(), loss_c, rtol=1e-4), (got.mean(), loss_c)
         cos = F.cosine_similarity(g_c.double(), g_full.double(), dim=0).item()
         cos_z = F.cosine_similarity(gz_c.double(), gz_full.double(), dim=0).item()
-        print(f"| {name} | {manifest['bytes_per_token']:.1f} | {build_s:.2f} | "
+        print(f"| {name} | {manifest['bytes_per_token']:.1f} | {build_s:.2f} | {encode_ms:.0f} | "
               f"{diff.abs().mean():.4f} | {diff.abs().mean() / ref.mean():.2%} | "
               f"{diff.mean():+.4f} | {cos:.5f} | {cos_z:.5f} |")
 

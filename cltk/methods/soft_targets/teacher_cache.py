@@ -62,6 +62,7 @@ __all__ = [
     "build_cache",
     "cache_exists",
     "data_key",
+    "encode_batch",
     "finalize",
     "resume_point",
     "row_keys",
@@ -194,10 +195,11 @@ def _check_keys(keys: CacheKeys) -> None:
         raise ValueError(f"logprob_dtype must be float16 or float32, got {keys.logprob_dtype!r}")
 
 
-def _encode(keys: CacheKeys, lp: torch.Tensor, batch: torch.Tensor,
+def encode_batch(keys: CacheKeys, lp: torch.Tensor, batch: torch.Tensor,
             seeds: np.ndarray) -> dict[str, np.ndarray]:
-    """One scored batch in the layout's arrays; selected where the scores are (the GPU), so only
-    the compact form leaves the device."""
+    """One scored batch ``lp`` [b, T-1, V] of the rows ``batch`` [b, T] (``seeds``: their
+    :func:`row_keys`) in the layout's arrays; selected where the scores are (the GPU), so only the
+    compact form leaves the device."""
     labels = batch[:, 1:].to(lp.device)
     if keys.layout == "sampled":
         rec = encode(keys.packed(), lp, labels, seeds.tolist())
@@ -313,7 +315,7 @@ def write_shard(
             raise ValueError(f"score_fn returned {tuple(lp.shape)}; expected "
                              f"[{len(rows)}, {t1}, vocab={keys.vocab}]")
         sl = slice(b * batch_size, b * batch_size + len(rows))
-        for f, v in _encode(keys, lp, batch, seeds[sl]).items():
+        for f, v in encode_batch(keys, lp, batch, seeds[sl]).items():
             arrays[f][sl] = v
         if (b + 1) % progress_every == 0 and b + 1 < n_batches:
             for arr in arrays.values():
