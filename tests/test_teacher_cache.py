@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,3 +244,17 @@ def test_token_ids_past_32767_survive_the_uint16_storage(tmp_path):
     finalize(tmp_path, keys, 1)
     _, top_ix, _ = TeacherCache(tmp_path, keys).lookup(torch.as_tensor(ids, dtype=torch.long))
     assert torch.equal(top_ix[..., 0], big_v - 1 - torch.as_tensor(ids[:, :-1], dtype=torch.long))
+
+
+@pytest.mark.multirank
+def test_two_ranks_resume_a_cache_build_from_where_both_can(tmp_path):
+    from tests.multirank import run_ranks
+
+    run_ranks([str(Path(__file__).parent / "scripts" / "cache_ranks.py"), str(tmp_path)],
+              timeout=300)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["died"] == r1["died"] == "teacher died"  # each rank's own error, neither hung
+    assert (r0["own"], r1["own"]) == (4, 2)  # what each had recorded
+    assert r0["calls"] == r1["calls"] == 4  # both resumed at batch 2 of 6: equal forwards
+    assert r0["rows"] == 12 and r0["layout"] == "sampled"
+    assert r0["same"] is True  # the bytes of an uninterrupted build

@@ -371,6 +371,7 @@ def build_cache(
     ids: np.ndarray,
     score_fn: Callable[[torch.Tensor], torch.Tensor],
     batch_size: int,
+    progress_every: int = 16,
 ) -> dict:
     """Every rank scores and writes its shard, then rank 0 writes the manifest (collective).
 
@@ -383,7 +384,8 @@ def build_cache(
     own = resume_point(cache_dir, keys, ids, rank, world, batch_size)
     start = min(dist.all_gather_object(own))
     try:
-        write_shard(cache_dir, keys, ids, score_fn, rank, world, batch_size, start_batch=start)
+        write_shard(cache_dir, keys, ids, score_fn, rank, world, batch_size, start_batch=start,
+                    progress_every=progress_every)
     except Exception as e:  # noqa: BLE001  (re-raised below) report after the barrier, so the other ranks do not hang on it
         error = e
     failed = dist.all_reduce_sum(torch.tensor([0.0 if error is None else 1.0]))
