@@ -244,6 +244,18 @@ def _partial_name(shard: int, num_shards: int) -> str:
     return f".partial-{_shard_name(shard, num_shards)}"
 
 
+def _open_partial(part: Path, keys: CacheKeys, seeds: np.ndarray,
+                  fresh: bool) -> dict[str, np.ndarray]:
+    """The partial shard's arrays, memory-mapped: created anew, or opened to continue."""
+    mm = np.lib.format.open_memmap
+    if not fresh:
+        return {f: mm(part / f"{f}.npy", "r+") for f in _arrays(keys, len(seeds))}
+    shutil.rmtree(part, ignore_errors=True)
+    part.mkdir()
+    np.save(part / "keys.npy", seeds)
+    return {f: mm(part / f"{f}.npy", "w+", dt, sh) for f, (dt, sh) in _arrays(keys, len(seeds)).items()}
+
+
 def write_shard(
     cache_dir: str | Path,
     keys: CacheKeys,
@@ -293,17 +305,8 @@ def write_shard(
     complete = own == n_batches and (final / "meta.json").is_file()
     part = cache_dir / _partial_name(shard, num_shards)
     prog = _progress(keys, shard, num_shards, batch_size, n)
-    arrays: dict[str, np.ndarray] = {}
-    if not complete:
-        mm = np.lib.format.open_memmap
-        if start == 0:
-            shutil.rmtree(part, ignore_errors=True)
-            part.mkdir()
-            np.save(part / "keys.npy", row_keys(mine))
-            arrays = {f: mm(part / f"{f}.npy", "w+", dt, sh) for f, (dt, sh) in _arrays(keys, n).items()}
-        else:
-            arrays = {f: mm(part / f"{f}.npy", "r+") for f in _arrays(keys, n)}
     seeds = row_keys(mine)
+    arrays = {} if complete else _open_partial(part, keys, seeds, fresh=start == 0)
     for b in range(start, n_batches):
         rows = mine[b * batch_size:(b + 1) * batch_size]
         pad = complete or len(rows) == 0
