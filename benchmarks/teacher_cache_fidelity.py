@@ -144,7 +144,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="sequences per teacher forward")
     a = ap.parse_args()
     torch.manual_seed(0)
-    teacher, student = _model(a.teacher), _model(a.student)
+    teacher = _model(a.teacher)
+    student = teacher if a.student == a.teacher else _model(a.student)  # one copy in memory
     rows = _rows(a)
     ids = torch.as_tensor(rows, dtype=torch.long)
     labels = ids[:, 1:]
