@@ -1,8 +1,8 @@
 """Incremental soft-target blocks (``blocks:``): each domain split into ``k`` stages, every stage after the
 first trained against its predecessor's soft targets, moved so the correct token holds at least ``p``.
 
-Here: the config section and its checks; the hooks are in :mod:`.method`, the offline top-k teacher cache
-in :mod:`.teacher_cache`, the transformers ``Trainer`` door in :mod:`.hf_trainer`.
+Here: the config section and its checks; the hooks are in :mod:`.method`, the offline teacher cache
+in :mod:`.teacher_cache` (its packed record in :mod:`.cache_layout`), the transformers ``Trainer`` door in :mod:`.hf_trainer`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class BlocksConfig:
         "one-hot target where the teacher gives y less than this", None
     )
     teacher: Literal["online", "offline"] = option(
-        "run the teacher beside the student, or cache top-k", "online"
+        "run the teacher beside the student, or cache its targets first", "online"
     )
     topk: int = option("log-probs per token kept by the offline cache's topk layout", 64)
     cache_layout: Literal["sampled", "topk"] = option(

@@ -6,8 +6,9 @@ stage ``i`` trains against soft targets from its teacher ``M_(i-1)``, the previo
 the teacher's distribution moved so the correct token holds at least ``blocks.p``
 (:func:`cltk.losses.soft_target_loss`). With ``blocks.across_domains: false`` the first block of
 every domain uses plain cross-entropy instead. ``blocks.teacher`` picks the online teacher
-(:class:`cltk.teacher.OnlineTeacher`, run beside the student) or the offline top-k cache
-(:mod:`cltk.methods.soft_targets.teacher_cache`, one teacher pass before the stage trains).
+(:class:`cltk.teacher.OnlineTeacher`, run beside the student) or the offline cache
+(:mod:`cltk.methods.soft_targets.teacher_cache`, one teacher pass before the stage trains; 64 bytes
+per token in its default layout, an unbiased estimate of the teacher's distribution).
 
 It combines with replay: replay rows are part of the micro-batch, so the teacher scores them too
 (and the offline cache holds them). The loss hook also reports ``teacher_p_label``, the teacher's
