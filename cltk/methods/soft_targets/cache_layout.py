@@ -91,8 +91,8 @@ def _widths(lay: PackedLayout) -> list[int]:
 def _unpack(data: torch.Tensor, widths: list[int]) -> torch.Tensor:
     """``[N, B]`` uint8 -> ``[N, len(widths)]`` int64: fields of the given bit widths, in order."""
     n = data.shape[0]
-    shifts = torch.arange(8, device=data.device)
-    bits = ((data.long().unsqueeze(-1) >> shifts) & 1).reshape(n, -1)
+    shifts = torch.arange(8, device=data.device, dtype=torch.uint8)
+    bits = ((data.unsqueeze(-1) >> shifts) & 1).reshape(n, -1)  # one byte per bit, not eight
     out, at = [], 0
     runs: list[tuple[int, int]] = []  # (width, count), in order
     for w in widths:
@@ -102,7 +102,7 @@ def _unpack(data: torch.Tensor, widths: list[int]) -> torch.Tensor:
             runs.append((w, 1))
     for w, c in runs:
         chunk = bits[:, at:at + w * c].reshape(n, c, w)
-        out.append((chunk << torch.arange(w, device=data.device)).sum(-1))
+        out.append((chunk.long() << torch.arange(w, device=data.device)).sum(-1))
         at += w * c
     return torch.cat(out, dim=1) if out else torch.zeros(n, 0, dtype=torch.long, device=data.device)
 
@@ -111,7 +111,7 @@ def _pack_fields(lay: PackedLayout, head_ids, codes, draws) -> torch.Tensor:
     """The bit-packed part of the record, in the order of the module doc."""
     parts = [(head_ids, lay.bits), (codes, _CODE_BITS), (draws, lay.bits)]
     bits = torch.cat([((v.unsqueeze(-1) >> torch.arange(w, device=v.device)) & 1).flatten(1)
-                      for v, w in parts if v.shape[1]], dim=1)
+                      .to(torch.uint8) for v, w in parts if v.shape[1]], dim=1)
     nbytes = lay.bytes_per_token - HEADER_BYTES
     bits = torch.nn.functional.pad(bits, (0, nbytes * 8 - bits.shape[1]))
     weights = 1 << torch.arange(8, device=bits.device)
