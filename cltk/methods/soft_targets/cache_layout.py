@@ -149,20 +149,22 @@ def encode(lay: PackedLayout, logprobs: torch.Tensor, labels: torch.Tensor,
     lp = logprobs.float().reshape(-1, v)
     y = labels.reshape(-1, 1).to(lp.device)
     label_lp = lp.gather(1, y).squeeze(1)
-    rest = lp.clamp(min=_FLOOR).scatter(1, y, float("-inf"))  # the label is stored exactly
+    # one [N, V] pass for the probabilities, then in place: the label (stored exactly) and the
+    # head leave the distribution the draws come from
+    probs = lp.exp().scatter_(1, y, 0.0)
     n = lp.shape[0]
     a = torch.zeros(n, device=lp.device)
     d = torch.ones(n, device=lp.device)
     head_ids = codes = torch.zeros(n, 0, dtype=torch.long, device=lp.device)
     if lay.head:
-        hv, head_ids = rest.topk(lay.head, dim=1)
+        head_ids = probs.topk(lay.head, dim=1).indices
+        hv = lp.gather(1, head_ids).clamp(min=_FLOOR)
         a = hv[:, 0].half().float()
         d = ((a - hv[:, -1]) / (2**_CODE_BITS - 1)).clamp(min=1e-3).half().float()
         codes = ((a.unsqueeze(1) - hv) / d.unsqueeze(1)).round().clamp(0, 2**_CODE_BITS - 1).long()
     draws = torch.zeros(n, 0, dtype=torch.long, device=lp.device)
     if lay.samples:
-        tail = rest.scatter(1, head_ids, float("-inf")) if lay.head else rest
-        probs = tail.exp()
+        probs.scatter_(1, head_ids, 0.0)
         empty = probs.sum(1) <= 0  # no tail (tiny vocabularies): any id, decoded at weight ~0
         probs[empty] = 1.0
         probs = probs.view(b, t1, v)
