@@ -258,3 +258,21 @@ def test_two_ranks_resume_a_cache_build_from_where_both_can(tmp_path):
     assert r0["calls"] == r1["calls"] == 4  # both resumed at batch 2 of 6: equal forwards
     assert r0["rows"] == 12 and r0["layout"] == "sampled"
     assert r0["same"] is True  # the bytes of an uninterrupted build
+
+
+def test_the_default_blocks_section_asks_for_a_64_byte_sampled_cache():
+    from cltk.config import ConfigError
+    from cltk.methods.soft_targets import BlocksConfig, check
+    from cltk.methods.soft_targets.method import cache_keys
+
+    ids = _ids()
+    # 8 exact entries (ids + 8-bit codes) and as many draws as the rest of 64 bytes holds
+    for vocab, samples in ((4096, 24), (49152, 16), (128256, 14)):
+        k = cache_keys(BlocksConfig(k=2), "t" * 64, ids, vocab)
+        assert (k.layout, k.head, k.samples) == ("sampled", 8, samples)
+        assert 60 <= k.bytes_per_token() <= 64
+    old = cache_keys(BlocksConfig(k=2, cache_layout="topk"), "t" * 64, ids, 4096)
+    assert (old.layout, old.topk, old.bytes_per_token()) == ("topk", 64, 260)
+    assert cache_keys(BlocksConfig(k=2, cache_head=100), "t" * 64, ids, 50).head == 49
+    with pytest.raises(ConfigError, match="blocks.cache_bytes"):
+        check(None, BlocksConfig(k=2, cache_bytes=32, cache_head=8))
