@@ -17,7 +17,7 @@ included), reads it back through ``TeacherCache.lookup`` and compares, with the 
 - the per-token soft-target loss ``lambda CE(y) + (1 - lambda) CE(target)`` from the cache against
   the one from the full softmax: mean absolute difference, that over the mean loss (relative), and
   the mean signed difference (the bias: what averaging over tokens and steps does not remove);
-- the gradient of the micro-batch's mean loss (``cltk.losses``' functions) with respect to the
+- the gradient of the micro-batch's mean loss (the soft-target losses) with respect to the
   student's parameters, and with respect to its logits: one minus the cosine similarity with the
   full softmax's (0 is the same direction);
 - bytes per token (the manifest's: every file of the cache over cached tokens), build seconds (the
@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from cltk.data.packing import load_packed
-from cltk.losses import soft_target_loss, soft_target_loss_topk
+from cltk.methods.kit.soft_losses import soft_target_loss, soft_target_loss_topk
 from cltk.methods.soft_targets.cache_layout import samples_for_budget
 from cltk.methods.soft_targets.teacher_cache import (
     CacheKeys,

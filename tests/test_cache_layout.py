@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cltk.losses import soft_target_loss, soft_target_loss_topk
+from cltk.methods.kit.soft_losses import soft_target_loss, soft_target_loss_topk
 from cltk.methods.soft_targets.cache_layout import (
     PackedLayout,
     decode,

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cltk.methods.kit.teacher import check_teacher_dir, checkpoint_key
 from cltk.methods.soft_targets.cache_layout import decode, encode
 from cltk.methods.soft_targets.teacher_cache import (
     MANIFEST,
@@ -23,7 +24,6 @@ from cltk.methods.soft_targets.teacher_cache import (
     row_keys,
     write_shard,
 )
-from cltk.teacher import check_teacher_dir, checkpoint_key
 
 V, T = 50, 9
 

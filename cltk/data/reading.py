@@ -133,55 +133,55 @@ def _ranges(size: int) -> list[tuple[int, int]]:
     return [(a, min(a + CHUNK_BYTES, size)) for a in range(0, max(size, 1), CHUNK_BYTES)]
 
 
-def text_units(patterns: Any, domain: str) -> list[Unit]:
-    """Units of a ``files`` source: each file, big ones as line-aligned 1 MiB ranges."""
+def _range_units(
+    patterns: Any, domain: str, kind: str, parse: Callable[[Path, int, str], Iterable[str]]
+) -> list[Unit]:
+    """Units of line-aligned 1 MiB ranges of every file of ``patterns``; a unit's documents are
+    ``parse(path, pos, text)`` of its range (``pos``: the range's first byte)."""
     units = []
-    for path in expand(patterns, domain, "files"):
-        size = _size(path, domain)
-        for a, b in _ranges(size):
+    for path in expand(patterns, domain, kind):
+        for a, b in _ranges(_size(path, domain)):
 
-            def read(path=path, a=a, b=b) -> list[str]:
+            def read(path=path, a=a, b=b) -> Iterable[str]:
                 pos, data = read_range(path, a, b, domain)
-                return [decode(path, pos, data, domain)] if data else []
+                return parse(path, pos, decode(path, pos, data, domain)) if data else []
 
             units.append(Unit(f"{path}:{a}-{b}", (path,), read))
     return units
+
+
+def text_units(patterns: Any, domain: str) -> list[Unit]:
+    """Units of a ``files`` source: each file, big ones as line-aligned 1 MiB ranges."""
+    return _range_units(patterns, domain, "files", lambda path, pos, text: [text])
 
 
 def jsonl_units(patterns: Any, field: str, domain: str) -> list[Unit]:
     """Units of a ``jsonl`` source: line-aligned 1 MiB ranges; one document per line's ``field``."""
-    units = []
-    for path in expand(patterns, domain, "jsonl"):
-        size = _size(path, domain)
-        for a, b in _ranges(size):
 
-            def read(path=path, a=a, b=b) -> Iterator[str]:
-                pos, data = read_range(path, a, b, domain)
-                text = decode(path, pos, data, domain)
-                first: int | None = None  # line number of the range's first line, counted on error
+    def parse(path: Path, pos: int, text: str) -> Iterator[str]:
+        first: int | None = None  # line number of the range's first line, counted on error
 
-                def where(k: int) -> str:
-                    nonlocal first
-                    first = line_at(path, pos) if first is None else first
-                    return f"{path}:{first + k}"
+        def where(k: int) -> str:
+            nonlocal first
+            first = line_at(path, pos) if first is None else first
+            return f"{path}:{first + k}"
 
-                for k, line in enumerate(text.split("\n")):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise fail(domain, f"{where(k)} is not valid JSON ({e.msg})") from e
-                    if not isinstance(record, dict) or field not in record:
-                        raise fail(
-                            domain, f"{where(k)} has no field {field!r}; set 'field' to the text key"
-                        )
-                    if not isinstance(record[field], str):
-                        raise fail(domain, f"{where(k)} field {field!r} is not a string")
-                    yield record[field]
+        for k, line in enumerate(text.split("\n")):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise fail(domain, f"{where(k)} is not valid JSON ({e.msg})") from e
+            if not isinstance(record, dict) or field not in record:
+                raise fail(
+                    domain, f"{where(k)} has no field {field!r}; set 'field' to the text key"
+                )
+            if not isinstance(record[field], str):
+                raise fail(domain, f"{where(k)} field {field!r} is not a string")
+            yield record[field]
 
-            units.append(Unit(f"{path}:{a}-{b}", (path,), read))
-    return units
+    return _range_units(patterns, domain, "jsonl", parse)
 
 
 def hf_dataset_units(path: Any, split: str, field: str, domain: str, rows: int = 4096) -> list[Unit]:

@@ -3,7 +3,7 @@
 Before a stage trains, one teacher pass over every sequence the stage's schedule will train (its
 block plus any replay rows) stores, per token, a compact description of the teacher's distribution
 and the exact log-probability of the correct token. Training then reads the cache through
-:func:`cltk.losses.soft_target_loss_topk` and runs no teacher.
+:func:`cltk.methods.kit.soft_losses.soft_target_loss_topk` and runs no teacher.
 
 Two layouts (``CacheKeys.layout``, recorded in every shard's ``meta.json`` and the manifest):
 
@@ -28,7 +28,7 @@ Layout of a cache directory::
 
 Rows are found by the content hash of their token ids, so the cache does not depend on the world
 size, the micro-batch layout or the order of steps. A cache is keyed to its teacher (sha256 of the
-weight files, :func:`cltk.teacher.checkpoint_key`) and its data (sha256 of every cached sequence's
+weight files, :func:`cltk.methods.kit.teacher.checkpoint_key`) and its data (sha256 of every cached sequence's
 token ids): opening it with other keys raises :class:`StaleCacheError` naming both. A build
 interrupted before its manifest leaves no usable cache; the next build keeps the shards that were
 complete and matching, scores the rest, and writes the same bytes an uninterrupted build would.
