@@ -73,7 +73,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="timed optimizer steps per mode per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first")
-    ap.add_argument("--topk", type=int, default=64, help="blocks.topk of the offline cache")
+    ap.add_argument("--topk", type=int, default=64,
+                    help="blocks.topk of the offline cache (with --set blocks.cache_layout=topk)")
     ap.add_argument(
         "--set",
         action="append",
@@ -215,10 +216,12 @@ def main() -> None:
             f"teacher forward alone: {statistics.median(fwd):.3f} s per step "
             f"({statistics.median(fwd) / med['plain CE']:.2f} of a plain CE step)"
         )
+        what = (f"top-{keys.topk}: fp16 log-probs + {keys.index_dtype().name} ids + fp32 label "
+                "log-prob" if keys.layout == "topk" else
+                f"sampled: {keys.head} exact + {keys.samples} draws + fp32 label log-prob")
         print(
-            f"offline cache: top-{keys.topk}, {bytes_per_token:.1f} bytes/token on disk "
-            f"({keys.bytes_per_token()} of data: fp16 log-probs + {keys.index_dtype().name} ids "
-            f"+ fp32 label log-prob); built in {build_s:.1f} s for {len(ids)} sequences"
+            f"offline cache ({what}), {bytes_per_token:.1f} bytes/token on disk "
+            f"({keys.bytes_per_token()} of data); built in {build_s:.1f} s for {len(ids)} sequences"
         )
         what = "CUDA memory" if torch.cuda.is_available() else "RSS"
         print(f"| rank | teacher | parameter bytes held | {what} growth at load (MiB) |")

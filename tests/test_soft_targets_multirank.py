@@ -1,7 +1,7 @@
 """Real 2-rank runs (deepspeed launcher, CPU, gloo) of soft-target blocks and distillation.
 
-Four launches: the online teacher under ZeRO 2 and ZeRO 3, the offline cache with k = vocabulary
-(which must reproduce the online run's training losses), and distillation once. All use replay, so
+Four launches: the online teacher under ZeRO 2 and ZeRO 3, the offline cache in its topk layout with
+k = vocabulary (which must reproduce the online run's training losses), and distillation once. All use replay, so
 the teacher scores replay rows and the cache must hold them. The domains are small enough that every
 block trains whole (no step cap), and no block is a multiple of the global batch: the audit log must
 show every sequence of every block trained exactly once.
@@ -143,7 +143,7 @@ def test_offline_cache_with_full_vocab_reproduces_the_online_losses(tmp_path, ca
         tmp_path,
         zero_stage=2,
         cache_dir=cache,
-        blocks={**BLOCKS, "teacher": "offline", "topk": 100000},
+        blocks={**BLOCKS, "teacher": "offline", "cache_layout": "topk", "topk": 100000},
         **COMMON,
     )
     _train(cfg)

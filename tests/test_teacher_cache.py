@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from cltk.methods.kit.teacher import check_teacher_dir, checkpoint_key
+from cltk.methods.soft_targets.cache_layout import decode, encode
 from cltk.methods.soft_targets.teacher_cache import (
     MANIFEST,
     CacheKeys,
@@ -18,6 +20,7 @@ from cltk.methods.soft_targets.teacher_cache import (
     TeacherCache,
     data_key,
     finalize,
+    resume_point,
     row_keys,
     write_shard,
 )
@@ -123,22 +126,87 @@ def test_stale_cache_is_refused_naming_both_keys(tmp_path):
         finalize(tmp_path / "mixed", keys, 2)
 
 
-def test_interrupted_build_leaves_no_cache_and_rebuilds(tmp_path):
+def _sampled(ids: np.ndarray, head: int = 3, samples: int = 5) -> CacheKeys:
+    return CacheKeys("t" * 64, data_key(ids), 0, T, V, layout="sampled", head=head,
+                     samples=samples)
+
+
+def _bytes(d) -> dict[str, bytes]:
+    return {f.relative_to(d).as_posix(): f.read_bytes() for f in sorted(d.rglob("*.npy"))}
+
+
+@pytest.mark.parametrize("layout", ["topk", "sampled"])
+def test_a_build_interrupted_mid_shard_resumes_to_the_same_bytes(tmp_path, layout):
+    ids = _ids(11)  # shard 0: 6 rows = 6 batches of 1
+    keys = _keys(ids) if layout == "topk" else _sampled(ids)
+    whole = tmp_path / "whole"
+    _build(whole, ids, keys, batch=1)
+    d = tmp_path / "resumed"
+    with pytest.raises(RuntimeError, match="teacher died"):  # dies scoring batch 5
+        write_shard(d, keys, ids, Scorer(fail_at=5), 0, 2, 1, progress_every=2)
+    with pytest.raises(ValueError, match="no complete teacher cache"):
+        TeacherCache(d, keys)
+    assert not (d / "shard-00000-of-00002").exists()  # only a partial build, under a temp name
+    assert resume_point(d, keys, ids, 0, 2, 1) == 4  # recorded after batches 2 and 4
+    assert resume_point(d, replace(keys, teacher="u" * 64), ids, 0, 2, 1) == 0  # other keys
+    assert resume_point(d, keys, ids, 0, 2, 2) == 0  # another batch size
+    scorer = Scorer()
+    write_shard(d, keys, ids, scorer, 0, 2, 1)
+    assert scorer.calls == 2  # batches 4 and 5 only
+    assert resume_point(d, keys, ids, 0, 2, 1) == 6  # complete
+    again = Scorer()  # a complete shard scores nothing (or padding, to keep ranks in step)
+    write_shard(d, keys, ids, again, 0, 2, 1)
+    write_shard(d, keys, ids, again, 0, 2, 1, start_batch=4)
+    assert again.calls == 2
+    write_shard(d, keys, ids, Scorer(), 1, 2, 1)
+    finalize(d, keys, 2)
+    assert _bytes(d) == _bytes(whole)
+    # a partial build of other keys is not resumed into: it starts over
+    e = tmp_path / "other"
+    with pytest.raises(RuntimeError, match="teacher died"):
+        write_shard(e, replace(keys, teacher="u" * 64), ids, Scorer(fail_at=4), 0, 2, 1,
+                    progress_every=1)
+    scorer = Scorer()
+    write_shard(e, keys, ids, scorer, 0, 2, 1)
+    assert scorer.calls == 6
+    write_shard(e, keys, ids, Scorer(), 1, 2, 1)
+    finalize(e, keys, 2)
+    assert _bytes(e) == _bytes(whole)
+
+
+def test_sampled_cache_is_world_size_independent_and_matches_its_record(tmp_path):
+    ids = _ids(7)
+    keys = _sampled(ids)
+    assert keys.bytes_per_token() == 8 + (3 * (6 + 8) + 5 * 6 + 7) // 8  # 50 tokens: 6-bit ids
+    m1 = _build(tmp_path / "one", ids, keys, shards=1, batch=3)
+    _build(tmp_path / "two", ids, keys, shards=2, batch=2)
+    assert m1["layout"] == "sampled" and m1["format"] == 2
+    assert m1["bytes_per_record"] == keys.bytes_per_token()
+    x = torch.as_tensor(ids[[5, 0, 2]], dtype=torch.long)
+    a = TeacherCache(tmp_path / "one", keys).lookup(x)
+    b = TeacherCache(tmp_path / "two", keys).lookup(x)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    # what the cache returns is the record of that row, decoded
+    rec = encode(keys.packed(), Scorer()(x), x[:, 1:], row_keys(ids[[5, 0, 2]]).tolist())
+    assert all(torch.equal(u, v) for u, v in zip(a, decode(keys.packed(), rec, x[:, 1:])))
+
+
+def test_a_first_layout_cache_stays_readable_or_is_refused_in_one_line(tmp_path):
     ids = _ids()
     keys = _keys(ids)
-    with pytest.raises(RuntimeError, match="teacher died"):
-        write_shard(tmp_path, keys, ids, Scorer(fail_at=2), 0, 2, 2)
-    assert list(tmp_path.iterdir()) == []  # neither a shard nor a temp dir
-    with pytest.raises(ValueError, match="no complete teacher cache"):
-        TeacherCache(tmp_path, keys)
-    write_shard(tmp_path, keys, ids, Scorer(), 0, 2, 2)
-    with pytest.raises(ValueError, match="shard-00001-of-00002 is missing"):
-        finalize(tmp_path, keys, 2)
-    assert not (tmp_path / MANIFEST).exists()
-    _build(tmp_path, ids, keys)  # a rebuild over the leftovers completes
-    assert json.loads((tmp_path / MANIFEST).read_text())["rows"] == 7
-    one = TeacherCache(tmp_path, keys).lookup(torch.as_tensor(ids[:1], dtype=torch.long))
-    assert one[0].shape[0] == 1
+    _build(tmp_path, ids, keys)
+    for f in [tmp_path / MANIFEST, *tmp_path.glob("shard-*/meta.json")]:  # as format 1 wrote it
+        old = json.loads(f.read_text())
+        for k in ("layout", "head", "samples", "bytes_per_record", "build_s"):
+            old.pop(k, None)
+        f.write_text(json.dumps({**old, "format": 1} if f.name == MANIFEST else old))
+    x = torch.as_tensor(ids[:2], dtype=torch.long)
+    assert TeacherCache(tmp_path, keys).lookup(x)[0].shape == (2, T - 1, 8)
+    with pytest.raises(StaleCacheError) as e:
+        TeacherCache(tmp_path, _sampled(ids))
+    msg = str(e.value)
+    assert "\n" not in msg and "'topk' layout" in msg and "'sampled'" in msg
+    assert "delete that directory to rebuild it" in msg and "blocks.cache_layout: topk" in msg
 
 
 def test_every_shard_runs_the_same_number_of_teacher_forwards(tmp_path):
@@ -176,3 +244,35 @@ def test_token_ids_past_32767_survive_the_uint16_storage(tmp_path):
     finalize(tmp_path, keys, 1)
     _, top_ix, _ = TeacherCache(tmp_path, keys).lookup(torch.as_tensor(ids, dtype=torch.long))
     assert torch.equal(top_ix[..., 0], big_v - 1 - torch.as_tensor(ids[:, :-1], dtype=torch.long))
+
+
+@pytest.mark.multirank
+def test_two_ranks_resume_a_cache_build_from_where_both_can(tmp_path):
+    from tests.multirank import run_ranks
+
+    run_ranks([str(Path(__file__).parent / "scripts" / "cache_ranks.py"), str(tmp_path)],
+              timeout=300)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["died"] == r1["died"] == "teacher died"  # each rank's own error, neither hung
+    assert (r0["own"], r1["own"]) == (4, 2)  # what each had recorded
+    assert r0["calls"] == r1["calls"] == 4  # both resumed at batch 2 of 6: equal forwards
+    assert r0["rows"] == 12 and r0["layout"] == "sampled"
+    assert r0["same"] is True  # the bytes of an uninterrupted build
+
+
+def test_the_default_blocks_section_asks_for_a_64_byte_sampled_cache():
+    from cltk.config import ConfigError
+    from cltk.methods.soft_targets import BlocksConfig, check
+    from cltk.methods.soft_targets.method import cache_keys
+
+    ids = _ids()
+    # 8 exact entries (ids + 8-bit codes) and as many draws as the rest of 64 bytes holds
+    for vocab, samples in ((4096, 24), (49152, 16), (128256, 14)):
+        k = cache_keys(BlocksConfig(k=2), "t" * 64, ids, vocab)
+        assert (k.layout, k.head, k.samples) == ("sampled", 8, samples)
+        assert 60 <= k.bytes_per_token() <= 64
+    old = cache_keys(BlocksConfig(k=2, cache_layout="topk"), "t" * 64, ids, 4096)
+    assert (old.layout, old.topk, old.bytes_per_token()) == ("topk", 64, 260)
+    assert cache_keys(BlocksConfig(k=2, cache_head=100), "t" * 64, ids, 50).head == 49
+    with pytest.raises(ConfigError, match="blocks.cache_bytes"):
+        check(None, BlocksConfig(k=2, cache_bytes=32, cache_head=8))

@@ -246,7 +246,10 @@ def soft_target_loss_topk(
     renormalised to sum to 1, i.e. the target is ``lambda onehot(y) + (1 - lambda) q_topk / m``
     with ``m`` the top-k mass: the mass outside the top k is dropped rather than guessed. When
     ``k = vocab`` this equals :func:`soft_target_loss` exactly. Entries of ``topk_logprobs`` may be
-    ``-inf`` (padding) as long as each labelled token keeps one finite entry.
+    ``-inf`` (padding) as long as each labelled token keeps one finite entry. Any sparse target
+    whose probabilities sum to 1 passes the same way, ids repeated or not (the renormalisation is
+    then the identity): the sampled cache layout's unbiased estimate
+    (:mod:`cltk.methods.soft_targets.cache_layout`) does.
 
     Args:
         logits: ``[batch, seq, vocab]`` student logits, aligned with ``labels``.

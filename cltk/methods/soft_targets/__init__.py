@@ -1,8 +1,8 @@
 """Incremental soft-target blocks (``blocks:``): each domain split into ``k`` stages, every stage after the
 first trained against its predecessor's soft targets, moved so the correct token holds at least ``p``.
 
-Here: the config section and its checks; the hooks are in :mod:`.method`, the offline top-k teacher cache
-in :mod:`.teacher_cache`, the transformers ``Trainer`` door in :mod:`.hf_trainer`.
+Here: the config section and its checks; the hooks are in :mod:`.method`, the offline teacher cache
+in :mod:`.teacher_cache` (its packed record in :mod:`.cache_layout`), the transformers ``Trainer`` door in :mod:`.hf_trainer`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from cltk.config import ConfigError, RunConfig, option
 from cltk.methods.kit.soft_losses import check_soft_target_args
+from cltk.methods.soft_targets.cache_layout import HEADER_BYTES
 from cltk.registry import MethodSpec, register
 
 
@@ -23,9 +24,15 @@ class BlocksConfig:
         "one-hot target where the teacher gives y less than this", None
     )
     teacher: Literal["online", "offline"] = option(
-        "run the teacher beside the student, or cache top-k", "online"
+        "run the teacher beside the student, or cache its targets first", "online"
     )
-    topk: int = option("log-probs per token kept by the offline teacher cache", 64)
+    topk: int = option("log-probs per token kept by the offline cache's topk layout", 64)
+    cache_layout: Literal["sampled", "topk"] = option(
+        "offline cache layout: exact head + sampled tail (unbiased), or the top-k fp16 log-probs",
+        "sampled",
+    )
+    cache_bytes: int = option("bytes per token of the sampled cache layout", 64)
+    cache_head: int = option("exact (8-bit) entries per token of the sampled layout", 8)
     across_domains: bool = option(
         "the first block of a domain learns from the previous domain's model", True
     )
@@ -41,6 +48,15 @@ def check(cfg: RunConfig, b: BlocksConfig) -> None:
         raise ConfigError(key, str(e)) from e
     if b.topk < 1:
         raise ConfigError("blocks.topk", f"must be > 0, got {b.topk}")
+    if b.cache_head < 0:
+        raise ConfigError("blocks.cache_head", f"must be >= 0, got {b.cache_head}")
+    # a head entry takes at most 4 bytes (ids below 2**24 + an 8-bit code), a draw at most 3
+    if b.cache_bytes < HEADER_BYTES + 4 * max(b.cache_head, 1):
+        raise ConfigError(
+            "blocks.cache_bytes",
+            f"{b.cache_bytes} bytes per token cannot hold the {HEADER_BYTES}-byte header and "
+            f"{max(b.cache_head, 1)} entries of up to 4 bytes: raise it or lower blocks.cache_head",
+        )
 
 
 

@@ -6,8 +6,9 @@ stage ``i`` trains against soft targets from its teacher ``M_(i-1)``, the previo
 the teacher's distribution moved so the correct token holds at least ``blocks.p``
 (:func:`cltk.methods.kit.soft_losses.soft_target_loss`). With ``blocks.across_domains: false`` the first block of
 every domain uses plain cross-entropy instead. ``blocks.teacher`` picks the online teacher
-(:class:`cltk.methods.kit.teacher.OnlineTeacher`, run beside the student) or the offline top-k cache
-(:mod:`cltk.methods.soft_targets.teacher_cache`, one teacher pass before the stage trains).
+(:class:`cltk.methods.kit.teacher.OnlineTeacher`, run beside the student) or the offline cache
+(:mod:`cltk.methods.soft_targets.teacher_cache`, one teacher pass before the stage trains; 64 bytes
+per token in its default layout, an unbiased estimate of the teacher's distribution).
 
 It combines with replay: replay rows are part of the micro-batch, so the teacher scores them too
 (and the offline cache holds them). The loss hook also reports ``teacher_p_label``, the teacher's
@@ -31,6 +32,7 @@ from cltk.methods.kit.soft_losses import (
 )
 from cltk.methods.kit.teacher import OnlineTeacher, audit_teacher, checkpoint_key, mean_label_prob
 from cltk.methods.soft_targets import BlocksConfig
+from cltk.methods.soft_targets.cache_layout import samples_for_budget
 from cltk.methods.soft_targets.teacher_cache import (
     CacheKeys,
     TeacherCache,
@@ -40,7 +42,7 @@ from cltk.methods.soft_targets.teacher_cache import (
 )
 from cltk.tracking import log
 
-__all__ = ["SoftTargetMethod", "cache_dir", "open_or_build_cache", "stage_rows"]
+__all__ = ["SoftTargetMethod", "cache_dir", "cache_keys", "open_or_build_cache", "stage_rows"]
 
 
 def stage_rows(ctx: StageContext) -> np.ndarray:
@@ -93,9 +95,12 @@ class SoftTargetMethod(Method):
             log(f"stage {ctx.stage.dirname}: soft targets (p={self.b.p}) from online teacher "
                 f"{ctx.prev_stage_dir.name} (ZeRO {self.teacher.zero_stage})")
             return
-        self.cache = open_or_build_cache(ctx, self.b.topk)
+        self.cache = open_or_build_cache(ctx, self.b)
+        k = self.cache.keys
+        what = (f"top-{k.topk}" if k.layout == "topk"
+                else f"sampled: {k.head} exact + {k.samples} draws")
         log(f"stage {ctx.stage.dirname}: soft targets (p={self.b.p}) from teacher cache "
-            f"{self.cache.dir} (top-{self.cache.keys.topk}, {len(self.cache)} sequences, "
+            f"{self.cache.dir} ({what}, {len(self.cache)} sequences, "
             f"{self.cache.bytes_per_token:.0f} bytes/token)")
 
     def loss(self, ctx: StageContext, batch: dict[str, torch.Tensor], logits: torch.Tensor,
@@ -122,7 +127,18 @@ class SoftTargetMethod(Method):
         self.teacher = self.cache = None
 
 
-def open_or_build_cache(ctx: StageContext, topk: int):
+def cache_keys(b: Any, teacher: str, ids: np.ndarray, vocab: int) -> CacheKeys:
+    """The keys of a stage's cache from the ``blocks`` section ``b`` (its layout and sizes)."""
+    common = {"teacher": teacher, "data": data_key(ids), "seq_len": int(ids.shape[1]),
+              "vocab": vocab, "layout": b.cache_layout}
+    if b.cache_layout == "topk":
+        return CacheKeys(topk=min(b.topk, vocab), **common)
+    head = min(b.cache_head, vocab - 1)
+    return CacheKeys(topk=0, head=head, samples=samples_for_budget(vocab, head, b.cache_bytes),
+                     **common)
+
+
+def open_or_build_cache(ctx: StageContext, b: Any):
     """The stage's offline teacher cache: reused when complete and matching, built when absent
     (collective), refused (:class:`~cltk.methods.soft_targets.teacher_cache.StaleCacheError`) when built for another
     teacher or other data."""
@@ -133,8 +149,7 @@ def open_or_build_cache(ctx: StageContext, topk: int):
     tkey = checkpoint_key(ctx.prev_stage_dir) if dist.is_main() else None
     tkey, found = dist.broadcast_object((tkey, found))
     vocab = int(ctx.engine.module.config.vocab_size)
-    keys = CacheKeys(teacher=tkey, data=data_key(ids), topk=min(topk, vocab),
-                     seq_len=int(ids.shape[1]), vocab=vocab)
+    keys = cache_keys(b, tkey, ids, vocab)
     if not found:
         teacher = OnlineTeacher(ctx.prev_stage_dir, ctx.cfg, ctx.engine)
         try:
@@ -142,5 +157,6 @@ def open_or_build_cache(ctx: StageContext, topk: int):
         finally:
             teacher.close()
         log(f"stage {ctx.stage.dirname}: teacher cache written: {manifest['rows']} sequences, "
-            f"{manifest['bytes'] / 2**20:.1f} MiB, {manifest['bytes_per_token']:.0f} bytes/token")
+            f"{manifest['bytes'] / 2**20:.1f} MiB, {manifest['bytes_per_token']:.0f} bytes/token, "
+            f"{manifest['build_s']:.1f} s")
     return TeacherCache(where, keys)
