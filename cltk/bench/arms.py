@@ -39,11 +39,12 @@ ARMS: dict[str, tuple[list[str], str]] = {
                    "replay of earlier stages with DAS"),
     "merge": (["merge={alpha: 0.5}"], "each stage's result averaged with its start, half and half"),
     "ema": (["ema={decay: 0.9}"], "an EMA of the weights (decay 0.9) exported as each stage's model"),
-    "merge-mean": (["merge={mode: mean, count_start: true}"],
-                   "the running mean of the start and every stage's result (tuning)"),
-    "ema-0.97": (["ema={decay: 0.97}"], "an EMA with decay 0.97: half the start kept (tuning)"),
     "merge+replay+general": (["merge={alpha: 0.5}", "replay={share: 0.2, general: {general}, "
                               "general_share: 0.1}"], "merge with replay of earlier stages and general data"),
+    "merge-0.8+replay+general": (["merge={alpha: 0.8}", "replay={share: 0.2, general: {general}, "
+                                  "general_share: 0.1}"],
+                                 "merge at alpha 0.8 (a fifth of each stage's update undone) with "
+                                 "replay of earlier stages and general data"),
     "ema+replay+general": (["ema={decay: 0.9}", "replay={share: 0.2, general: {general}, "
                             "general_share: 0.1}"], "EMA with replay of earlier stages and general data"),
 }
