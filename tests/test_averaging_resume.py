@@ -53,7 +53,7 @@ def test_merge_and_ema_resume_exactly_after_a_kill(tmp_path):
     halves = []
     for r in (0, 1):  # the checkpoint holds each rank's half of the average
         mid = torch.load(out_cut / "checkpoints" / latest / f"methods_rank{r}.pt", weights_only=True)
-        assert {"average.0", "layout"} <= set(mid["ema"]) and mid["merge"] == {}
+        assert {"average.0", "layout"} <= set(mid["ema"]) and not mid.get("merge")
         halves.append(mid["ema"]["average.0"])
     assert not torch.equal(halves[0], halves[1])
     _train(cut, "--resume")
