@@ -158,7 +158,7 @@ def _time_hooks(engine, handle, reps: int) -> list[tuple[float, float]]:
     Not under ZeRO 3: DeepSpeed puts a sub-group's flat tensor into ``param_groups`` only inside
     its ``step()``, so called from outside the hooks find nothing to mask (the caller skips it).
     """
-    from cltk.zero_view import zero_view
+    from cltk.methods.kit.zero_view import zero_view
 
     parts = list(enumerate(zero_view(engine).partitions))
     out = []
@@ -197,10 +197,10 @@ def cmd_speed(args: argparse.Namespace) -> None:
     import torch
 
     from cltk import distributed as dist
-    from cltk.config import load_config
     from cltk.engine import train_step
     from cltk.method import StageContext
     from cltk.methods.das import DasConfig
+    from cltk.validate import load_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -321,11 +321,11 @@ def cmd_memory(args: argparse.Namespace) -> None:
     import torch
 
     from cltk import distributed as dist
-    from cltk.config import load_config
     from cltk.engine import train_step
     from cltk.method import StageContext
     from cltk.methods.das.importance import estimate_importance
     from cltk.models import build_model
+    from cltk.validate import load_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -415,8 +415,8 @@ def cmd_probe(args: argparse.Namespace) -> None:
 
     from safetensors.torch import load_file, save_file
 
-    from cltk.config import load_config
     from cltk.report import evaluate_models
+    from cltk.validate import load_config
 
     cfg = load_config(args.config)
     out = Path(args.out)

@@ -41,7 +41,7 @@ MODEL = {  # the quickstart's model
 CHILD = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[3])
-from cltk.config import load_config
+from cltk.validate import load_config
 import cltk.continual, cltk.data.prepare  # imports (torch, transformers, DeepSpeed) before the reset
 what, path = sys.argv[1], sys.argv[2]
 cfg = load_config(path, world_size=1)

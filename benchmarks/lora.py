@@ -67,12 +67,12 @@ def cmd_steps(args: argparse.Namespace) -> None:
     import torch
 
     from cltk import distributed as dist
-    from cltk.config import load_config
     from cltk.engine import train_step
     from cltk.method import StageContext
     from cltk.methods.lora import LoraConfig
     from cltk.methods.lora.adapters import export_state_dicts, save_adapter
     from cltk.models import export_pretrained, parameter_counts
+    from cltk.validate import load_config
 
     dist.init()
     cfg = load_config(args.config, overrides=args.set, world_size=dist.world_size())

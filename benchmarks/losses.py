@@ -4,7 +4,7 @@
 
 Arms, all on the same random student and teacher logits (``[batch, seq, vocab]``, fp32; bf16 with
 ``--bf16``): ``causal_lm_loss`` (plain CE), ``soft_target_loss`` (the one-pass kernel of
-``cltk.losses_fused``), the generic per-token kernel it replaced for soft targets (lambda from a
+``cltk.methods.kit.soft_losses``), the generic per-token kernel it replaced for soft targets (lambda from a
 separate pass over the teacher, the teacher normalised again in forward and backward: what
 ``soft_target_loss`` did before), and ``distillation_loss``. Each arm runs ``--reps`` calls per
 round, the arms rotated every round (round 0 warms up). Printed: median milliseconds per call and
@@ -33,6 +33,7 @@ def main() -> None:
     import torch
 
     from cltk import losses as L
+    from cltk.methods.kit import soft_losses as S
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -47,15 +48,15 @@ def main() -> None:
     def generic_soft_target(x):
         """soft_target_loss before the one-pass kernel: the generic per-token kernel."""
         safe = labels.clamp_min(0)
-        lam = L._soft_target_weight(L._label_logprob(teacher, safe), 0.9, None)
-        per, valid = L._token_losses(x, labels, -100, w_y=lam, w_r=1.0 - lam, teacher=teacher)
-        return L._reduce(per, valid, None)
+        lam = S._soft_target_weight(S._label_logprob(teacher, safe), 0.9, None)
+        per, valid = L.token_losses(x, labels, -100, w_y=lam, w_r=1.0 - lam, teacher=teacher)
+        return L.reduce_tokens(per, valid, None)
 
     arms = {
         "plain CE": lambda x: L.causal_lm_loss(x, labels),
-        "soft target, one pass (cltk)": lambda x: L.soft_target_loss(x, labels, teacher, p=0.9),
+        "soft target, one pass (cltk)": lambda x: S.soft_target_loss(x, labels, teacher, p=0.9),
         "soft target, generic kernel (before)": generic_soft_target,
-        "distillation": lambda x: L.distillation_loss(x, labels, teacher, alpha=0.5, beta=0.5),
+        "distillation": lambda x: S.distillation_loss(x, labels, teacher, alpha=0.5, beta=0.5),
     }
     times: dict[str, list[float]] = {a: [] for a in arms}
     order = list(arms)

@@ -20,7 +20,7 @@ one run:
 
 Same work per step: each arm's model comes from ``cltk.models.build_model`` (same class, same seeded
 init); the DeepSpeed config is the one cltk derives from the run config
-(:func:`cltk.validate.deepspeed_config`: the JSON plus micro-batch, accumulation, global batch and
+(:func:`cltk.ds_config.deepspeed_config`: the JSON plus micro-batch, accumulation, global batch and
 clipping), and the script prints any key in which the engines' configs differ (the Trainer adds
 ``zero_allow_untested_optimizer``, a permission flag that changes no work). Every arm uses AdamW with
 cltk's settings (``train.lr``, ``train.betas``, eps 1e-8, ``train.weight_decay`` on matrices, none on
@@ -106,11 +106,11 @@ def main() -> None:
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
     from cltk import distributed as dist
-    from cltk.config import load_config
+    from cltk.ds_config import deepspeed_config
     from cltk.engine import build_engine, param_groups, train_step
     from cltk.method import StageContext
     from cltk.models import build_model
-    from cltk.validate import deepspeed_config
+    from cltk.validate import load_config
 
     dist.init()
     rank, world = dist.rank(), dist.world_size()

@@ -88,15 +88,15 @@ def main() -> None:
     import torch
 
     from cltk import distributed as dist
-    from cltk.config import load_config
     from cltk.data.packing import PackedDomain
     from cltk.data.sampler import Pool, StageSchedule
     from cltk.engine import build_engine, train_step
     from cltk.method import StageContext
+    from cltk.methods.kit.teacher import OnlineTeacher
     from cltk.methods.soft_targets.method import SoftTargetMethod
     from cltk.models import build_model, export_pretrained
     from cltk.plan import Stage
-    from cltk.teacher import OnlineTeacher
+    from cltk.validate import load_config
 
     dist.init()
     rank, world = dist.rank(), dist.world_size()

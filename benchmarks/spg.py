@@ -29,10 +29,10 @@ def main() -> None:
 
     import torch
 
+    from cltk.methods.kit.zero_view import zero_view
     from cltk.methods.spg import SpgConfig
     from cltk.methods.spg.method import SpgMethod
     from cltk.methods.spg.sharded import layout_record
-    from cltk.zero_view import zero_view
 
     if args.threads:
         torch.set_num_threads(args.threads)

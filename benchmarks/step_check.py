@@ -40,10 +40,10 @@ def main() -> None:
     import torch
 
     from cltk import distributed as dist
-    from cltk.config import load_config
     from cltk.engine import build_engine, train_step
     from cltk.method import Method, StageContext
     from cltk.models import build_model
+    from cltk.validate import load_config
 
     class PerMicroBatchCheck(Method):
         """What the guard cost before: a host copy and an all-reduce of the terms per micro-batch."""

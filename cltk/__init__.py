@@ -7,7 +7,8 @@ print(result.report.forgetting)
 """
 
 from cltk import methods  # noqa: F401  (registers every method cltk ships)
-from cltk.config import ConfigError, RunConfig, load_config
+from cltk.config import ConfigError, RunConfig
+from cltk.validate import load_config
 
 __version__ = "0.1.0"
 __all__ = ["ConfigError", "RunConfig", "load_config", "train", "evaluate", "ContinualRun"]

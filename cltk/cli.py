@@ -4,7 +4,7 @@ cltk train --config RUN.yaml [--resume] [--set train.lr=1e-4 ...]
 deepspeed --num_gpus 2 --module cltk train --config RUN.yaml      # N ranks (any deepspeed launch)
 cltk eval --config RUN.yaml [--models DIR ...] [--out DIR] [--start DIR | --no-start]
 cltk prepare --config RUN.yaml                                    # tokenise every domain ahead of a run
-cltk config-reference                                             # every config key, as markdown
+cltk config-reference [--ner]                                     # every config key, as markdown
 cltk bench --tier small --out DIR [--seeds 1 2] [--arms ...]      # every method, naive and joint
 cltk ner --config NER.yaml [--set distill=null ...]               # continual NER (docs/ner.md)
 
@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prepare", help="tokenise every domain into the cache (train does it if needed)")
     pr.add_argument("--config", required=True, help="run config YAML")
     pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    sub.add_parser("config-reference", help="print every run-config key as a markdown table")
+    r = sub.add_parser("config-reference", help="print every run-config key as a markdown table")
+    r.add_argument("--ner", action="store_true", help="the continual NER config's keys instead")
     b = sub.add_parser("bench", help="every method against naive and joint training (docs/benchmarks.md)")
     b.add_argument("--tier", default="small", help="small (a model cltk pre-trains) or real (SmolLM2-135M)")
     b.add_argument("--out", required=True, help="where every arm's run goes; finished arms are kept")
@@ -167,11 +168,14 @@ def _main(args: argparse.Namespace) -> int:
         run_bench(args.tier, args.out, args.seeds, args.arms, args.ranks, args.steps, args.set,
                   args.base_set, args.page)
         return 0
-    from cltk.config import describe, load_config
+    from cltk.config import describe
+    from cltk.validate import load_config
 
     if args.command == "config-reference":
         print("| key | type | default | meaning |\n|---|---|---|---|")
-        for key, tp, default, help_ in describe():
+        if args.ner:
+            from cltk.ner.config import describe as describe_ner
+        for key, tp, default, help_ in describe_ner() if args.ner else describe():
             cells = [f"`{key}`", tp, default, help_]
             print("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         return 0

@@ -1,35 +1,25 @@
-"""Typed run configuration, loaded from one YAML file and validated before any work starts.
+"""The run config's schema: typed sections, each key with a line of help, parsed from a YAML mapping.
 
-Every error names the offending key (``train.micro_batch_size``) and says how to fix it. The checks of a
-config as a whole, and the DeepSpeed config cltk hands to ``deepspeed.initialize``, are in
-:mod:`cltk.validate`.
+The schema only parses (types, unknown keys, did-you-mean, through :mod:`cltk.typed_config`); each
+method's section loads through the registry. The checks of a config as a whole sit above it, in
+:mod:`cltk.validate`, whose :func:`~cltk.validate.load_config` reads, parses and checks a run config;
+the DeepSpeed config handed to ``deepspeed.initialize`` is :mod:`cltk.ds_config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
-import yaml
-
-from cltk import registry
+from cltk import registry, typed_config
 from cltk.errors import ConfigError
+from cltk.typed_config import option
 
-
-def option(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
-    kw: dict[str, Any] = {"metadata": {"help": text}}
-    if factory is not dataclasses.MISSING:
-        kw["default_factory"] = factory
-    else:
-        kw["default"] = default
-    return field(**kw)
+__all__ = ["ConfigError", "RunConfig", "option", "parse_config", "describe"]
 
 
 @dataclass
@@ -63,8 +53,10 @@ class TokenizerConfig:
 
 
 @dataclass
-class DomainConfig:
-    name: str = option("domain name (unique; used in file names and the forgetting matrix)", "")
+class SourceConfig:
+    """A named text source: what a domain and a method's extra corpus (replay's general data) share."""
+
+    name: str = option("its name (unique; letters, digits, - and _; used in file names and reports)", "")
     source: dict[str, Any] = option(
         "one of {builtin: NAME}, {files: GLOB}, {jsonl: PATH, field: text}, {hf_dataset: DIR, field}, "
         "or a mixture {mix: [{files: A, weight: 0.7}, {jsonl: B, weight: 0.3}]}",
@@ -73,6 +65,10 @@ class DomainConfig:
     max_chars: int | None = option(
         "read at most this many characters (a seeded sample of the source's files or 1 MiB pieces)", None
     )
+
+
+@dataclass
+class DomainConfig(SourceConfig):
     eval_only: bool = option("evaluate on it but never train it", False)
 
 
@@ -201,186 +197,32 @@ class RunConfig:
         object.__setattr__(self, name, value)
 
 
-# ----- loading ---------------------------------------------------------------------------------------
+# ----- parsing ---------------------------------------------------------------------------------------
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check and convert ``value`` to the annotated type ``tp``; errors name ``key``."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            if type(None) in typing.get_args(tp):
-                return None
-            raise ConfigError(key, "must not be empty")
-        errors = []
-        for a in args:
-            try:
-                return _convert(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(key, errors[0].split(": ", 1)[-1] if errors else "bad value")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"must be a mapping of {_type_name(tp)} fields, got {value!r}")
-        return _build(tp, value, key)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(key, f"must be a list, got {type(value).__name__} {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"must be a mapping, got {type(value).__name__} {value!r}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(key, f"must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            if isinstance(value, str):  # YAML reads 3e-4 as a string
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
-            raise ConfigError(key, f"must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(key, f"must be a string, got {value!r}")
-        return value
-    return value
-
-
-def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in ("base_dir", "sections")]
-    kwargs: dict[str, Any] = {}
-    if cls is RunConfig:  # the methods' sections come from the registry
-        sections = {}
-        for k in list(raw):
-            spec = registry.get(str(k))
-            if spec is not None and raw[k] is not None:
-                sections[k] = _convert(raw.pop(k), spec.config, str(k))
-            elif spec is not None:
-                raw.pop(k)
-        kwargs["sections"] = sections
-        names = names + [s.name for s in registry.specs()]
-    for k, v in raw.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            close = difflib.get_close_matches(str(k), names, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(names)}"
-            raise ConfigError(key, f"unknown key; {hint}")
-        kwargs[k] = _convert(v, hints[k], key)
-    return cls(**kwargs)
-
-
-def _set_override(raw: dict[str, Any], assignment: str) -> None:
-    """Apply ``a.b.c=value`` (value parsed as YAML) to the raw mapping."""
-    if "=" not in assignment:
-        raise ConfigError(assignment, "an override must look like key.sub=value")
-    key, value = assignment.split("=", 1)
-    node = raw
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(key, f"'{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(value)
-
-
-def read_raw(path: str | os.PathLike, overrides: list[str] | None = None) -> tuple[dict, Path]:
-    """The mapping a YAML config file holds, with ``key.sub=value`` overrides applied, and the file's
-    directory (relative paths resolve against it). Shared by every cltk config loader."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError("", f"config file {p} not found")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError("", f"{p} is not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError("", f"{p} must hold a mapping of sections, got {type(raw).__name__}")
-    for o in overrides or []:
-        _set_override(raw, o)
-    return raw, p.resolve().parent
-
-
-def load_config(
-    path: str | os.PathLike | None = None,
-    overrides: list[str] | None = None,
-    raw: dict[str, Any] | None = None,
-    world_size: int | None = None,
+def parse_config(
+    raw: dict[str, Any], base_dir: str | os.PathLike = ".", overrides: list[str] | None = None
 ) -> RunConfig:
-    """Load and validate a run config from a YAML file (or a raw mapping).
+    """A :class:`RunConfig` from a mapping (types converted, unknown keys refused), not yet checked
+    as a whole (:func:`cltk.validate.load_config` does both).
 
     Args:
-        path: the YAML file; relative paths inside it resolve against its directory.
+        raw: the YAML's mapping; not modified (a deep copy takes the overrides).
+        base_dir: the directory relative paths resolve against.
         overrides: ``key.sub=value`` assignments applied on top (``--set`` on the command line).
-        raw: a mapping used instead of a file (``base_dir`` is then the current directory).
-        world_size: ranks the run will have, for the batch check; default ``$WORLD_SIZE`` or 1.
     """
-    base = Path.cwd()
-    if raw is None:
-        if path is None:
-            raise ConfigError("", "give a config file (--config RUN.yaml)")
-        raw, base = read_raw(path)
     raw = json.loads(json.dumps(raw))  # deep copy; overrides must not touch the caller's mapping
     for o in overrides or []:
-        _set_override(raw, o)
-    cfg = _build(RunConfig, raw)
-    cfg.base_dir = str(base)
-    from cltk.validate import validate
-
-    validate(cfg, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+        typed_config.set_override(raw, o)
+    sections = {s.name: s.config for s in registry.specs()}
+    cfg = typed_config.build(RunConfig, raw, sections=sections)
+    cfg.base_dir = str(base_dir)
     return cfg
 
 
-def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(key, type, default, help) rows of every config key, for docs/config.md."""
-    rows = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in ("base_dir", "sections"):
-            continue
-        key = f"{prefix}{f.name}"
-        tp = hints[f.name]
-        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
-        if dataclasses.is_dataclass(tp) or inner:
-            sub = tp if dataclasses.is_dataclass(tp) else inner[0]
-            rows.append(
-                (key, "section" + (" (optional)" if inner else ""), "", f.metadata.get("help", ""))
-            )
-            rows.extend(describe(sub, key + "."))
-            continue
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = repr(f.default_factory())  # type: ignore[misc]
-        else:
-            default = ""
-        tname = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
-        tname = tname.replace("NoneType", "None")
-        rows.append((key, tname, default, f.metadata.get("help", "")))
-    if cls is RunConfig:
-        for spec in registry.specs():
-            rows.append((prefix + spec.name, "section (optional)", "", spec.help))
-            rows.extend(describe(spec.config, f"{prefix}{spec.name}."))
-    return rows
+def describe() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) rows of every run-config key, each method's section included, for
+    docs/config.md."""
+    return typed_config.describe(
+        RunConfig, sections=[(s.name, s.help, s.config) for s in registry.specs()]
+    )

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from cltk import checkpoint
 from cltk import distributed as dist
 from cltk.config import RunConfig
 from cltk.data.prepare import prepare
-from cltk.data.sampler import Mix, Pool, StageSchedule, mixture_pool
+from cltk.data.sampler import Mix, Pool, StageSchedule, count_steps, mixture_pool
 from cltk.engine import build_engine, train_step
 from cltk.forward import engine_forward
 from cltk.grow import check_config, check_plan, complete_row
@@ -125,6 +126,7 @@ class ContinualRun:
         self.stages = plan_stages(self.cfg, {n: len(d.train) for n, d in self.domains.items()})
         if self.resume:
             check_plan(self.out, self.stages)
+        self.stage_steps = self.plan_steps()
         self._write_run_files(self.stages)
         self.tracker = Tracker(self.out, self.cfg.train.log_sequence_ids)
         resume_state = None
@@ -180,11 +182,29 @@ class ContinualRun:
     def _method_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         return {m.name: m.state_tensors() for m in self.methods}
 
+    def _mixes(self, stage: Stage) -> tuple[list[Mix], float, int | None]:
+        """The stage's mixes (every method's, each at its own share), epochs and step cap."""
+        c = self.cfg
+        if stage.joint:
+            return self._joint(stage)
+        ctx = self._context(stage)
+        return [mix for m in self.methods for mix in m.mixes(ctx)], c.train.epochs, \
+            c.train.max_steps_per_stage
+
+    def plan_steps(self) -> list[int]:
+        """The optimizer steps of every stage of the run, counted once before the first stage
+        (the LR schedule may span the run); no stage's schedule is built for it."""
+        batch, counts = self.cfg.global_batch(dist.world_size()), []
+        for stage in self.stages:
+            mixes, epochs, max_steps = self._mixes(stage)
+            counts.append(count_steps(len(stage.indices), mixes, batch, epochs, max_steps,
+                                      stage.index))
+        return counts
+
     def schedule(self, stage: Stage) -> StageSchedule:
         """The stage's batches: its own sequences and every method's mixes, each at its own share."""
-        c = self.cfg
-        ctx = self._context(stage)
-        mixes = [mix for m in self.methods for mix in m.mixes(ctx)]
+        mixes, epochs, max_steps = self._mixes(stage)
+        mixes = [mix.built() for mix in mixes]
         for mix in mixes:
             for p in mix.pools:
                 prepared = 0 <= p.domain < len(self.source_names)
@@ -194,16 +214,13 @@ class ContinualRun:
                         f"(0..{len(self.source_names) - 1}) unless the pool brings its own rows, "
                         "and then lie outside them"
                     )
-        epochs, max_steps = c.train.epochs, c.train.max_steps_per_stage
-        if stage.joint:
-            mixes, epochs, max_steps = self._joint(stage)
         return StageSchedule(
             mixture_pool(stage.domain_index, stage.indices, *_parts(self.train_arrays[stage.domain_index])),
             mixes,
-            c.global_batch(dist.world_size()),
+            self.cfg.global_batch(dist.world_size()),
             epochs,
             max_steps,
-            c.seed,
+            self.cfg.seed,
             stage.index,
         )
 
@@ -211,15 +228,10 @@ class ContinualRun:
         """A joint stage's mixes, epochs and steps: each domain's share of every batch is the share of
         the steps its own stage would take, and the stage takes as many steps as all of them."""
         c, batch = self.cfg, self.cfg.global_batch(dist.world_size())
-
-        def own_steps(n: int) -> int:
-            own = StageSchedule(Pool(0, np.arange(n)), [], batch, c.train.epochs,
-                                c.train.max_steps_per_stage, c.seed, 0)
-            return len(own)
-
         ids = [stage.domain_index, *(di for di, _ in stage.joint)]
         sizes = {di: len(self.train_arrays[di]) for di in ids}
-        steps = {di: own_steps(n) for di, n in sizes.items()}
+        steps = {di: count_steps(n, [], batch, c.train.epochs, c.train.max_steps_per_stage, 0)
+                 for di, n in sizes.items()}
         total = sum(steps.values())
         mixes = [Mix(f"joint {name}", [Pool(di, np.arange(sizes[di]))], steps[di] / total)
                  for di, name in stage.joint]
@@ -246,8 +258,10 @@ class ContinualRun:
         universal = tag is not None and state.get("world_size", 1) != dist.world_size()
         if universal:
             tag = checkpoint.to_universal(self.ckpt_root, tag)
-        stage_steps = [len(self.schedule(s)) for s in self.stages]
-        lr_fn = stage_lr_lambda(c.train, stage_steps, stage.index)
+        if len(schedule) != self.stage_steps[stage.index]:  # the plan counted it before the run
+            raise RuntimeError(f"stage {stage.dirname}: {len(schedule)} steps, but "
+                               f"{self.stage_steps[stage.index]} were planned")
+        lr_fn = stage_lr_lambda(c.train, self.stage_steps, stage.index)
         engine = build_engine(c, model, len(schedule), load_universal=universal, lr_fn=lr_fn)
         ctx.engine = engine
         for m in self.methods:
@@ -259,16 +273,7 @@ class ContinualRun:
             self._load_method_state(state, self.ckpt_root / tag)
             log(f"stage {stage.dirname}: resumed from checkpoint {tag} at step {start}")
         self.tracker.truncate(stage.index, start)
-        trainable, total = parameter_counts(engine.module)
-        log(
-            f"stage {stage.dirname}: {len(schedule)} steps of {c.global_batch(dist.world_size())} sequences "
-            f"x {c.data.seq_len} tokens; {trainable:,} of {total:,} parameters trainable"
-        )
-        for mix, n in zip(schedule.mixes, schedule.n_mix):
-            size = sum(len(p.indices) for p in mix.pools)
-            ids = sorted({p.domain for p in mix.pools})
-            log(f"stage {stage.dirname}: mixing {n} of every {schedule.global_batch} sequences "
-                f"(share {mix.share:g}) from {mix.name} ({size:,} sequences, source ids {ids})")
+        self._log_stage(stage, schedule, engine)
         self._train(ctx, schedule, start)
         if start < len(schedule) or tag is None or "-end" not in tag:
             self._save(ctx, f"s{stage.index:02d}-end", len(schedule))
@@ -308,6 +313,18 @@ class ContinualRun:
         del engine, ctx, model
         gc.collect()
         return [ppl[n] for n in self.domain_names]
+
+    def _log_stage(self, stage: Stage, schedule: StageSchedule, engine: Any) -> None:
+        trainable, total = parameter_counts(engine.module)
+        log(
+            f"stage {stage.dirname}: {len(schedule)} steps of {schedule.global_batch} sequences "
+            f"x {self.cfg.data.seq_len} tokens; {trainable:,} of {total:,} parameters trainable"
+        )
+        for mix, n in zip(schedule.mixes, schedule.n_mix):
+            size = sum(len(p.indices) for p in mix.pools)
+            ids = sorted({p.domain for p in mix.pools})
+            log(f"stage {stage.dirname}: mixing {n} of every {schedule.global_batch} sequences "
+                f"(share {mix.share:g}) from {mix.name} ({size:,} sequences, source ids {ids})")
 
     def _train(self, ctx: StageContext, schedule: StageSchedule, start: int) -> None:
         c, stage = self.cfg, ctx.stage

@@ -13,14 +13,13 @@ import deepspeed
 import torch
 
 from cltk import distributed as dist
-from cltk.config import RunConfig
+from cltk.ds_config import EngineConfig, deepspeed_config
 from cltk.errors import UserError
 from cltk.extensions import check_build_locks
 from cltk.forward import forward_logits
 from cltk.losses import IGNORE_INDEX, causal_lm_loss
 from cltk.method import Method, StageContext
 from cltk.schedules import stage_lr_lambda
-from cltk.validate import deepspeed_config
 
 
 class NonFiniteLossError(UserError, RuntimeError):  # a RuntimeError for callers that catch one
@@ -40,7 +39,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def build_engine(
-    cfg: RunConfig,
+    cfg: EngineConfig,
     model: torch.nn.Module,
     total_steps: int,
     load_universal: bool = False,
@@ -48,7 +47,9 @@ def build_engine(
 ):
     """``deepspeed.initialize`` with cltk's AdamW and LR schedule; returns the engine.
 
-    ``lr_fn`` maps the stage's step to the LR multiplier (see :func:`cltk.schedules.stage_lr_lambda`);
+    ``cfg`` is the run config or another mode's (:class:`cltk.ds_config.EngineConfig`: its
+    ``train`` section gives lr, betas and weight_decay). ``lr_fn`` maps the stage's step to the LR
+    multiplier (see :func:`cltk.schedules.stage_lr_lambda`);
     default: the configured schedule over ``total_steps`` alone. ``load_universal`` prepares the engine
     to load a universal checkpoint (resume at another world size).
     """
@@ -76,6 +77,15 @@ def build_engine(
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
     )
+    return engine
+
+
+def frozen_engine(model: torch.nn.Module, ds_cfg: dict[str, Any]):
+    """``deepspeed.initialize`` of a model that only runs forward (no optimizer; its parameters
+    frozen), in eval mode; ``ds_cfg`` from :func:`cltk.ds_config.frozen_deepspeed_config`."""
+    model.requires_grad_(False)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_cfg)
+    engine.eval()
     return engine
 
 

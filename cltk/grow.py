@@ -4,7 +4,8 @@ Continual pre-training never ends. Appending domains at the end of ``domains`` a
 run from the last finished stage's export: the earlier stages are kept (their ``stage.json`` rows and
 exports), their exports are scored on the new domains so the forgetting matrix stays complete, and the
 new stages train as any other. Everything that made the earlier stages what they are must stay as it
-was: the domains already in the run and their order, the seed, model, tokenizer, packing and blocks.
+was: the domains already in the run and their order, the seed, model, tokenizer, packing and
+the sections of methods that shape the stages (``MethodSpec.fixed_on_resume``).
 :func:`check_config` and :func:`check_plan` refuse any change there, naming it, before any work.
 """
 
@@ -23,8 +24,14 @@ from cltk.errors import UserError
 from cltk.plan import Stage, plan_record
 from cltk.tracking import log
 
-# config keys that shape what earlier stages trained and how they were scored
-FIXED_KEYS = ("seed", "model", "tokenizer", "data.seq_len", "data.eval_sequences", "blocks")
+# config keys that shape what earlier stages trained and how they were scored, besides the sections
+# of the methods that shape the stages themselves (MethodSpec.fixed_on_resume)
+FIXED_KEYS = ("seed", "model", "tokenizer", "data.seq_len", "data.eval_sequences")
+
+
+def fixed_keys() -> tuple[str, ...]:
+    """Every key a resumed run may not change."""
+    return FIXED_KEYS + tuple(s.name for s in registry.specs() if s.fixed_on_resume)
 _HOW = (
     "A resumed run may append new domains at the end of `domains` (and change training settings "
     "such as train.*); to change the rest, start a new output_dir"
@@ -53,7 +60,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """What ``new`` (a config as ``RunConfig.to_dict``) changes in the part of ``old`` a run keeps."""
     changes = [
         f"{k}: {_get(old, k)!r} -> {_get(new, k)!r}"
-        for k in FIXED_KEYS
+        for k in fixed_keys()
         if _differ(_get(old, k), _get(new, k))
     ]
     old_d, new_d = old.get("domains") or [], new.get("domains") or []
@@ -119,6 +126,8 @@ def check_plan(out: Path, stages: list[Stage]) -> None:
         return
     old = json.loads(path.read_text())["stages"]
     new = plan_record(stages)["stages"]
+    shaping = ["its domain's data", "data.seq_len", "the seed", *fixed_keys()[len(FIXED_KEYS):]]
+    causes = ", ".join(shaping[:-1]) + " or " + shaping[-1]
     for i, o in enumerate(old):
         if i >= len(new):
             raise RunChangedError(
@@ -129,8 +138,8 @@ def check_plan(out: Path, stages: list[Stage]) -> None:
                 f"{k} {o.get(k)!r} -> {new[i].get(k)!r}" for k in o if o.get(k) != new[i].get(k)
             )
             raise RunChangedError(
-                f"stage {i} ({o['name']}) of the run in {out} would change: {diff} (its domain's "
-                f"data, data.seq_len, the seed or blocks changed). {_HOW}"
+                f"stage {i} ({o['name']}) of the run in {out} would change: {diff} ({causes} "
+                f"changed). {_HOW}"
             )
 
 

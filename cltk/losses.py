@@ -1,4 +1,6 @@
-"""Token-level losses for continual pre-training: pure functions, tensors in, scalar tensor out.
+"""Token-level cross-entropy for continual pre-training, and the chunked per-token kernel behind every
+loss: pure functions, tensors in, scalar tensor out. The soft-target losses (soft targets, top-k,
+distillation) sit above, in :mod:`cltk.methods.kit.soft_losses`, on the same kernel.
 
 Shapes: ``logits`` and ``teacher_logprobs`` are ``[batch, seq, vocab]`` (any leading dims work),
 ``labels`` is ``[batch, seq]``. Inputs are ALREADY ALIGNED: ``logits[..., t, :]`` predicts
@@ -26,24 +28,19 @@ there), as backward recomputes the softmax. Logits and teacher tensors are resha
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from cltk.losses_fused import SoftTargetPass, chunk_slices, lam_from_q
-
 __all__ = [
     "causal_lm_loss",
     "token_nll",
-    "soft_target_loss",
-    "soft_target_loss_topk",
-    "distillation_loss",
-    "check_soft_target_args",
-    "check_distillation_args",
+    "token_losses",
+    "reduce_tokens",
+    "check_shapes",
     "CHUNK_ELEMENTS",
+    "IGNORE_INDEX",
 ]
 
 IGNORE_INDEX = -100  # label of a position left out of every loss and of its token count
@@ -51,36 +48,8 @@ IGNORE_INDEX = -100  # label of a position left out of every loss and of its tok
 CHUNK_ELEMENTS = 1 << 24
 
 
-# ---------------------------------------------------------------------------------------------
-# argument checks
-# ---------------------------------------------------------------------------------------------
-
-
-def check_soft_target_args(p: float, one_hot_below: float | None) -> None:
-    """Raise ``ValueError`` unless ``p`` is in (0, 1] and ``one_hot_below`` is None or in [0, p]."""
-    if not (isinstance(p, (int, float)) and 0.0 < p <= 1.0):
-        raise ValueError(f"soft target p must be in (0, 1], got {p!r}")
-    if one_hot_below is not None:
-        if not (isinstance(one_hot_below, (int, float)) and 0.0 <= one_hot_below <= 1.0):
-            raise ValueError(f"one_hot_below must be None or in [0, 1], got {one_hot_below!r}")
-        if one_hot_below > p:
-            raise ValueError(
-                f"one_hot_below ({one_hot_below}) must not exceed p ({p}): a teacher probability "
-                "between them would be both kept and replaced by the one-hot target"
-            )
-
-
-def check_distillation_args(alpha: float, beta: float, temperature: float) -> None:
-    """Raise ``ValueError`` unless ``alpha, beta >= 0`` and ``temperature > 0`` (all finite)."""
-    for name, value in (("alpha", alpha), ("beta", beta)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"distillation {name} must be a finite number >= 0, got {value!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
-            and temperature > 0):
-        raise ValueError(f"distillation temperature must be > 0, got {temperature!r}")
-
-
-def _check_shapes(logits: Tensor, labels: Tensor, teacher: Tensor | None = None) -> None:
+def check_shapes(logits: Tensor, labels: Tensor, teacher: Tensor | None = None) -> None:
+    """Raise ``ValueError`` unless ``logits`` is ``labels.shape + [vocab]`` (and ``teacher`` too)."""
     if logits.dim() < 2:
         raise ValueError(f"logits must be [..., vocab], got shape {tuple(logits.shape)}")
     if tuple(logits.shape[:-1]) != tuple(labels.shape):
@@ -100,12 +69,19 @@ def _check_shapes(logits: Tensor, labels: Tensor, teacher: Tensor | None = None)
 # ---------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # fp32 at least; fp64 is kept so torch.autograd.gradcheck can use tight tolerances
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunks(rows: int, vocab: int) -> list[slice]:
+def chunk_slices(rows: int, vocab: int, elements: int) -> list[slice]:
+    """Row slices of a ``[rows, vocab]`` tensor holding about ``elements`` entries each."""
+    step = max(1, elements // max(vocab, 1))
+    return [slice(s, min(s + step, rows)) for s in range(0, rows, step)]
+
+
+def chunk_rows(rows: int, vocab: int) -> list[slice]:
+    """Row slices of ``[rows, vocab]`` of about :data:`CHUNK_ELEMENTS` entries each."""
     return chunk_slices(rows, vocab, CHUNK_ELEMENTS)
 
 
@@ -130,12 +106,12 @@ class _TokenLoss(torch.autograd.Function):
     def forward(ctx, logits, safe, valid, w_y, w_r, teacher, topk_probs, topk_idx,
                 temperature, kl):  # type: ignore[override]
         vocab = logits.shape[-1]
-        dtype = _compute_dtype(logits.dtype)
+        dtype = compute_dtype(logits.dtype)
         z, y = logits.reshape(-1, vocab), safe.reshape(-1, 1)
         t = teacher.reshape(-1, vocab) if teacher is not None else None
         soft = t is not None or topk_probs is not None
         out = torch.empty(z.shape[0], dtype=dtype, device=z.device)
-        for s in _chunks(z.shape[0], vocab):
+        for s in chunk_rows(z.shape[0], vocab):
             lp = F.log_softmax(z[s], dim=-1, dtype=dtype)  # fused upcast on CUDA
             loss = -w_y[s] * lp.gather(1, y[s]).squeeze(1)
             if soft:
@@ -159,12 +135,12 @@ class _TokenLoss(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         logits, safe, valid, w_y, w_r, teacher, topk_probs, topk_idx = ctx.saved_tensors
         temp, vocab = ctx.temperature, logits.shape[-1]
-        dtype = _compute_dtype(logits.dtype)
+        dtype = compute_dtype(logits.dtype)
         z, y = logits.reshape(-1, vocab), safe.reshape(-1, 1)
         t = teacher.reshape(-1, vocab) if teacher is not None else None
         g = grad_out.reshape(-1).to(dtype)
         grad = torch.empty_like(z)  # the one [tokens, vocab] tensor, in the logits' dtype
-        for s in _chunks(z.shape[0], vocab):
+        for s in chunk_rows(z.shape[0], vocab):
             g_y = g[s] * w_y[s]
             g_r = g[s] * w_r[s] * temp if ctx.soft else torch.zeros_like(g_y)
             chunk = torch.softmax(z[s], dim=-1, dtype=dtype)
@@ -184,7 +160,7 @@ class _TokenLoss(torch.autograd.Function):
         return grad.view_as(logits), None, None, None, None, None, None, None, None, None
 
 
-def _token_losses(
+def token_losses(
     logits: Tensor,
     labels: Tensor,
     ignore_index: int,
@@ -198,7 +174,7 @@ def _token_losses(
     """Per-token losses ``[batch, seq]`` and the valid mask, via :class:`_TokenLoss`."""
     valid = labels != ignore_index
     safe = labels.masked_fill(~valid, 0).long()
-    dtype = _compute_dtype(logits.dtype)
+    dtype = compute_dtype(logits.dtype)
 
     def per_token(w: Tensor | float) -> Tensor:
         w = torch.as_tensor(w, dtype=dtype, device=logits.device).detach()
@@ -221,7 +197,7 @@ def _token_losses(
     return losses, valid
 
 
-def _reduce(per_token: Tensor, valid: Tensor, num_tokens: int | float | Tensor | None) -> Tensor:
+def reduce_tokens(per_token: Tensor, valid: Tensor, num_tokens: int | float | Tensor | None) -> Tensor:
     # where(), not multiply: a NaN/inf at an ignored position must not leak into the sum
     total = torch.where(valid, per_token, torch.zeros_like(per_token)).sum()
     if num_tokens is None:
@@ -230,28 +206,6 @@ def _reduce(per_token: Tensor, valid: Tensor, num_tokens: int | float | Tensor |
     if not torch.is_tensor(num_tokens) and not num_tokens > 0:
         raise ValueError(f"num_tokens must be > 0, got {num_tokens}")
     return total / torch.as_tensor(num_tokens, device=total.device)
-
-
-def _label_logprob(scores: Tensor, safe: Tensor) -> Tensor:
-    """log softmax(scores) at the labels ``[...]``, the log-sum-exp taken a chunk at a time."""
-    vocab, dtype = scores.shape[-1], _compute_dtype(scores.dtype)
-    flat = scores.detach().reshape(-1, vocab)
-    lse = torch.empty(flat.shape[0], dtype=dtype, device=flat.device)
-    for s in _chunks(flat.shape[0], vocab):
-        lse[s] = torch.logsumexp(flat[s].to(dtype), dim=-1)
-    picked = scores.detach().gather(-1, safe.unsqueeze(-1)).squeeze(-1).to(dtype)
-    return picked - lse.view(safe.shape)
-
-
-def _soft_target_weight(label_logprob: Tensor, p: float, one_hot_below: float | None) -> Tensor:
-    """Weight lambda ``[...]`` of the one-hot term, from the teacher's log q_y ``[...]``.
-
-    The moved target v'_y = p, v'_j = q_j (1 - p) / (1 - q_y) for q_y < p equals
-    ``lambda * onehot(y) + (1 - lambda) * q`` with ``lambda = (p - q_y) / (1 - q_y)``: check the
-    y entry, lambda + (1 - lambda) q_y = p, and any other entry, (1 - lambda) q_j.
-    """
-    q_y = label_logprob.detach().to(_compute_dtype(label_logprob.dtype)).exp()
-    return lam_from_q(q_y, p, one_hot_below)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,9 +233,9 @@ def causal_lm_loss(
 
     Memory: chunk temporaries, and the ``[tokens, vocab]`` gradient in backward.
     """
-    _check_shapes(logits, labels)
-    losses, valid = _token_losses(logits, labels, ignore_index, w_y=1.0)
-    return _reduce(losses, valid, num_tokens)
+    check_shapes(logits, labels)
+    losses, valid = token_losses(logits, labels, ignore_index, w_y=1.0)
+    return reduce_tokens(losses, valid, num_tokens)
 
 
 def token_nll(
@@ -303,164 +257,6 @@ def token_nll(
 
     Memory: chunk temporaries only.
     """
-    _check_shapes(logits, labels)
-    losses, valid = _token_losses(logits, labels, ignore_index, w_y=1.0)
+    check_shapes(logits, labels)
+    losses, valid = token_losses(logits, labels, ignore_index, w_y=1.0)
     return torch.where(valid, losses, torch.zeros_like(losses)).sum(), valid.sum()
-
-
-def soft_target_loss(
-    logits: Tensor,
-    labels: Tensor,
-    teacher_logprobs: Tensor,
-    p: float = 0.9,
-    one_hot_below: float | None = None,
-    ignore_index: int = -100,
-    num_tokens: int | float | Tensor | None = None,
-    return_label_logprobs: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Cross-entropy against the teacher's distribution moved so the label holds at least ``p``.
-
-    Per token, with ``q = softmax(teacher)`` and ``q_y`` its probability of the label ``y``, the
-    target ``v'`` is: ``q`` itself where ``q_y >= p``; ``v'_y = p`` and
-    ``v'_j = q_j (1 - p) / (1 - q_y)`` where ``q_y < p``; ``onehot(y)`` where
-    ``q_y < one_hot_below``. It is never built: it equals ``lambda onehot(y) + (1 - lambda) q``
-    with ``lambda = max(0, (p - q_y) / (1 - q_y))`` (1 for the one-hot fallback), so the loss is
-    ``lambda CE(y) + (1 - lambda) CE(q)``. ``p = 1`` is plain cross-entropy. The teacher side
-    (``q`` and ``lambda``) carries no gradient.
-
-    Args:
-        logits: ``[batch, seq, vocab]`` student logits, aligned with ``labels``.
-        labels: ``[batch, seq]`` token ids; ``ignore_index`` marks positions to skip.
-        teacher_logprobs: ``[batch, seq, vocab]`` teacher log-probabilities, or its raw logits
-            (both are normalised here, a chunk at a time), any float dtype.
-        p: least probability the target gives the label, in ``(0, 1]``.
-        one_hot_below: where ``q_y`` is below this (in ``[0, p]``) the target is the one-hot label:
-            a teacher that far off is not trusted at all. ``None`` turns the fallback off.
-        ignore_index: label value left out of the loss and of the count.
-        num_tokens: divide the summed loss by this instead of the local count of labelled tokens.
-        return_label_logprobs: also return the teacher's ``log q_y`` ``[batch, seq]`` (0 where
-            ignored), which the pass computes anyway.
-
-    Returns:
-        Scalar tensor (fp32; fp64 for fp64 logits): the mean over non-ignored tokens of
-        ``CE(v', softmax(logits))``; with ``return_label_logprobs``, ``(loss, log q_y)``.
-
-    Cost: one pass per chunk reads the student's and the teacher's logits once each
-    (:mod:`cltk.losses_fused`); memory: chunk temporaries and the ``[tokens, vocab]`` gradient, no
-    target tensor.
-    """
-    _check_shapes(logits, labels, teacher_logprobs)
-    check_soft_target_args(p, one_hot_below)
-    valid = labels != ignore_index
-    safe = labels.masked_fill(~valid, 0).long()
-    vocab = logits.shape[-1]
-    losses, label_logprobs = SoftTargetPass.apply(
-        logits.reshape(-1, vocab), teacher_logprobs.detach().reshape(-1, vocab), safe.reshape(-1),
-        valid.reshape(-1), float(p), one_hot_below, CHUNK_ELEMENTS,
-    )
-    loss = _reduce(losses.view(labels.shape), valid, num_tokens)
-    if return_label_logprobs:
-        return loss, label_logprobs.view(labels.shape)
-    return loss
-
-
-def soft_target_loss_topk(
-    logits: Tensor,
-    labels: Tensor,
-    topk_logprobs: Tensor,
-    topk_indices: Tensor,
-    label_logprobs: Tensor,
-    p: float = 0.9,
-    one_hot_below: float | None = None,
-    ignore_index: int = -100,
-    num_tokens: int | float | Tensor | None = None,
-) -> Tensor:
-    """:func:`soft_target_loss` from an offline top-k teacher cache.
-
-    ``lambda`` uses the teacher's exact ``log q_y`` (``label_logprobs``, which the cache keeps
-    because ``y`` may fall outside the top k). The ``CE(q)`` term uses the top-k probabilities
-    renormalised to sum to 1, i.e. the target is ``lambda onehot(y) + (1 - lambda) q_topk / m``
-    with ``m`` the top-k mass: the mass outside the top k is dropped rather than guessed. When
-    ``k = vocab`` this equals :func:`soft_target_loss` exactly. Entries of ``topk_logprobs`` may be
-    ``-inf`` (padding) as long as each labelled token keeps one finite entry.
-
-    Args:
-        logits: ``[batch, seq, vocab]`` student logits, aligned with ``labels``.
-        labels: ``[batch, seq]`` token ids; ``ignore_index`` marks positions to skip.
-        topk_logprobs: ``[batch, seq, k]`` teacher log-probabilities of its top k tokens.
-        topk_indices: ``[batch, seq, k]`` the token ids of those entries.
-        label_logprobs: ``[batch, seq]`` the teacher's exact log-probability of the label.
-        p: least probability the target gives the label, in ``(0, 1]``.
-        one_hot_below: one-hot fallback threshold on ``q_y``, in ``[0, p]``, or ``None``.
-        ignore_index: label value left out of the loss and of the count.
-        num_tokens: divide the summed loss by this instead of the local count of labelled tokens.
-
-    Returns:
-        Scalar tensor (fp32; fp64 for fp64 logits).
-
-    Memory: the renormalised top-k probabilities ``[tokens, k]``, chunk temporaries, and the
-    ``[tokens, vocab]`` gradient.
-    """
-    _check_shapes(logits, labels)
-    if topk_logprobs.shape != topk_indices.shape or tuple(topk_logprobs.shape[:-1]) != tuple(
-        labels.shape
-    ):
-        raise ValueError(
-            f"topk_logprobs {tuple(topk_logprobs.shape)} and topk_indices "
-            f"{tuple(topk_indices.shape)} must both be labels.shape + [k] = "
-            f"{tuple(labels.shape)} + [k]"
-        )
-    if tuple(label_logprobs.shape) != tuple(labels.shape):
-        raise ValueError(
-            f"label_logprobs {tuple(label_logprobs.shape)} must have the labels' shape "
-            f"{tuple(labels.shape)}"
-        )
-    if topk_logprobs.shape[-1] > logits.shape[-1]:
-        raise ValueError(f"k = {topk_logprobs.shape[-1]} exceeds the vocab {logits.shape[-1]}")
-    check_soft_target_args(p, one_hot_below)
-    lam = _soft_target_weight(label_logprobs, p, one_hot_below)
-    losses, valid = _token_losses(logits, labels, ignore_index, w_y=lam, w_r=1.0 - lam,
-                                  topk=(topk_logprobs, topk_indices))
-    return _reduce(losses, valid, num_tokens)
-
-
-def distillation_loss(
-    logits: Tensor,
-    labels: Tensor,
-    teacher_logprobs: Tensor,
-    alpha: float = 1.0,
-    beta: float = 1.0,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    num_tokens: int | float | Tensor | None = None,
-) -> Tensor:
-    """``alpha * T^2 * KL(teacher_T || student_T) + beta * CE(labels)``, means over tokens.
-
-    ``teacher_T = softmax(teacher_logprobs / T)`` (dividing log-probs or logits by ``T`` gives the
-    same softmax), ``student_T = softmax(logits / T)``. The ``T^2`` keeps the soft term's gradient
-    scale independent of ``T`` (Hinton et al., 2015, "Distilling the Knowledge in a Neural
-    Network", sec. 2). The KL is averaged over the same labelled tokens as the CE, so padding
-    does not count. The teacher carries no gradient.
-
-    Args:
-        logits: ``[batch, seq, vocab]`` student logits, aligned with ``labels``.
-        labels: ``[batch, seq]`` token ids; ``ignore_index`` marks positions to skip.
-        teacher_logprobs: ``[batch, seq, vocab]`` teacher log-probabilities (or logits).
-        alpha: weight of the KL term, ``>= 0``.
-        beta: weight of the label cross-entropy, ``>= 0``.
-        temperature: softening temperature ``T > 0``.
-        ignore_index: label value left out of both terms and of the count.
-        num_tokens: divide the summed loss by this instead of the local count of labelled tokens.
-
-    Returns:
-        Scalar tensor (fp32; fp64 for fp64 logits).
-
-    Memory: chunk temporaries (tempered teacher and student distributions a chunk at a time),
-    and the ``[tokens, vocab]`` gradient.
-    """
-    _check_shapes(logits, labels, teacher_logprobs)
-    check_distillation_args(alpha, beta, temperature)
-    losses, valid = _token_losses(logits, labels, ignore_index, w_y=float(beta),
-                                  w_r=float(alpha), teacher=teacher_logprobs if alpha > 0 else None,
-                                  temperature=temperature, kl=True)
-    return _reduce(losses, valid, num_tokens)

@@ -75,6 +75,13 @@ class Method:
 
     name = "base"
 
+    @classmethod
+    def from_config(cls, cfg: RunConfig, section: Any) -> Method:
+        """The hooks for a run whose config turns the method on (``section``: its config section, also
+        ``cfg.<name>``); what :meth:`cltk.registry.MethodSpec.build` calls. Override it when the
+        constructor takes other arguments than ``(cfg, section)``."""
+        return cls(cfg, section)  # type: ignore[call-arg]
+
     def init_dir(self, ctx: StageContext, default: Path | None) -> Path | None:
         """Where this stage's weights start: ``default`` is the previous stage's export (None for the first
         stage: the configured model). Return None to start from the configured model."""

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from typing import Any, Callable
 
 from cltk.metrics import ForgettingReport, headline, stage_label
 
@@ -21,19 +22,34 @@ def save_report(report: ForgettingReport, out_dir: str | Path) -> dict[str, Path
     The CSV holds the matrix: a header row ``stage, trains, <domain>...``, the row ``start`` (the
     starting model, empty ``trains``) when measured, then one row per completed stage. Returns the three paths by kind (``"json"``, ``"csv"``, ``"png"``).
     """
+    rows = [["start", "", *(repr(v) for v in report.start)]] if report.start is not None else []
+    rows += [[report.stage_names[i], stage_label(report.stage_domains[i]), *(repr(v) for v in row)]
+             for i, row in enumerate(report.perplexity)]
+    return write_matrix(out_dir, (JSON_NAME, CSV_NAME, PNG_NAME), report.to_dict(),
+                        ["stage", "trains", *report.domain_names], rows,
+                        lambda path: _save_heatmap(report, path))
+
+
+def write_matrix(
+    out_dir: str | Path,
+    names: tuple[str, str, str],
+    record: dict[str, Any],
+    header: list[str],
+    rows: list[list[Any]],
+    draw: Callable[[Path], None],
+) -> dict[str, Path]:
+    """A matrix report on disk, for every mode (the forgetting matrix, NER's F1 matrix): ``record``
+    as JSON, ``header`` and ``rows`` as CSV, the figure ``draw(path)`` writes; the three file
+    ``names`` in that order. Returns the paths by kind (``"json"``, ``"csv"``, ``"png"``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / JSON_NAME, "csv": out / CSV_NAME, "png": out / PNG_NAME}
-    paths["json"].write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    paths = {kind: out / name for kind, name in zip(("json", "csv", "png"), names)}
+    paths["json"].write_text(json.dumps(record, indent=2) + "\n")
     with paths["csv"].open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["stage", "trains", *report.domain_names])
-        if report.start is not None:
-            writer.writerow(["start", "", *(repr(v) for v in report.start)])
-        for i, row in enumerate(report.perplexity):
-            writer.writerow([report.stage_names[i], stage_label(report.stage_domains[i]),
-                             *(repr(v) for v in row)])
-    _save_heatmap(report, paths["png"])
+        writer.writerow(header)
+        writer.writerows(rows)
+    draw(paths["png"])
     return paths
 
 

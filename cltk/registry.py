@@ -9,12 +9,15 @@ validation, the loop) asks this registry and never names a method: a new method 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-if TYPE_CHECKING:
-    from cltk.config import DomainConfig, RunConfig
-    from cltk.method import Method
+# The registry is the bottom of the core: the schema (cltk.config) asks it which sections exist, so it
+# imports nothing of cltk, not even for types. These aliases name what its callables receive.
+RunConfig = Any  # cltk.config.RunConfig
+DomainConfig = Any  # cltk.config.DomainConfig
+Method = Any  # cltk.method.Method
 
 
 def _always(section: Any) -> bool:
@@ -41,6 +44,10 @@ def _no_sources(cfg: RunConfig, section: Any) -> list[DomainConfig]:
     return []
 
 
+def _no_key(section: Any) -> str | None:
+    return None
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """One method as the core sees it.
@@ -48,7 +55,9 @@ class MethodSpec:
     Attributes:
         name: its config section and the key of its state in checkpoints (``das``).
         config: the dataclass its section loads into (every field with ``help`` metadata).
-        build: ``build(cfg, section) -> Method``, called once per run.
+        hooks: ``"module:Class"`` of its :class:`~cltk.method.Method`, imported only when a run uses
+            it (torch, DeepSpeed, PEFT: on use) and built once per run by
+            ``Class.from_config(cfg, section)`` (:meth:`build`).
         help: one line for ``cltk config-reference`` and docs/config.md.
         check: ``check(cfg, section)`` raises :class:`~cltk.config.ConfigError` naming the key.
         active: whether a given section turns the method on (e.g. blocks with ``k > 1``).
@@ -57,6 +66,11 @@ class MethodSpec:
             adapters train (refused next to a method with ``freezes_base``).
         freezes_base: only its own new parameters train (LoRA on a frozen base).
         stages_per_domain: how many stages each domain is split into (incremental blocks).
+        fixed_on_resume: its section shapes the stages a run has finished (how many per domain), so
+            a resumed or growing run may not change it.
+        previous_domain_teacher: the key (``distill``) that makes the method learn, at a domain's
+            first stage, from the previous domain's model, which a method training fresh adapters
+            on a frozen base refuses (None: it does not).
         grow_refusal: why a finished run with this section cannot take appended domains (None: it can).
         run_files: what it writes at the top of the output directory (removed with the other leftovers
             when an attempt that finished no stage is started again).
@@ -69,7 +83,7 @@ class MethodSpec:
 
     name: str
     config: type
-    build: Callable[[RunConfig, Any], Method]
+    hooks: str
     help: str
     check: Callable[[RunConfig, Any], None] = _no_check
     active: Callable[[Any], bool] = _always
@@ -77,10 +91,17 @@ class MethodSpec:
     acts_on_base: bool = False
     freezes_base: Callable[[Any], bool] = _never
     stages_per_domain: Callable[[Any], int] = _one
+    fixed_on_resume: bool = False
+    previous_domain_teacher: Callable[[Any], str | None] = _no_key
     grow_refusal: Callable[[Any], str | None] = _no_refusal
     run_files: tuple[str, ...] = ()
     order: int = 50
     extra_sources: Callable[[RunConfig, Any], list[DomainConfig]] = _no_sources
+
+    def build(self, cfg: RunConfig, section: Any) -> Method:
+        """The method's hooks for a run (imports its module on first use)."""
+        module, cls = self.hooks.split(":")
+        return getattr(importlib.import_module(module), cls).from_config(cfg, section)
 
 
 _SPECS: dict[str, MethodSpec] = {}

@@ -4,7 +4,7 @@ The starting model is what the first stage starts from: ``model.init_from``, ``m
 config initialised from the run's seed (the same weights, since :func:`cltk.models.build_model` seeds the
 initialisation). Under LoRA it is the base model. It is scored on the same held-out sequences as every
 stage, through a DeepSpeed engine without optimizer, in the run's precision: ZeRO 3 keeps it partitioned
-(as the frozen teacher of :mod:`cltk.teacher`), other stages use a plain copy per rank.
+(as the frozen teacher of :mod:`cltk.methods.kit.teacher`), other stages use a plain copy per rank.
 
 The row is measured once and kept in ``OUT/start.json`` (written atomically by rank 0); a resumed run
 reads it, and a run that grows (new domains appended) scores only the domains it lacks.
@@ -12,7 +12,6 @@ reads it, and a run that grows (new domains appended) scores only the domains it
 
 from __future__ import annotations
 
-import copy
 import gc
 import json
 from pathlib import Path
@@ -23,42 +22,24 @@ import torch
 from cltk import checkpoint
 from cltk import distributed as dist
 from cltk.config import RunConfig
+from cltk.ds_config import deepspeed_config, frozen_deepspeed_config
+from cltk.engine import frozen_engine
 from cltk.forward import engine_forward
 from cltk.perplexity import evaluate_domains
 from cltk.tracking import log
-from cltk.validate import deepspeed_config
 
 START_FILE = "start.json"
-
-
-def eval_ds_config(cfg: RunConfig) -> dict[str, Any]:
-    """DeepSpeed config of a model that is only evaluated: the run's, without optimizer parts.
-
-    ZeRO 3 stays ZeRO 3 (each rank holds its partition); ZeRO 0/1/2 become stage 0 (a full copy per
-    rank: with no optimizer there is nothing for stages 1/2 to shard). Precision is the run's.
-    """
-    ds = copy.deepcopy(deepspeed_config(cfg, dist.world_size(), dist.bf16_available()))
-    zero = dict(ds.get("zero_optimization") or {})
-    if int(zero.get("stage", 0)) == 3:
-        zero.pop("offload_optimizer", None)  # there is no optimizer to offload
-    else:
-        zero = {"stage": 0}
-    ds["zero_optimization"] = zero
-    ds.pop("gradient_clipping", None)
-    ds.pop("zero_force_ds_cpu_optimizer", None)
-    return ds
 
 
 def evaluate_frozen(cfg: RunConfig, model: torch.nn.Module, domains: list[Any]) -> dict[str, float]:
     """Perplexity of ``model`` on each packed domain (collective: every rank calls it alike).
 
-    The model is wrapped by ``deepspeed.initialize`` without optimizer (see :func:`eval_ds_config`),
-    scored, and released; every rank returns the same figures.
+    The model is wrapped by ``deepspeed.initialize`` without optimizer
+    (:func:`~cltk.ds_config.frozen_deepspeed_config`), scored, and released; every rank returns the
+    same figures.
     """
-    import deepspeed
-
-    model.requires_grad_(False)
-    engine, _, _, _ = deepspeed.initialize(model=model, config=eval_ds_config(cfg))
+    ds = frozen_deepspeed_config(deepspeed_config(cfg, dist.world_size(), dist.bf16_available()))
+    engine = frozen_engine(model, ds)
     try:
         return evaluate_domains(
             engine_forward(engine), domains, cfg.eval.batch_size, engine.device, engine.module

@@ -1,20 +1,43 @@
-"""Checks of a run config as a whole, and the DeepSpeed config cltk hands to ``deepspeed.initialize``.
-
-The DeepSpeed JSON (``deepspeed:``) owns ZeRO and precision; cltk owns the optimizer, LR schedule and batch
-sizes, which :func:`deepspeed_config` writes into the config it hands to DeepSpeed.
+"""A run config checked as a whole, above its schema (:mod:`cltk.config`): each key's range, the DeepSpeed
+JSON against the run config's batch sizes, each active method's checks and the combinations no method can
+judge alone. :func:`load_config` reads, parses and checks a run config: the one way in.
 """
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cltk import registry
+from cltk.config import RunConfig, parse_config
+from cltk.ds_config import check_deepspeed_json
 from cltk.errors import ConfigError
+from cltk.typed_config import read_raw
 
-if TYPE_CHECKING:
-    from cltk.config import RunConfig
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    raw: dict[str, Any] | None = None,
+    world_size: int | None = None,
+) -> RunConfig:
+    """Load and validate a run config from a YAML file (or a raw mapping).
+
+    Args:
+        path: the YAML file; relative paths inside it resolve against its directory.
+        overrides: ``key.sub=value`` assignments applied on top (``--set`` on the command line).
+        raw: a mapping used instead of a file (``base_dir`` is then the current directory).
+        world_size: ranks the run will have, for the batch check; default ``$WORLD_SIZE`` or 1.
+    """
+    base = Path.cwd()
+    if raw is None:
+        if path is None:
+            raise ConfigError("", "give a config file (--config RUN.yaml)")
+        raw, base = read_raw(path)
+    cfg = parse_config(raw, base, overrides)
+    validate(cfg, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+    return cfg
 
 
 def _positive(value: float, key: str, allow_zero: bool = False) -> None:
@@ -24,7 +47,17 @@ def _positive(value: float, key: str, allow_zero: bool = False) -> None:
 
 def validate(cfg: RunConfig, world_size: int = 1) -> None:
     """Check a config as a whole; raise :class:`ConfigError` naming the key and the fix."""
-    from cltk.data.corpora import CorpusError, check_source
+    _check_model_and_tokenizer(cfg)
+    _check_domains(cfg)
+    _check_train(cfg, world_size)
+    check_deepspeed_json(cfg, world_size)
+    check_methods(cfg)
+    from cltk.model_checks import check_model
+
+    check_model(cfg)
+
+
+def _check_model_and_tokenizer(cfg: RunConfig) -> None:
     from cltk.data.tokenizer import MIN_VOCAB_SIZE
 
     m = cfg.model
@@ -61,6 +94,10 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
             f"byte tokens need room), got {tok.train.vocab_size}",
         )
 
+
+def _check_domains(cfg: RunConfig) -> None:
+    from cltk.data.corpora import CorpusError, check_source
+
     if not 0 <= cfg.seed < 2**32:
         raise ConfigError("seed", f"must be in [0, 2**32), got {cfg.seed}")
     if not cfg.domains:
@@ -86,6 +123,8 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
     if not cfg.train_domains():
         raise ConfigError("domains", "every domain is eval_only: nothing to train")
 
+
+def _check_train(cfg: RunConfig, world_size: int) -> None:
     _positive(cfg.data.seq_len, "data.seq_len")
     if cfg.data.seq_len < 2:
         raise ConfigError("data.seq_len", "must be >= 2: each token learns to predict the next one")
@@ -118,42 +157,6 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
             f"gradient_accumulation_steps {t.gradient_accumulation_steps} x world size {world_size} "
             f"= {expected}; change one of them or drop train_batch_size",
         )
-    if not cfg.deepspeed:
-        raise ConfigError(
-            "deepspeed", "name a DeepSpeed JSON, e.g. deepspeed: ds_configs/zero2.json"
-        )
-    ds_path = cfg.resolve(cfg.deepspeed)
-    if not ds_path.is_file():  # type: ignore[union-attr]
-        raise ConfigError("deepspeed", f"{ds_path} not found (ship one of ds_configs/zero*.json)")
-    ds = load_deepspeed_json(ds_path)  # type: ignore[arg-type]
-    for k, ours in (
-        ("train_micro_batch_size_per_gpu", t.micro_batch_size),
-        ("gradient_accumulation_steps", t.gradient_accumulation_steps),
-        ("train_batch_size", expected),
-    ):
-        if k in ds and ds[k] != "auto" and ds[k] != ours:
-            raise ConfigError(
-                "deepspeed",
-                f"{ds_path} sets {k}={ds[k]} but the run config gives {ours}; "
-                f'batch sizes belong in the run config\'s train section: remove {k} or set it to "auto"',
-            )
-    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(
-            "deepspeed", f"{ds_path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}"
-        )
-    for k in ("optimizer", "scheduler"):
-        if k in ds:
-            raise ConfigError(
-                "deepspeed",
-                f"{ds_path} has a '{k}' section; cltk owns the optimizer and "
-                "LR schedule (train.lr, train.schedule...): remove it",
-            )
-
-    check_methods(cfg)
-    from cltk.model_checks import check_model
-
-    check_model(cfg)
 
 
 def check_methods(cfg: RunConfig) -> None:
@@ -181,33 +184,3 @@ def check_methods(cfg: RunConfig) -> None:
             f"{on_base[0]} acts on the base model's weights, but with {frozen[0]} only the adapters "
             f"train, so it would protect nothing; use one of {on_base[0]} or {frozen[0]}",
         )
-
-
-def load_deepspeed_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError("deepspeed", f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError("deepspeed", f"{path} must hold a JSON object")
-    return data
-
-
-def deepspeed_config(cfg: RunConfig, world_size: int, bf16_available: bool) -> dict[str, Any]:
-    """The DeepSpeed config handed to ``deepspeed.initialize``: the JSON plus cltk's batch sizes.
-
-    ``"bf16": {"enabled": "auto"}`` resolves to enabled where bf16 runs natively (a CUDA GPU with bf16
-    support) and disabled elsewhere (CPU trains in fp32).
-    """
-    ds = load_deepspeed_json(cfg.resolve(cfg.deepspeed))  # type: ignore[arg-type]
-    ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
-    ds["gradient_accumulation_steps"] = cfg.train.gradient_accumulation_steps
-    ds["train_batch_size"] = cfg.global_batch(world_size)
-    ds["gradient_clipping"] = cfg.train.grad_clip  # 0 turns clipping off (it must not fall to a default)
-    for prec in ("bf16", "fp16"):
-        sec = ds.get(prec)
-        if isinstance(sec, dict) and sec.get("enabled") == "auto":
-            sec["enabled"] = bool(bf16_available) if prec == "bf16" else False
-    ds.setdefault("steps_per_print", 10**9)  # cltk logs itself
-    ds.setdefault("wall_clock_breakdown", False)
-    return ds

@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from cltk.config import ConfigError, load_config
-from cltk.losses import distillation_loss
+from cltk.config import ConfigError
+from cltk.methods.kit.soft_losses import distillation_loss
 from cltk.methods.lora.adapters import (
     LoraMethod,
     adapter_key,
@@ -28,6 +28,7 @@ from cltk.methods.lora.adapters import (
 from cltk.methods.lora.routing import MEAN, _Candidates, evaluate_frozen, load_adapter_model, route
 from cltk.models import export_pretrained
 from cltk.plan import Stage
+from cltk.validate import load_config
 from tests.tiny_run import write_tiny_run
 
 VOCAB, T = 64, 24

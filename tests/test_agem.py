@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from cltk.config import ConfigError, load_config
+from cltk.config import ConfigError
 from cltk.methods.agem import AgemConfig
 from cltk.methods.agem.memory import memory_batch, stage_sample
 from cltk.methods.agem.projection import coefficient, local_dots, project_, project_reference
+from cltk.validate import load_config
 from tests.multirank import run_one, run_ranks
 from tests.tiny_run import write_tiny_run
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from cltk.config import ConfigError, load_config
+from cltk.config import ConfigError
 from cltk.methods.merge import MergeConfig
+from cltk.validate import load_config
 from tests.multirank import run_ranks
 from tests.tiny_run import write_tiny_run
 
@@ -49,13 +50,13 @@ def test_bad_settings_are_refused_at_load_naming_the_key(tmp_path, sections, ds,
     if ds is not None:
         (tmp_path / "ds.json").write_text(json.dumps(ds))
     with pytest.raises(ConfigError) as e:
-        load_config(cfg)
+        load_config(cfg, world_size=1)
     assert str(e.value).startswith(f"{key}:") and words in str(e.value)
 
 
 def test_good_settings_load(tmp_path):
-    cfg = load_config(write_tiny_run(tmp_path, merge={"mode": "mean"}, ema={"decay": 0.95,
-                                                                            "every": 2}))
+    run = write_tiny_run(tmp_path, merge={"mode": "mean"}, ema={"decay": 0.95, "every": 2})
+    cfg = load_config(run, world_size=1)
     assert cfg.sections["merge"].weight(1) == 0.5 and cfg.sections["ema"].every == 2
 
 

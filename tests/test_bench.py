@@ -13,7 +13,7 @@ import pytest
 
 from cltk.bench import page
 from cltk.bench.arms import ARMS, TIERS, overrides
-from cltk.config import load_config
+from cltk.validate import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

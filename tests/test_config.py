@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cltk.config import ConfigError, describe, load_config
-from cltk.validate import deepspeed_config
+from cltk.config import ConfigError, describe
+from cltk.ds_config import deepspeed_config
+from cltk.validate import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,10 +14,11 @@ import torch
 import transformers as T
 import yaml
 
-from cltk.config import ConfigError, load_config
+from cltk.config import ConfigError
 from cltk.methods.ewc import EwcConfig
 from cltk.methods.ewc.method import EwcMethod, EwcStateError
 from cltk.methods.ewc.penalty import add_square_, fold_fisher, penalty_
+from cltk.validate import load_config
 from tests.multirank import run_ranks
 
 SCRIPT = Path(__file__).parent / "scripts" / "ewc_zero.py"

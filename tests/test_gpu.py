@@ -59,7 +59,7 @@ def _write(tmp_path, name):
 
 @pytest.mark.parametrize("name", sorted(METHOD_RUNS))
 def test_method_runs_configs_load(tmp_path, name):
-    from cltk.config import load_config
+    from cltk.validate import load_config
 
     load_config(_write(tmp_path, name), world_size=1)
 

@@ -46,7 +46,7 @@ def test_config_changes_name_what_changed():
 def _config(tmp_path, domains, **sections):
     import yaml
 
-    from cltk.config import load_config
+    from cltk.validate import load_config
     from tests.tiny_run import write_tiny_run
 
     path = write_tiny_run(tmp_path, **sections)

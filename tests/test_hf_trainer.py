@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
-from cltk.losses import distillation_loss, soft_target_loss
+from cltk.methods.kit.soft_losses import distillation_loss, soft_target_loss
 from cltk.methods.soft_targets.hf_trainer import SoftTargetTrainer, shift_labels
 
 VOCAB, SEQ, N = 64, 16, 8

@@ -12,10 +12,11 @@ import sys
 import numpy as np
 import pytest
 
-from cltk.config import ConfigError, load_config
+from cltk.config import ConfigError
 from cltk.metrics import forgetting_report, format_table
 from cltk.metrics_files import load_report
 from cltk.plan import plan_stages
+from cltk.validate import load_config
 from tests.tiny_run import ROOT, write_tiny_run
 
 CODE = {"name": "code", "source": {"builtin": "stdlib"}, "max_chars": 40000}

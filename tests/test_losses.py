@@ -7,13 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import cltk.losses as losses_module
-from cltk.losses import (
-    causal_lm_loss,
-    distillation_loss,
-    soft_target_loss,
-    soft_target_loss_topk,
-    token_nll,
-)
+from cltk.losses import causal_lm_loss, token_nll
+from cltk.methods.kit.soft_losses import distillation_loss, soft_target_loss, soft_target_loss_topk
 
 B, S, V = 3, 7, 11
 
@@ -302,7 +297,8 @@ def test_shape_and_argument_errors():
 def test_one_pass_soft_target_equals_the_generic_kernel_and_returns_q_y():
     """The one-pass soft-target kernel against the generic per-token kernel it replaced (lambda from a
     separate pass over the teacher): loss and gradient equal; log q_y is the teacher's at the label."""
-    from cltk.losses import _label_logprob, _reduce, _soft_target_weight, _token_losses
+    from cltk.losses import reduce_tokens, token_losses
+    from cltk.methods.kit.soft_losses import _label_logprob, _soft_target_weight
 
     logits, labels, teacher = _inputs(seed=21)
     raw = teacher * 1.7 + 0.3  # raw logits: both kernels normalise them
@@ -311,8 +307,8 @@ def test_one_pass_soft_target_equals_the_generic_kernel_and_returns_q_y():
     got, lq = soft_target_loss(a, labels, raw, p=0.8, one_hot_below=0.05, return_label_logprobs=True)
     safe = labels.clamp_min(0)
     lam = _soft_target_weight(_label_logprob(raw, safe), 0.8, 0.05)
-    per, valid = _token_losses(b, labels, -100, w_y=lam, w_r=1.0 - lam, teacher=raw)
-    want = _reduce(per, valid, None)
+    per, valid = token_losses(b, labels, -100, w_y=lam, w_r=1.0 - lam, teacher=raw)
+    want = reduce_tokens(per, valid, None)
     got.backward()
     want.backward()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

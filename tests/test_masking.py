@@ -10,9 +10,9 @@ import pytest
 import torch
 import transformers as T
 
-from cltk import zero_view
 from cltk.methods.das.masking import attach_update_masks, param_masks, register_grad_masks
 from cltk.methods.das.units import attach_gates, build_unit_map
+from cltk.methods.kit import zero_view
 from tests.multirank import run_ranks
 
 SCRIPT = Path(__file__).parent / "scripts" / "masking_zero.py"

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from cltk.errors import UserError
-from cltk.ner.config import NerConfigError, parse_config
+from cltk.errors import ConfigError, UserError
+from cltk.ner.config import parse_config
 from cltk.ner.data import (
     IGNORE,
     NerDataError,
@@ -286,14 +286,35 @@ def test_config_refuses_a_step_that_reintroduces_an_old_type(tmp_path):
     parse_config(_raw(tmp_path), tmp_path)
     steps = _raw(tmp_path)["steps"]
     steps[1]["types"] = ["LOC", "PER"]
-    with pytest.raises(NerConfigError, match=r"steps\[1\]\.types: step 'b' reintroduces type "
+    with pytest.raises(ConfigError, match=r"steps\[1\]\.types: step 'b' reintroduces type "
                                              r"'PER', introduced by step 'a'"):
         parse_config(_raw(tmp_path, steps=steps), tmp_path)
     for bad, key in (({"variant": "x"}, "variant"), ({"distill": {"temperature": 0}}, "temperature"),
                      ({"train": {"stepz": 3}}, "train")):
-        with pytest.raises(NerConfigError, match=key):
+        with pytest.raises(ConfigError, match=key):
             parse_config(_raw(tmp_path, **bad), tmp_path)
-    assert issubclass(NerConfigError, UserError) and issubclass(NerDataError, UserError)
+    assert issubclass(ConfigError, UserError) and issubclass(NerDataError, UserError)
+
+
+def test_ner_config_runs_on_the_shared_machinery(tmp_path):
+    """The NER config loads like the run config (types converted, did-you-mean, help on every key for
+    `cltk config-reference --ner`) and its DeepSpeed config comes from the one builder: clipping 0
+    turns clipping off even where the JSON sets it."""
+    from cltk.ds_config import deepspeed_config
+    from cltk.ner.config import describe
+
+    rows = describe()
+    assert all(help_ for _, _, _, help_ in rows)
+    assert {"train.grad_clip", "distill.alpha", "steps.types", "variant"} <= {r[0] for r in rows}
+    with pytest.raises(ConfigError, match=r"train\.stepz: unknown key; did you mean 'steps'"):
+        parse_config(_raw(tmp_path, train={"stepz": 3}), tmp_path)
+    with pytest.raises(ConfigError, match=r"train\.lr: must be a number"):
+        parse_config(_raw(tmp_path, train={"lr": "fast"}), tmp_path)
+    assert parse_config(_raw(tmp_path, train={"lr": "3e-4"}), tmp_path).train.lr == 3e-4
+    cfg = parse_config(_raw(tmp_path, train={"grad_clip": 0}), tmp_path)
+    (tmp_path / "z.json").write_text('{"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}')
+    ds = deepspeed_config(cfg, 2, bf16_available=False)
+    assert ds["gradient_clipping"] == 0 and ds["train_batch_size"] == 2 * 8
 
 
 def test_head_labels_layout():

@@ -10,12 +10,12 @@ import random
 import numpy as np
 import pytest
 
-from cltk.config import load_config
 from cltk.data import prepare as prep
 from cltk.data import reading
 from cltk.data.packing import read_manifest
 from cltk.data.reading import CorpusError
 from cltk.errors import UserError
+from cltk.validate import load_config
 from tests.tiny_run import write_tiny_run
 
 WORDS = ["the", "of", "and", "to", "in", "that", "is", "was", "he", "for", "it", "with", "as"]

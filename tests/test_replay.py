@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cltk.config import ConfigError, load_config
+from cltk.config import ConfigError
 from cltk.data.windows import TokenWindows
 from cltk.methods.replay import reservoir as res
+from cltk.validate import load_config
 from tests.tiny_run import write_tiny_run
 
 CODE = {"name": "code", "source": {"builtin": "stdlib"}, "max_chars": 40000}

@@ -7,8 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from cltk.config import ConfigError, load_config
+from cltk.config import ConfigError
 from cltk.schedules import decay_curve, lr_multiplier, stage_lr_lambda
+from cltk.validate import load_config
 from tests.tiny_run import write_tiny_run
 
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cltk.config import load_config
-from cltk.losses import distillation_loss, soft_target_loss
 from cltk.method import StageContext
 from cltk.methods.distill.method import DistillMethod
+from cltk.methods.kit.soft_losses import distillation_loss, soft_target_loss
+from cltk.methods.kit.teacher import teacher_ds_config
 from cltk.methods.soft_targets.method import SoftTargetMethod
 from cltk.methods.soft_targets.teacher_cache import (
     CacheKeys,
@@ -25,7 +25,7 @@ from cltk.methods.soft_targets.teacher_cache import (
     write_shard,
 )
 from cltk.plan import Stage
-from cltk.teacher import teacher_ds_config
+from cltk.validate import load_config
 from tests.tiny_run import write_tiny_run
 
 V, T, B = 40, 10, 3

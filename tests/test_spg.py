@@ -11,7 +11,8 @@ import pytest
 import torch
 import transformers as T
 
-from cltk.config import ConfigError, load_config
+from cltk.config import ConfigError
+from cltk.methods.kit.zero_view import Fragment, Partition, ZeroView
 from cltk.methods.spg import SpgConfig
 from cltk.methods.spg.importance import accumulate, importance
 from cltk.methods.spg.method import SpgMethod
@@ -21,7 +22,7 @@ from cltk.methods.spg.sharded import (
     importance_from_grads,
     layout_record,
 )
-from cltk.zero_view import Fragment, Partition, ZeroView
+from cltk.validate import load_config
 from tests.tiny_run import write_tiny_run
 
 

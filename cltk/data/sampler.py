@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -27,7 +27,7 @@ def split_blocks(n: int, k: int, seed: int) -> list[np.ndarray]:
         ValueError: if there are fewer sequences than blocks.
     """
     if k < 1:
-        raise ValueError(f"blocks.k must be >= 1, got {k}")
+        raise ValueError(f"k must be >= 1 block, got {k}")
     if n < k:
         raise UserError(
             f"cannot split {n} training sequences into {k} blocks: lower blocks.k or add data"
@@ -59,11 +59,56 @@ class Pool:
 @dataclass
 class Mix:
     """Sequences mixed into every step of a stage: ``share`` of each global batch drawn from
-    ``pools``, uniformly over all their sequences. ``name`` labels it in errors and logs."""
+    ``pools``, uniformly over all their sequences. ``name`` labels it in errors and logs.
+
+    ``pools`` may be a callable returning them, called only when the stage runs (a reservoir the
+    stage before writes): the steps of stages planned ahead count such a mix as drawing.
+    """
 
     name: str
-    pools: list[Pool]
+    pools: list[Pool] | Callable[[], list[Pool]]
     share: float
+
+    def built(self) -> Mix:
+        """This mix with its pools at hand."""
+        return Mix(self.name, self.pools() if callable(self.pools) else self.pools, self.share)
+
+    def draws(self) -> bool:
+        """It takes sequences: a positive share, and pools not all empty (or not built yet)."""
+        return self.share > 0 and (callable(self.pools) or any(len(p.indices) for p in self.pools))
+
+
+def step_shape(
+    new: int, mixes: list[Mix], global_batch: int, epochs: float, max_steps: int | None, stage: int
+) -> tuple[list[int], int, int, int]:
+    """How a stage of ``new`` own sequences and ``mixes`` (only those that draw) splits into steps:
+    ``(mixed per full step of each mix, own per full step, own sequences in all, steps)``.
+
+    Raises:
+        UserError: the mixes leave no room for the stage's own sequences in a step.
+    """
+    # a positive share never silently rounds to nothing
+    n_mix = [max(1, int(round(m.share * global_batch))) for m in mixes]
+    n_new = global_batch - sum(n_mix)
+    if n_new <= 0:
+        shares = ", ".join(f"{m.name} {m.share:g} ({n})" for m, n in zip(mixes, n_mix))
+        raise UserError(
+            f"stage {stage}: the mixed shares ({shares}) leave no room for new data in a batch "
+            f"of {global_batch} sequences; lower them or raise the global batch"
+        )
+    # every sequence of the stage is trained exactly once per epoch: the last step takes what is left
+    # (a shorter step) instead of dropping the tail or repeating sequences within a step
+    new_total = max(1, int(math.floor(epochs * new + 1e-9)))
+    steps = math.ceil(new_total / n_new)
+    return n_mix, n_new, new_total, max(1, steps if max_steps is None else min(steps, max_steps))
+
+
+def count_steps(
+    new: int, mixes: list[Mix], global_batch: int, epochs: float, max_steps: int | None, stage: int
+) -> int:
+    """The optimizer steps of a stage, without building its schedule (a stage planned ahead)."""
+    return step_shape(new, [m for m in mixes if m.draws()], global_batch, epochs, max_steps,
+                      stage)[3]
 
 
 def mixture_pool(
@@ -111,23 +156,13 @@ class StageSchedule:
         self.global_batch = global_batch
         # mixes with nothing to draw are dropped; each keeps its own count per full step
         self.mixes = [
-            Mix(m.name, [p for p in m.pools if len(p.indices)], m.share) for m in mixes
+            Mix(m.name, [p for p in m.pools if len(p.indices)], m.share)
+            for m in (mix.built() for mix in mixes)
         ]
-        self.mixes = [m for m in self.mixes if m.pools and m.share > 0]
-        # a positive share never silently rounds to nothing
-        self.n_mix = [max(1, int(round(m.share * global_batch))) for m in self.mixes]
-        self.n_new = global_batch - sum(self.n_mix)
-        if self.n_new <= 0:
-            shares = ", ".join(f"{m.name} {m.share:g} ({n})" for m, n in zip(self.mixes, self.n_mix))
-            raise UserError(
-                f"stage {stage}: the mixed shares ({shares}) leave no room for new data in a batch "
-                f"of {global_batch} sequences; lower them or raise the global batch"
-            )
-        # every sequence of the stage is trained exactly once per epoch: the last step takes what is left
-        # (a shorter step) instead of dropping the tail or repeating sequences within a step
-        self.new_total = max(1, int(math.floor(epochs * len(new.indices) + 1e-9)))
-        steps = math.ceil(self.new_total / self.n_new)
-        self.steps = max(1, steps if max_steps is None else min(steps, max_steps))
+        self.mixes = [m for m in self.mixes if m.draws()]
+        self.n_mix, self.n_new, self.new_total, self.steps = step_shape(
+            len(new.indices), self.mixes, global_batch, epochs, max_steps, stage
+        )
         self._epoch_cache: dict[int, np.ndarray] = {}
         self._part_orders: dict[int, tuple[int, np.ndarray]] = {}
         self._flat = [

@@ -5,7 +5,7 @@ A mode of its own beside continual pre-training: ``cltk ner --config NER.yaml`` 
 :func:`run_ner` on a config from :func:`load_ner_config`.
 """
 
-from cltk.ner.config import NerConfig, NerConfigError, load_ner_config, parse_config
+from cltk.ner.config import NerConfig, load_ner_config, parse_config
 from cltk.ner.data import NerDataError
 
 
@@ -18,7 +18,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "NerConfig",
-    "NerConfigError",
     "NerDataError",
     "load_ner_config",
     "parse_config",

@@ -4,87 +4,100 @@ A run is a sequence of **steps**; each names the entity types it introduces and 
 which annotates only those types (the teacher's soft targets keep the old ones). A held-out set
 annotated with every type is evaluated after each step. See ``docs/ner.md`` and
 ``examples/ner/brown.yaml``.
+
+The schema loads through the machinery of the run config (:mod:`cltk.typed_config`: types, help,
+did-you-mean, ``--set`` overrides, :class:`~cltk.errors.ConfigError` naming the key), and
+``cltk config-reference --ner`` prints its reference.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from cltk.config import read_raw
-from cltk.errors import UserError
+from cltk import typed_config
+from cltk.ds_config import check_deepspeed_json
+from cltk.errors import ConfigError
+from cltk.typed_config import option, read_raw
 
 VARIANTS = ("addner", "extendner")
 _TYPE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-
-
-class NerConfigError(UserError):
-    """A NER run config that cannot run; the message names the key (and file) and the fix."""
-
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(f"{key}: {message}" if key else message)
 
 
 @dataclass
 class DistillConfig:
     """alpha * T^2 * KL(teacher || student) on the old types + beta * CE on the new types' labels."""
 
-    alpha: float = 1.0  # weight of the distillation term
-    beta: float = 1.0  # weight of the cross-entropy on the new labels
-    temperature: float = 2.0  # softens both distributions in the KL term
+    alpha: float = option("weight of the distillation term", 1.0)
+    beta: float = option("weight of the cross-entropy on the new labels", 1.0)
+    temperature: float = option("softens both distributions in the KL term", 2.0)
 
 
 @dataclass
 class NerModelConfig:
-    config: dict[str, Any] | None = None  # inline transformers config (model_type: bert, ...)
-    init_from: str | None = None  # an HF model directory (encoder or decoder)
+    config: dict[str, Any] | None = option("inline transformers config (model_type: bert, ...)", None)
+    init_from: str | None = option("an HF model directory (encoder or decoder)", None)
 
 
 @dataclass
 class NerTokenizerConfig:
-    path: str | None = None  # a transformers tokenizer directory; default: model.init_from's
-    vocab_size: int | None = None  # or train one on the training words, of this size
+    path: str | None = option(
+        "a transformers tokenizer directory; default: model.init_from's", None
+    )
+    vocab_size: int | None = option("or train one on the training words, of this size", None)
 
 
 @dataclass
 class NerTrainConfig:
-    steps: int = 100  # optimizer steps per continual step (the same budget for every method)
-    micro_batch_size: int = 8  # sentences per rank per micro-batch
-    gradient_accumulation_steps: int = 1
-    lr: float = 1e-3
-    warmup_steps: int = 0  # linear warmup at the start of each continual step
-    weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    grad_clip: float = 1.0  # 0: off
-    max_len: int = 128  # sub-tokens per sentence; words past it are predicted O
-    log_every: int = 10
+    steps: int = option(
+        "optimizer steps per continual step (the same budget for every method)", 100
+    )
+    micro_batch_size: int = option("sentences per rank per micro-batch", 8)
+    gradient_accumulation_steps: int = option("micro-batches per optimizer step", 1)
+    lr: float = option("peak learning rate (AdamW)", 1e-3)
+    warmup_steps: int = option(
+        "linear warmup at the start of each continual step, then constant", 0
+    )
+    weight_decay: float = option("AdamW weight decay of matrices (not biases or norms)", 0.01)
+    betas: list[float] = option("AdamW betas", factory=lambda: [0.9, 0.999])
+    grad_clip: float = option("global gradient-norm clipping; 0: off", 1.0)
+    max_len: int = option("sub-tokens per sentence; words past it are predicted O", 128)
+    log_every: int = option("optimizer steps between lines of train_log.jsonl", 10)
 
 
 @dataclass
 class StepConfig:
-    name: str
-    types: list[str]
-    data: dict[str, Any]  # {path: FILE[, format: conll|jsonl]} or {brown: {...}}
+    name: str = option("the step's name (letters, digits, - and _)")
+    types: list[str] = option("the entity types this step introduces")
+    data: dict[str, Any] = option(
+        "its training data: {path: FILE[, format: conll|jsonl]} or {brown: {...}}"
+    )
 
 
 @dataclass
 class NerConfig:
-    output_dir: str
-    steps: list[StepConfig]
-    eval: dict[str, Any]  # a data source annotated with every type
-    deepspeed: str
-    variant: str = "extendner"
-    distill: DistillConfig | None = field(default_factory=DistillConfig)  # null: naive fine-tuning
-    model: NerModelConfig = field(default_factory=NerModelConfig)
-    tokenizer: NerTokenizerConfig = field(default_factory=NerTokenizerConfig)
-    train: NerTrainConfig = field(default_factory=NerTrainConfig)
-    seed: int = 0
-    base_dir: str = "."  # the YAML file's directory: relative paths resolve against it
+    output_dir: str = option("where the taggers and the F1 matrix go (required)", "")
+    steps: list[StepConfig] = option("the continual steps, in order (required)", factory=list)
+    eval: dict[str, Any] = option(
+        "held-out data annotated with every type, as a step's data (required)", factory=dict
+    )
+    deepspeed: str = option("DeepSpeed JSON (ZeRO and precision), required", "")
+    variant: Literal["addner", "extendner"] = option(
+        "addner: one output layer per step; extendner: one layer, new columns", "extendner"
+    )
+    distill: DistillConfig | None = option(
+        "distillation from the previous step's tagger; null: naive fine-tuning",
+        factory=DistillConfig,
+    )
+    model: NerModelConfig = option("the backbone", factory=NerModelConfig)
+    tokenizer: NerTokenizerConfig = option("the tokenizer", factory=NerTokenizerConfig)
+    train: NerTrainConfig = option("optimisation", factory=NerTrainConfig)
+    seed: int = option("seed of data order and new layers", 0)
+    base_dir: str = option("the YAML file's directory: relative paths resolve against it", ".")
 
     def resolve(self, p: str | None) -> Path | None:
         if p is None:
@@ -101,85 +114,57 @@ class NerConfig:
         return [t for s in self.steps for t in s.types]
 
 
-def _section(cls, raw: Any, key: str):
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise NerConfigError(key, f"must be a mapping, got {type(raw).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise NerConfigError(key, f"unknown key(s) {unknown}; known: {sorted(names)}")
-    return cls(**raw)
+def parse_config(
+    raw: dict[str, Any], base_dir: str | Path = ".", overrides: list[str] | None = None
+) -> NerConfig:
+    """Build and check a :class:`NerConfig` from a mapping; raise :class:`ConfigError`."""
+    raw = json.loads(json.dumps(raw))
+    for o in overrides or []:
+        typed_config.set_override(raw, o)
+    for key in ("output_dir", "steps", "eval", "deepspeed"):
+        if not raw.get(key):
+            raise ConfigError(key, "is required (see examples/ner/brown.yaml)")
+    cfg = typed_config.build(NerConfig, raw)
+    cfg.base_dir = str(base_dir)
+    check_config(cfg)
+    return cfg
+
+
+def describe() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) rows of every NER config key, for ``cltk config-reference --ner``."""
+    return typed_config.describe(NerConfig)
 
 
 def _check_source(src: Any, key: str) -> None:
     if not isinstance(src, dict) or len(src.keys() & {"path", "brown"}) != 1:
-        raise NerConfigError(
+        raise ConfigError(
             key, "give one of {path: FILE.conll|FILE.jsonl} or {brown: {categories: [news], ...}}"
         )
     if "path" in src:
         fmt = src.get("format")
         if fmt is not None and fmt not in ("conll", "jsonl"):
-            raise NerConfigError(f"{key}.format", f"must be conll or jsonl, got {fmt!r}")
-
-
-def parse_config(raw: dict[str, Any], base_dir: str | Path = ".") -> NerConfig:
-    """Build and check a :class:`NerConfig` from a mapping; raise :class:`NerConfigError`."""
-    raw = json.loads(json.dumps(raw))
-    known = {f.name for f in dataclasses.fields(NerConfig)} - {"base_dir"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise NerConfigError("", f"unknown key(s) {unknown}; known: {sorted(known)}")
-    for key in ("output_dir", "steps", "eval", "deepspeed"):
-        if not raw.get(key):
-            raise NerConfigError(key, "is required (see examples/ner/brown.yaml)")
-    if not isinstance(raw["steps"], list):
-        raise NerConfigError("steps", "must be a list of {name, types, data}")
-    steps = []
-    for i, s in enumerate(raw["steps"]):
-        if not isinstance(s, dict) or set(s) != {"name", "types", "data"}:
-            raise NerConfigError(f"steps[{i}]", "must have exactly the keys name, types, data")
-        steps.append(StepConfig(**s))
-    distill = raw.get("distill", {})
-    cfg = NerConfig(
-        output_dir=raw["output_dir"],
-        steps=steps,
-        eval=raw["eval"],
-        deepspeed=raw["deepspeed"],
-        variant=raw.get("variant", "extendner"),
-        distill=None if distill is None else _section(DistillConfig, distill, "distill"),
-        model=_section(NerModelConfig, raw.get("model"), "model"),
-        tokenizer=_section(NerTokenizerConfig, raw.get("tokenizer"), "tokenizer"),
-        train=_section(NerTrainConfig, raw.get("train"), "train"),
-        seed=int(raw.get("seed", 0)),
-        base_dir=str(base_dir),
-    )
-    check_config(cfg)
-    return cfg
+            raise ConfigError(f"{key}.format", f"must be conll or jsonl, got {fmt!r}")
 
 
 def check_config(cfg: NerConfig) -> None:
     """Checks that need no data: names, the steps' types, weights, model and files."""
-    if cfg.variant not in VARIANTS:
-        raise NerConfigError("variant", f"must be one of {VARIANTS}, got {cfg.variant!r}")
     introduced: dict[str, str] = {}
     names: set[str] = set()
     for i, s in enumerate(cfg.steps):
         if not isinstance(s.name, str) or not re.match(r"^[A-Za-z0-9_-]+$", s.name):
-            raise NerConfigError(f"steps[{i}].name", f"letters, digits, - and _, got {s.name!r}")
+            raise ConfigError(f"steps[{i}].name", f"letters, digits, - and _, got {s.name!r}")
         if s.name in names:
-            raise NerConfigError(f"steps[{i}].name", f"step name {s.name!r} is used twice")
+            raise ConfigError(f"steps[{i}].name", f"step name {s.name!r} is used twice")
         names.add(s.name)
         if not isinstance(s.types, list) or not s.types:
-            raise NerConfigError(f"steps[{i}].types", "list the entity types this step introduces")
+            raise ConfigError(f"steps[{i}].types", "list the entity types this step introduces")
         for t in s.types:
             if not isinstance(t, str) or not _TYPE_NAME.match(t):
-                raise NerConfigError(
+                raise ConfigError(
                     f"steps[{i}].types", f"type names are letters, digits and _, got {t!r}"
                 )
             if t in introduced:
-                raise NerConfigError(
+                raise ConfigError(
                     f"steps[{i}].types",
                     f"step {s.name!r} reintroduces type {t!r}, introduced by step "
                     f"{introduced[t]!r}; each step introduces new types only (its data annotates "
@@ -191,29 +176,28 @@ def check_config(cfg: NerConfig) -> None:
     d = cfg.distill
     if d is not None:
         if d.alpha < 0 or d.beta < 0 or d.alpha + d.beta == 0:
-            raise NerConfigError("distill", f"alpha, beta >= 0, not both 0; got {d.alpha}, {d.beta}")
+            raise ConfigError("distill", f"alpha, beta >= 0, not both 0; got {d.alpha}, {d.beta}")
         if d.temperature <= 0:
-            raise NerConfigError("distill.temperature", f"must be > 0, got {d.temperature}")
+            raise ConfigError("distill.temperature", f"must be > 0, got {d.temperature}")
     m = cfg.model
     if (m.config is None) == (m.init_from is None):
-        raise NerConfigError("model", "give exactly one of config (inline) or init_from (HF dir)")
+        raise ConfigError("model", "give exactly one of config (inline) or init_from (HF dir)")
     if m.config is not None and "model_type" not in m.config:
-        raise NerConfigError("model.config.model_type", "an inline config needs model_type")
+        raise ConfigError("model.config.model_type", "an inline config needs model_type")
     if m.init_from and not cfg.resolve(m.init_from).is_dir():  # type: ignore[union-attr]
-        raise NerConfigError("model.init_from", f"{cfg.resolve(m.init_from)} is not a directory")
+        raise ConfigError("model.init_from", f"{cfg.resolve(m.init_from)} is not a directory")
     tok = cfg.tokenizer
     if tok.path and tok.vocab_size:
-        raise NerConfigError("tokenizer", "give either path or vocab_size (train one), not both")
+        raise ConfigError("tokenizer", "give either path or vocab_size (train one), not both")
     if m.config is not None and not (tok.path or tok.vocab_size):
-        raise NerConfigError("tokenizer", "a model from an inline config needs path or vocab_size")
+        raise ConfigError("tokenizer", "a model from an inline config needs path or vocab_size")
     t = cfg.train
     for key in ("steps", "micro_batch_size", "gradient_accumulation_steps", "max_len", "log_every"):
         if getattr(t, key) <= 0:
-            raise NerConfigError(f"train.{key}", f"must be > 0, got {getattr(t, key)}")
+            raise ConfigError(f"train.{key}", f"must be > 0, got {getattr(t, key)}")
     if t.lr <= 0 or t.warmup_steps < 0 or t.weight_decay < 0 or t.grad_clip < 0:
-        raise NerConfigError("train", "lr > 0; warmup_steps, weight_decay, grad_clip >= 0")
-    if not cfg.resolve(cfg.deepspeed).is_file():  # type: ignore[union-attr]
-        raise NerConfigError("deepspeed", f"{cfg.resolve(cfg.deepspeed)} not found")
+        raise ConfigError("train", "lr > 0; warmup_steps, weight_decay, grad_clip >= 0")
+    check_deepspeed_json(cfg, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def load_ner_config(path: str | Path, overrides: list[str] | None = None) -> NerConfig:

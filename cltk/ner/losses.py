@@ -52,14 +52,8 @@ def token_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> 
     return _masked_mean(ce, mask & (labels != IGNORE))
 
 
-def extendner_loss(
-    student: torch.Tensor,
-    teacher: torch.Tensor | None,
-    labels: torch.Tensor,
-    alpha: float,
-    beta: float,
-    temperature: float,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def extendner_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor,
+                   alpha: float, beta: float, temperature: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ExtendNER: one output layer whose first ``C_old`` columns are the teacher's labels.
 
     Args:
@@ -94,14 +88,8 @@ def extendner_loss(
     return alpha * kd + beta * ce, {"ce": ce.detach(), "kd": kd.detach()}
 
 
-def addner_loss(
-    student: list[torch.Tensor],
-    teacher: list[torch.Tensor] | None,
-    labels: torch.Tensor,
-    alpha: float,
-    beta: float,
-    temperature: float,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def addner_loss(student: list[torch.Tensor], teacher: list[torch.Tensor] | None, labels: torch.Tensor,
+                alpha: float, beta: float, temperature: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """AddNER: one output layer per step; the last is the new one.
 
     Args:

@@ -12,10 +12,10 @@ report's sign convention: positive = lost).
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from cltk.metrics_files import write_matrix
 
 JSON_NAME, CSV_NAME, PNG_NAME = "ner_f1.json", "ner_f1.csv", "ner_f1.png"
 
@@ -127,16 +127,10 @@ def format_table(r: F1Report) -> str:
 
 def save_report(r: F1Report, out_dir: Path, details: list[dict] | None = None) -> dict[str, Path]:
     """Write ``ner_f1.json`` (with per-step precision/recall in ``details``), ``.csv``, ``.png``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / JSON_NAME, "csv": out_dir / CSV_NAME, "png": out_dir / PNG_NAME}
-    paths["json"].write_text(json.dumps({**asdict(r), "details": details or []}, indent=2) + "\n")
-    with paths["csv"].open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["step", *r.types])
-        for name, row in zip(r.step_names, r.f1):
-            w.writerow([name, *(repr(v) for v in row)])
-    _heatmap(r, paths["png"])
-    return paths
+    rows = [[name, *(repr(v) for v in row)] for name, row in zip(r.step_names, r.f1)]
+    return write_matrix(out_dir, (JSON_NAME, CSV_NAME, PNG_NAME),
+                        {**asdict(r), "details": details or []}, ["step", *r.types], rows,
+                        lambda path: _heatmap(r, path))
 
 
 def _heatmap(r: F1Report, path: Path) -> None:

@@ -10,7 +10,6 @@ held-out set (it is small; under ZeRO 3 every rank must run the same forwards an
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 from pathlib import Path
@@ -20,58 +19,23 @@ import deepspeed
 import torch
 
 from cltk import distributed as dist
-from cltk.engine import param_groups
-from cltk.ner.config import NerConfig, NerConfigError
+from cltk.ds_config import deepspeed_config, frozen_deepspeed_config
+from cltk.engine import build_engine, frozen_engine
+from cltk.errors import ConfigError
+from cltk.ner.config import NerConfig
 from cltk.ner.data import Encoded, collate, encode, head_labels, load_run_data
 from cltk.ner.losses import addner_loss, extendner_loss
 from cltk.ner.metrics import F1Report, f1_report, format_table, prf, save_report
 from cltk.ner.model import NerTagger, build_backbone, grow, layer_types, predict_words
-from cltk.validate import load_deepspeed_json
+from cltk.schedules import lr_multiplier
 
 
-def ner_deepspeed_config(cfg: NerConfig) -> dict[str, Any]:
-    """The DeepSpeed JSON (ZeRO, precision) plus cltk's batch sizes and clipping."""
-    path = cfg.resolve(cfg.deepspeed)
-    ds = load_deepspeed_json(path)  # type: ignore[arg-type]
-    for k in ("optimizer", "scheduler"):
-        if k in ds:
-            raise NerConfigError("deepspeed", f"{path} has a '{k}' section; cltk owns it: remove it")
+def build_ner_engine(cfg: NerConfig, model: torch.nn.Module):
+    """The student's engine (:func:`cltk.engine.build_engine`): AdamW, a linear warmup of
+    ``train.warmup_steps`` then a constant LR (:func:`cltk.schedules.lr_multiplier`)."""
     t = cfg.train
-    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
-    ds["gradient_accumulation_steps"] = t.gradient_accumulation_steps
-    ds["train_batch_size"] = t.micro_batch_size * t.gradient_accumulation_steps * dist.world_size()
-    if t.grad_clip > 0:
-        ds["gradient_clipping"] = t.grad_clip
-    for prec in ("bf16", "fp16"):
-        sec = ds.get(prec)
-        if isinstance(sec, dict) and sec.get("enabled") == "auto":
-            sec["enabled"] = dist.bf16_available() if prec == "bf16" else False
-    ds.setdefault("steps_per_print", 10**9)
-    return ds
-
-
-def build_ner_engine(cfg: NerConfig, model: torch.nn.Module, ds: dict[str, Any]):
-    """The student's engine: AdamW, linear warmup then constant LR (per step)."""
-    t = cfg.train
-    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
-    warm = t.warmup_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warm + 1)))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
-    return engine
-
-
-def build_teacher_engine(model: torch.nn.Module, ds: dict[str, Any]):
-    """The frozen teacher: no optimizer; partitioned (ZeRO 3) when the student is, else a copy."""
-    tds = copy.deepcopy(ds)
-    stage = int(tds.get("zero_optimization", {}).get("stage", 0))
-    zero = dict(tds.get("zero_optimization") or {})
-    zero.pop("offload_optimizer", None)
-    tds["zero_optimization"] = zero if stage == 3 else {"stage": 0}
-    tds.pop("gradient_clipping", None)
-    model.requires_grad_(False)
-    engine, _, _, _ = deepspeed.initialize(model=model, config=tds)
-    engine.eval()
-    return engine
+    return build_engine(cfg, model, t.steps,
+                        lr_fn=lambda s: lr_multiplier(s, t.steps, t.warmup_steps, "constant", 1.0))
 
 
 def full_state(engine) -> dict[str, torch.Tensor]:
@@ -144,13 +108,40 @@ def _log(path: Path, row: dict) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+def _train_step(cfg: NerConfig, k: int, engine, teacher, batches, pad: int) -> None:
+    """The optimizer updates of continual step ``k`` (``train.steps`` of them)."""
+    t, step = cfg.train, cfg.steps[k]
+    for opt_step in range(t.steps):
+        sums: dict[str, float] = {}
+        for _ in range(t.gradient_accumulation_steps):
+            b = {key: v.to(engine.device) for key, v in collate(next(batches), pad).items()}
+            logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            t_logits = None
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits = teacher(input_ids=b["input_ids"],
+                                       attention_mask=b["attention_mask"])
+            loss, metrics = _loss(cfg, logits, t_logits, b["labels"].reshape(-1))
+            # every rank stops together, before the update (a lone raise would hang the others)
+            if not torch.isfinite(dist.all_reduce_sum(loss.detach().float().cpu().clone())):
+                raise RuntimeError(f"non-finite loss at step {step.name}, update {opt_step}: "
+                                   "stopped before the update; lower train.lr or check the data")
+            engine.backward(loss)
+            engine.step()
+            for name, v in {"loss": loss.detach(), **metrics}.items():
+                sums[name] = sums.get(name, 0.0) + float(v) / t.gradient_accumulation_steps
+        if opt_step % t.log_every == 0 or opt_step == t.steps - 1:
+            _log(cfg.out / "train_log.jsonl", {"step": k, "step_name": step.name,
+                                               "update": opt_step, **sums})
+
+
 def run_ner(cfg: NerConfig) -> F1Report:
     """Run every step of ``cfg``; returns the F1 report (also saved in ``cfg.out``)."""
     from transformers import AutoModel
 
     out = cfg.out
     if (out / "steps").exists():
-        raise NerConfigError("output_dir", f"{out} already holds a run; choose another output_dir")
+        raise ConfigError("output_dir", f"{out} already holds a run; choose another output_dir")
     train_sets, eval_set = load_run_data(cfg, dist.world_size())
     dist.init()
     dist.barrier()  # every rank has read and checked every input before any rank writes
@@ -159,7 +150,9 @@ def run_ner(cfg: NerConfig) -> F1Report:
     dist.barrier()
     tokenizer = _tokenizer(cfg, train_sets)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ds = ner_deepspeed_config(cfg)
+    teacher_ds = frozen_deepspeed_config(
+        deepspeed_config(cfg, dist.world_size(), dist.bf16_available())
+    )
     t, rank, world = cfg.train, dist.rank(), dist.world_size()
     state: dict[str, torch.Tensor] | None = None
     backbone_config = None
@@ -186,34 +179,13 @@ def run_ner(cfg: NerConfig) -> F1Report:
             if cfg.distill is not None:
                 tmodel = NerTagger(AutoModel.from_config(backbone_config), old_sizes)
                 tmodel.load_state_dict(state)
-                teacher = build_teacher_engine(tmodel, ds)
-        engine = build_ner_engine(cfg, model, ds)
+                teacher = frozen_engine(tmodel, teacher_ds)
+        engine = build_ner_engine(cfg, model)
         # the step's labels in the columns of the layer that learns them
         labels = head_labels(layers[-1])
         items = _encode_all(tokenizer, train_sets[k][rank::world], labels, t.max_len)
         batches = _batches(items, t.micro_batch_size, cfg.seed * 1000 + k * 10 + rank)
-        for opt_step in range(t.steps):
-            sums: dict[str, float] = {}
-            for _ in range(t.gradient_accumulation_steps):
-                b = {key: v.to(engine.device) for key, v in collate(next(batches), pad).items()}
-                logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-                t_logits = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_logits = teacher(input_ids=b["input_ids"],
-                                           attention_mask=b["attention_mask"])
-                loss, metrics = _loss(cfg, logits, t_logits, b["labels"].reshape(-1))
-                # every rank stops together, before the update (a lone raise would hang the others)
-                if not torch.isfinite(dist.all_reduce_sum(loss.detach().float().cpu().clone())):
-                    raise RuntimeError(f"non-finite loss at step {step.name}, update {opt_step}: "
-                                       "stopped before the update; lower train.lr or check the data")
-                engine.backward(loss)
-                engine.step()
-                for name, v in {"loss": loss.detach(), **metrics}.items():
-                    sums[name] = sums.get(name, 0.0) + float(v) / t.gradient_accumulation_steps
-            if opt_step % t.log_every == 0 or opt_step == t.steps - 1:
-                _log(out / "train_log.jsonl", {"step": k, "step_name": step.name,
-                                              "update": opt_step, **sums})
+        _train_step(cfg, k, engine, teacher, batches, pad)
         state = full_state(engine)
         step_dir = out / "steps" / f"{k}-{step.name}"
         if dist.is_main():

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import cltk
 from cltk import distributed as dist
-from cltk.config import load_config
 from cltk.data import packing
 from cltk.data import prepare as prep
 from cltk.errors import UserError
+from cltk.validate import load_config
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it
 good, bad, out = args[0], args[1], Path(args[2])

@@ -69,7 +69,7 @@ def gather(view, tensors: list[torch.Tensor], module) -> dict[str, torch.Tensor]
     """Per-partition flat tensors of every rank -> ``module``'s full trainable parameters (each
     element sits on exactly one rank under ZeRO 1/2/3: a sum over ranks puts each in place)."""
     from cltk import distributed as dist
-    from cltk.zero_view import full_shape
+    from cltk.methods.kit.zero_view import full_shape
 
     shapes = {n: full_shape(p) for n, p in module.named_parameters() if p.requires_grad}
     full = {n: torch.zeros(s.numel()) for n, s in shapes.items()}
@@ -100,7 +100,7 @@ def rel_err(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> floa
 def run(stage: int, world: int, rank: int, old_method) -> tuple[dict, object]:
     from cltk.methods.ewc import EwcConfig
     from cltk.methods.ewc.method import EwcMethod, EwcStateError
-    from cltk.zero_view import zero_view
+    from cltk.methods.kit.zero_view import zero_view
 
     out: dict = {"stage": stage}
     # ----- stage A: Fisher and anchor -----------------------------------------------------------

@@ -37,7 +37,7 @@ def _enabled(section: Any) -> Any:
 
 def check_deepspeed(cfg: RunConfig) -> None:
     """Refuse the DeepSpeed settings whose reduced gradient A-GEM cannot reach (see :mod:`.grads`)."""
-    from cltk.validate import load_deepspeed_json
+    from cltk.ds_config import load_deepspeed_json
 
     path = cfg.resolve(cfg.deepspeed) if cfg.deepspeed else None
     if path is None or not path.is_file():
@@ -78,20 +78,7 @@ def check(cfg: RunConfig, a: AgemConfig) -> None:
     check_deepspeed(cfg)
 
 
-def build(cfg: RunConfig, section: AgemConfig) -> Any:
-    from cltk.methods.agem.method import AgemMethod  # torch and DeepSpeed: on use
 
-    return AgemMethod(cfg, section)
-
-
-SPEC = register(
-    MethodSpec(
-        name="agem",
-        config=AgemConfig,
-        build=build,
-        help="A-GEM: project each step's gradient against a memory batch of earlier stages",
-        check=check,
-        acts_on_base=True,
-        order=70,
-    )
-)
+SPEC = register(MethodSpec("agem", AgemConfig, "cltk.methods.agem.method:AgemMethod",
+                           "A-GEM: project each step's gradient against a memory batch of earlier stages",
+                           check, acts_on_base=True, order=70))

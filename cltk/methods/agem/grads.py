@@ -1,5 +1,5 @@
 """This rank's reduced gradient between the last backward of a step and ``engine.step()``, laid out like
-the partitions of :class:`cltk.zero_view.ZeroView`, and how to drop a gradient the engine reduced
+the partitions of :class:`cltk.methods.kit.zero_view.ZeroView`, and how to drop a gradient the engine reduced
 outside an optimizer step.
 
 After the backward at an accumulation boundary DeepSpeed holds the gradient averaged over ranks,
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from cltk.zero_view import LayoutError, ZeroView
+from cltk.methods.kit.zero_view import LayoutError, ZeroView
 
 SUPPORTED = ("plain", "zero1/2", "zero3")
 

@@ -17,8 +17,8 @@ from cltk import distributed as dist
 from cltk.config import ConfigError, RunConfig
 from cltk.method import Method, Mix, StageContext
 from cltk.methods.agem.memory import memory_batch, stage_sample, too_small
+from cltk.methods.kit.zero_view import LayoutError
 from cltk.tracking import log
-from cltk.zero_view import LayoutError
 
 if TYPE_CHECKING:  # the package imports this module on use: no import back at run time
     from cltk.methods.agem import AgemConfig

@@ -10,7 +10,7 @@ order, so g is replaced by its projection onto the half-space ``{x : x . g_ref >
 after which ``g . g_ref = 0``. Where ``g . g_ref >= 0`` g is left as it is.
 
 Both dot products are over the whole parameter vector. :func:`project_` takes the vector in pieces
-(the fragments one rank holds, see :mod:`cltk.zero_view`) and a ``reduce`` that sums the pieces'
+(the fragments one rank holds, see :mod:`cltk.methods.kit.zero_view`) and a ``reduce`` that sums the pieces'
 partial dot products over ranks, so that every rank applies the same coefficient to its own
 elements.
 """

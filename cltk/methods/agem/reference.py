@@ -28,7 +28,7 @@ from cltk.forward import forward_logits
 from cltk.losses import causal_lm_loss
 from cltk.methods.agem.grads import check_layout, discard_grads, read_grads, write_grads
 from cltk.methods.agem.projection import Projection, project_
-from cltk.zero_view import zero_view
+from cltk.methods.kit.zero_view import zero_view
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -37,7 +37,7 @@ class AgemProjector:
     """A-GEM's two per-step calls on one engine (build it after ``deepspeed.initialize``).
 
     Raises:
-        cltk.zero_view.LayoutError: an engine whose reduced gradient cannot be reached (bf16 without
+        cltk.methods.kit.zero_view.LayoutError: an engine whose reduced gradient cannot be reached (bf16 without
             ZeRO, a partial ZeRO-3 optimizer offload, an unknown optimizer wrapper).
     """
 

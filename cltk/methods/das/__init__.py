@@ -9,7 +9,7 @@ contrastive term is :mod:`.contrastive`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from cltk.config import ConfigError, RunConfig, option
 from cltk.registry import MethodSpec, register
@@ -54,20 +54,6 @@ def check(cfg: RunConfig, das: DasConfig) -> None:
         raise ConfigError("das.proxy_dropout", f"must be in (0, 1), got {das.proxy_dropout}")
 
 
-def build(cfg: RunConfig, section: DasConfig) -> Any:
-    from cltk.methods.das.method import DasMethod  # torch and DeepSpeed: on use
 
-    return DasMethod(cfg)
-
-
-SPEC = register(
-    MethodSpec(
-        name="das",
-        config=DasConfig,
-        build=build,
-        help="DAS unit-importance soft-masking",
-        check=check,
-        acts_on_base=True,
-        order=60,
-    )
-)
+SPEC = register(MethodSpec("das", DasConfig, "cltk.methods.das.method:DasMethod",
+                           "DAS unit-importance soft-masking", check, acts_on_base=True, order=60))

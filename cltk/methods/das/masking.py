@@ -10,8 +10,8 @@ around the optimizer's ``step()`` it keeps the old values of the masked elements
 ``m = 1 - importance``; ``m = 0`` leaves an element exactly where it was.
 
 The masks live where DeepSpeed keeps the fp32 master weights the torch optimizer steps on, found by
-:mod:`cltk.zero_view` (ZeRO 0, 1, 2, 3 and DeepSpeed's ``BF16_Optimizer``); the blend around the step is
-:class:`cltk.update_blend.UpdateBlend`, shared with SPG. The cost is one fp32 copy of the masked span of
+:mod:`cltk.methods.kit.zero_view` (ZeRO 0, 1, 2, 3 and DeepSpeed's ``BF16_Optimizer``); the blend around the step is
+:class:`cltk.methods.kit.update_blend.UpdateBlend`, shared with SPG. The cost is one fp32 copy of the masked span of
 each partition per step, plus the mask itself.
 
 Gradient masking (:func:`register_grad_masks`, the DAS original) is kept as an option: it is correct
@@ -29,8 +29,8 @@ from torch.utils.hooks import RemovableHandle
 
 from cltk.methods.das.importance import check_importance
 from cltk.methods.das.units import UnitMap, build_unit_map
-from cltk.update_blend import UpdateBlend
-from cltk.zero_view import LayoutError, full_shape, zero_view
+from cltk.methods.kit.update_blend import UpdateBlend
+from cltk.methods.kit.zero_view import LayoutError, full_shape, zero_view
 
 # the blend that scales the update (shared with SPG); the DAS name is kept for callers
 UpdateMaskHandle = UpdateBlend

@@ -26,6 +26,7 @@ from cltk import distributed as dist
 from cltk.config import RunConfig
 from cltk.forward import keeps_logits
 from cltk.method import Method, StageContext
+from cltk.methods.das import DasConfig
 from cltk.methods.das.contrastive import contrastive_loss, gather_with_grad, mean_pool
 from cltk.methods.das.importance import (
     accumulate,
@@ -45,9 +46,9 @@ IMPORTANCE_FILE = "importance.safetensors"
 class DasMethod(Method):
     name = "das"
 
-    def __init__(self, cfg: RunConfig):
-        assert cfg.das is not None
-        self.cfg, self.das = cfg, cfg.das
+    def __init__(self, cfg: RunConfig, section: DasConfig | None = None):
+        self.cfg, self.das = cfg, section if section is not None else cfg.das
+        assert self.das is not None
         self.importance: dict[str, torch.Tensor] | None = None
         self.handles: list[Any] = []
         self._umap: UnitMap | None = None  # of ctx.engine.module, for the contrastive gated pass
@@ -102,13 +103,8 @@ class DasMethod(Method):
             masks = self._masks(ctx.engine.module)
             self.handles = [attach_update_masks(ctx.engine, masks)]
 
-    def extra_loss(
-        self,
-        ctx: StageContext,
-        batch: dict[str, torch.Tensor],
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
+    def extra_loss(self, ctx: StageContext, batch: dict[str, torch.Tensor], logits: torch.Tensor,
+                   labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The DAS contrastive term (``das.contrastive``), see :mod:`cltk.methods.das.contrastive`.
 
         Three extra forwards of the micro-batch through ``ctx.engine`` (the same number on every

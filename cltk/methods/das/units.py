@@ -48,7 +48,7 @@ from cltk.methods.das.unit_discovery import (
     io_features,
     register_architecture,
 )
-from cltk.zero_view import full_shape
+from cltk.methods.kit.zero_view import full_shape
 
 __all__ = ["ArchSpec", "UnitMap", "UnitMapError", "attach_gates", "build_unit_map",
            "register_architecture"]

@@ -4,10 +4,9 @@ stage's export, from the second stage on. The hooks are in :mod:`.method`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from cltk.config import ConfigError, RunConfig, option
-from cltk.losses import check_distillation_args
+from cltk.methods.kit.soft_losses import check_distillation_args
 from cltk.registry import MethodSpec, register
 
 
@@ -25,20 +24,8 @@ def check(cfg: RunConfig, d: DistillConfig) -> None:
         raise ConfigError("distill", str(e)) from e
 
 
-def build(cfg: RunConfig, section: DistillConfig) -> Any:
-    from cltk.methods.distill.method import DistillMethod  # torch and DeepSpeed: on use
 
-    return DistillMethod(cfg)
-
-
-SPEC = register(
-    MethodSpec(
-        name="distill",
-        config=DistillConfig,
-        build=build,
-        help="distillation from the previous stage",
-        check=check,
-        replaces_loss=lambda d: True,
-        order=30,
-    )
-)
+SPEC = register(MethodSpec("distill", DistillConfig, "cltk.methods.distill.method:DistillMethod",
+                           "distillation from the previous stage", check,
+                           replaces_loss=lambda d: True,
+                           previous_domain_teacher=lambda d: "distill", order=30))

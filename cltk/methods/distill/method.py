@@ -1,6 +1,6 @@
 """Distillation from the previous stage (``distill``): from the second stage on, the loss is
 ``alpha * T^2 * KL(teacher_T || student_T) + beta * CE`` against the previous stage's export
-(:func:`cltk.losses.distillation_loss`), with the online teacher (:class:`cltk.teacher.OnlineTeacher`).
+(:func:`cltk.methods.kit.soft_losses.distillation_loss`), with the online teacher (:class:`cltk.methods.kit.teacher.OnlineTeacher`).
 Replay rows are part of the micro-batch, so the teacher scores them too. The loss hook reports
 ``teacher_p_label``, the teacher's mean probability of the correct token, in ``metrics.csv``.
 """
@@ -12,9 +12,10 @@ from typing import Any
 import torch
 
 from cltk.config import RunConfig
-from cltk.losses import check_distillation_args, distillation_loss
 from cltk.method import Method, StageContext
-from cltk.teacher import OnlineTeacher, audit_teacher, label_logprobs, mean_label_prob
+from cltk.methods.distill import DistillConfig
+from cltk.methods.kit.soft_losses import check_distillation_args, distillation_loss
+from cltk.methods.kit.teacher import OnlineTeacher, audit_teacher, label_logprobs, mean_label_prob
 from cltk.tracking import log
 
 
@@ -27,10 +28,10 @@ class DistillMethod(Method):
 
     name = "distill"
 
-    def __init__(self, cfg: RunConfig):
-        if cfg.distill is None:
+    def __init__(self, cfg: RunConfig, section: DistillConfig | None = None):
+        self.cfg, self.d = cfg, section if section is not None else cfg.distill
+        if self.d is None:
             raise ValueError("DistillMethod needs the distill section (distill: {alpha: 1.0})")
-        self.cfg, self.d = cfg, cfg.distill
         check_distillation_args(self.d.alpha, self.d.beta, self.d.temperature)
         self.teacher: Any = None
 

@@ -4,13 +4,12 @@ stage starts from; at the stage's end the average is the stage's export, what it
 what the next stage starts from (so also the next stage's distillation teacher).
 
 Here: the config section and its checks; the hooks are in :mod:`.method`, the arithmetic on this
-rank's ZeRO partitions in :mod:`cltk.weight_average`; docs/ema.md says what it costs.
+rank's ZeRO partitions in :mod:`cltk.methods.kit.weight_average`; docs/ema.md says what it costs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from cltk.config import ConfigError, RunConfig, option
 from cltk.registry import MethodSpec, register
@@ -31,24 +30,18 @@ def check(cfg: RunConfig, e: EmaConfig) -> None:
         raise ConfigError("ema.decay", f"must be in [0, 1) (0: the last weights), got {e.decay}")
     if e.every < 1:
         raise ConfigError("ema.every", f"must be >= 1 (optimizer steps), got {e.every}")
-    from cltk.weight_average import check_averaging
+    from cltk.methods.kit.weight_average import check_averaging
 
     check_averaging(cfg, "ema")
 
 
-def build(cfg: RunConfig, section: EmaConfig) -> Any:
-    from cltk.methods.ema.method import EmaMethod  # torch and DeepSpeed: on use
-
-    return EmaMethod(section)
-
-
 SPEC = register(
     MethodSpec(
-        name="ema",
-        config=EmaConfig,
-        build=build,
-        help="an exponential moving average of the weights during each stage, exported as its model",
-        check=check,
+        "ema",
+        EmaConfig,
+        "cltk.methods.ema.method:EmaMethod",
+        "an exponential moving average of the weights during each stage, exported as its model",
+        check,
         order=80,  # before merge: merge then interpolates the stage's start with the average
     )
 )

@@ -1,13 +1,13 @@
 """The ``ema:`` hooks: an exponential moving average laid out like this rank's ZeRO partitions.
 
 - ``on_engine_ready``: ``average`` <- this rank's fp32 partitions (the stage's starting weights), and
-  a hook after the torch optimizer's step (:meth:`cltk.zero_view.ZeroView.on_step`): at every
+  a hook after the torch optimizer's step (:meth:`cltk.methods.kit.zero_view.ZeroView.on_step`): at every
   ``every``-th step, ``average <- decay * average + (1 - decay) * partition`` in fp32, partition by
   partition (ZeRO 3 steps one sub-group at a time). Memory: one fp32 copy of this rank's partitions
   (``1 / world`` of the model under ZeRO 1/2/3), like one optimizer moment. Time: one pass over them
   every ``every`` steps.
 - ``export`` (before the default ``save_pretrained``): the partitions and the model's own parameters
-  <- ``average`` (:func:`cltk.weight_average.write_back`): the export, the stage's evaluation and the
+  <- ``average`` (:func:`cltk.methods.kit.weight_average.write_back`): the export, the stage's evaluation and the
   next stage's start are the average.
 - ``average`` and a signature of its layout are :meth:`state_tensors` (``methods_rank<r>.pt`` in every
   checkpoint), the number of updates :meth:`state_dict`: a run killed and resumed mid-stage goes on
@@ -24,11 +24,12 @@ import torch
 from cltk import distributed as dist
 from cltk.errors import UserError
 from cltk.method import Method, StageContext
+from cltk.methods.kit.weight_average import interpolate_, layout_signature, snapshot, write_back
+from cltk.methods.kit.zero_view import LayoutError, Partition, ZeroView, zero_view
 from cltk.tracking import log
-from cltk.weight_average import interpolate_, layout_signature, snapshot, write_back
-from cltk.zero_view import LayoutError, Partition, ZeroView, zero_view
 
 if TYPE_CHECKING:
+    from cltk.config import RunConfig
     from cltk.methods.ema import EmaConfig
 
 
@@ -45,6 +46,10 @@ class EmaMethod(Method):
     """
 
     name = "ema"
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, section: EmaConfig) -> EmaMethod:
+        return cls(section)
 
     def __init__(self, section: EmaConfig):
         self.ema = section

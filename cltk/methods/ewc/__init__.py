@@ -9,7 +9,6 @@ Here: the config section and its checks. The hooks are in :mod:`.method`, the ar
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from cltk.config import ConfigError, RunConfig, option
 from cltk.registry import MethodSpec, register
@@ -55,10 +54,10 @@ def check(cfg: RunConfig, ewc: EwcConfig) -> None:
 
 
 def _check_precision(cfg: RunConfig) -> None:
-    """EWC works on the fp32 master weights DeepSpeed's optimizer steps on (:mod:`cltk.zero_view`);
+    """EWC works on the fp32 master weights DeepSpeed's optimizer steps on (:mod:`cltk.methods.kit.zero_view`);
     without ZeRO, bf16 / fp16 training hides them in a wrapper cltk cannot read: refused at load."""
     from cltk.distributed import bf16_available
-    from cltk.validate import load_deepspeed_json
+    from cltk.ds_config import load_deepspeed_json
 
     path = cfg.resolve(cfg.deepspeed)
     ds = load_deepspeed_json(path)  # type: ignore[arg-type]
@@ -74,19 +73,7 @@ def _check_precision(cfg: RunConfig) -> None:
             )
 
 
-def build(cfg: RunConfig, section: EwcConfig) -> Any:
-    from cltk.methods.ewc.method import EwcMethod  # torch and DeepSpeed: on use
 
-    return EwcMethod(section)
-
-
-SPEC = register(
-    MethodSpec(
-        name="ewc",
-        config=EwcConfig,
-        build=build,
-        help="EWC / online EWC: a Fisher-weighted pull towards the last stage's weights",
-        check=check,
-        acts_on_base=True,
-    )
-)
+SPEC = register(MethodSpec("ewc", EwcConfig, "cltk.methods.ewc.method:EwcMethod",
+                           "EWC / online EWC: a Fisher-weighted pull towards the last stage's weights",
+                           check, acts_on_base=True))

@@ -1,6 +1,6 @@
 """EWC (Kirkpatrick et al. 2017) and online EWC (Schwarz et al. 2018) on DeepSpeed ZeRO 0-3.
 
-Everything lives in this rank's ZeRO partitions (:mod:`cltk.zero_view`), never as a full copy of
+Everything lives in this rank's ZeRO partitions (:mod:`cltk.methods.kit.zero_view`), never as a full copy of
 the model: the Fisher F and the anchor theta* are flat fp32 tensors shaped like each partition the
 torch optimizer steps on, so under ZeRO 1/2/3 each rank holds 1 / world of them.
 
@@ -35,10 +35,11 @@ from cltk import distributed as dist
 from cltk.errors import UserError
 from cltk.method import Method, StageContext
 from cltk.methods.ewc.penalty import add_square_, fold_fisher, penalty_
+from cltk.methods.kit.zero_view import LayoutError, Partition, ZeroView, zero_view
 from cltk.tracking import log
-from cltk.zero_view import LayoutError, Partition, ZeroView, zero_view
 
 if TYPE_CHECKING:  # the package imports this module on use: no import back at run time
+    from cltk.config import RunConfig
     from cltk.methods.ewc import EwcConfig
 
 
@@ -67,6 +68,10 @@ class EwcMethod(Method):
     """
 
     name = "ewc"
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, section: EwcConfig) -> EwcMethod:
+        return cls(section)
 
     def __init__(self, section: EwcConfig):
         self.ewc = section
@@ -105,13 +110,8 @@ class EwcMethod(Method):
                 f"{len(ctx.schedule)}"
             )
 
-    def extra_loss(
-        self,
-        ctx: StageContext,
-        batch: dict[str, torch.Tensor],
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
+    def extra_loss(self, ctx: StageContext, batch: dict[str, torch.Tensor], logits: torch.Tensor,
+                   labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """``ewc_penalty``: the penalty at this step's weights over all ranks (a value only)."""
         if self.fisher is None or self.lam == 0 or not self.ewc.report_penalty:
             return {}

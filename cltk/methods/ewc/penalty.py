@@ -1,6 +1,6 @@
 """EWC's arithmetic on flat tensors, one ZeRO partition at a time (pure functions, no DeepSpeed).
 
-Every tensor here is flat and laid out like one partition of :class:`cltk.zero_view.ZeroView`:
+Every tensor here is flat and laid out like one partition of :class:`cltk.methods.kit.zero_view.ZeroView`:
 ``theta`` the fp32 master weights, ``anchor`` (theta*) their values at the end of the last stage,
 ``fisher`` (F) the diagonal Fisher, ``grad`` the reduced gradient the optimizer is about to use.
 Elements outside any parameter (ZeRO padding) have zero gradient, hence F = 0: they add nothing.

@@ -5,7 +5,7 @@ oracle, routed and merged evaluation. The hooks are in :mod:`.adapters`, the rou
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from cltk.config import RunConfig, option
 from cltk.registry import MethodSpec, register
@@ -31,11 +31,6 @@ def check(cfg: RunConfig, section: LoraConfig) -> None:
     check_lora_config(cfg)
 
 
-def build(cfg: RunConfig, section: LoraConfig) -> Any:
-    from cltk.methods.lora.adapters import LoraMethod
-
-    return LoraMethod(cfg)
-
 
 def _grow_refusal(section: LoraConfig) -> str | None:
     if section.base == "frozen":
@@ -46,16 +41,7 @@ def _grow_refusal(section: LoraConfig) -> str | None:
     return None
 
 
-SPEC = register(
-    MethodSpec(
-        name="lora",
-        config=LoraConfig,
-        build=build,
-        help="a LoRA adapter per domain or block",
-        check=check,
-        freezes_base=lambda section: True,
-        grow_refusal=_grow_refusal,
-        run_files=("lora_base", "adapters"),
-        order=10,
-    )
-)
+SPEC = register(MethodSpec("lora", LoraConfig, "cltk.methods.lora.adapters:LoraMethod",
+                           "a LoRA adapter per domain or block", check,
+                           freezes_base=lambda section: True, grow_refusal=_grow_refusal,
+                           run_files=("lora_base", "adapters"), order=10))

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from cltk import distributed as dist
+from cltk import registry
 from cltk.config import ConfigError, RunConfig
 from cltk.method import Method, StageContext
 from cltk.tracking import log
@@ -60,7 +61,8 @@ StateDict = dict[str, torch.Tensor]
 def check_lora_config(cfg: RunConfig) -> None:
     """Refuse LoRA settings and combinations that cannot work; raises :class:`ConfigError`.
 
-    ``LoraMethod`` calls it; ``cltk.config.validate`` may too, to refuse before any launch.
+    ``LoraMethod`` calls it, and its section check (:mod:`cltk.validate`), before any launch. The
+    methods it refuses beside a frozen base are named by their specs, never here.
     """
     lc = cfg.lora
     if lc is None:
@@ -76,22 +78,19 @@ def check_lora_config(cfg: RunConfig) -> None:
                           "v_proj]) or leave it out for the attention projections")
     if lc.base != "frozen":
         return
-    blocks = cfg.blocks.k if cfg.blocks is not None else 1
-    if lc.per == "block" and blocks > 1:
+    if lc.per == "block" and registry.stages_per_domain(cfg) > 1:
         raise ConfigError("lora.per", "per: block with base: frozen gives every block its own "
                           "adapter on the original base, trained on 1/k of its domain and never "
                           "combined with the domain's other blocks; use per: domain (a domain's "
                           "blocks continue one adapter) or base: merged")
-    if cfg.distill is not None:
-        raise ConfigError("distill", "with lora.base: frozen each domain's adapter sits on the "
-                          "original base and never overwrites an earlier domain's, so the previous "
-                          "stage's teacher protects nothing and only slows learning; drop distill "
-                          "or use lora.base: merged")
-    if blocks > 1 and cfg.blocks is not None and cfg.blocks.across_domains:
-        raise ConfigError("blocks.across_domains", "with lora.base: frozen a domain's first block "
-                          "starts a fresh adapter on the original base, not on the previous "
-                          "domain's model, so that model is the wrong teacher; set "
-                          "blocks.across_domains: false or use lora.base: merged")
+    for spec, section in registry.active(cfg):
+        key = spec.previous_domain_teacher(section)
+        if key:
+            raise ConfigError(key, "with lora.base: frozen each domain's adapter starts fresh on "
+                              "the original base and never overwrites an earlier domain's, so a "
+                              "teacher from the previous domain's model is the wrong one: it "
+                              f"protects nothing and only slows learning; turn {key} off or use "
+                              "lora.base: merged")
 
 
 def adapter_key(cfg: RunConfig, stage: Any) -> str:
@@ -258,6 +257,10 @@ class LoraMethod(Method):
     """
 
     name = "lora"
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, section: Any) -> LoraMethod:
+        return cls(cfg)  # the section is cfg.lora; the second argument is the router's prefix
 
     def __init__(self, cfg: RunConfig, route_prefix: int | None = None):
         if cfg.lora is None:

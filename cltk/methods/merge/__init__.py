@@ -4,13 +4,13 @@ what it trained), or, with ``mode: mean``, the running mean of every stage's res
 model is the stage's export, what it is evaluated as, and what the next stage starts from.
 
 Here: the config section and its checks; the hooks are in :mod:`.method`, the arithmetic on this
-rank's ZeRO partitions in :mod:`cltk.weight_average`; docs/merge.md says what it costs.
+rank's ZeRO partitions in :mod:`cltk.methods.kit.weight_average`; docs/merge.md says what it costs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from cltk.config import ConfigError, RunConfig, option
 from cltk.registry import MethodSpec, register
@@ -45,24 +45,18 @@ def check(cfg: RunConfig, m: MergeConfig) -> None:
         )
     if m.mode == "mean" and m.alpha != 0.5:
         raise ConfigError("merge.alpha", "mode mean sets the weights itself: leave alpha out")
-    from cltk.weight_average import check_averaging
+    from cltk.methods.kit.weight_average import check_averaging
 
     check_averaging(cfg, "merge")
 
 
-def build(cfg: RunConfig, section: MergeConfig) -> Any:
-    from cltk.methods.merge.method import MergeMethod  # torch and DeepSpeed: on use
-
-    return MergeMethod(section)
-
-
 SPEC = register(
     MethodSpec(
-        name="merge",
-        config=MergeConfig,
-        build=build,
-        help="weight merging between stages: (1 - alpha) * before + alpha * after, or the mean",
-        check=check,
+        "merge",
+        MergeConfig,
+        "cltk.methods.merge.method:MergeMethod",
+        "weight merging between stages: (1 - alpha) * before + alpha * after, or the mean",
+        check,
         order=90,
     )
 )

@@ -5,7 +5,7 @@
   from the same export before its checkpoint loads, so ``before`` needs no saving.
 - ``export`` (before the default ``save_pretrained``): each partition <- ``(1 - a) * before + a *
   partition`` in fp32, then the model's own (bf16 / fp32) parameters are refreshed from it
-  (:func:`cltk.weight_average.write_back`). The export, the stage's evaluation and the next stage's
+  (:func:`cltk.methods.kit.weight_average.write_back`). The export, the stage's evaluation and the next stage's
   start (hence its distillation teacher) are the merged model. The stage's ``-end`` checkpoint was
   written before, with the unmerged weights and their optimizer state: a run killed between the two
   merges again from it on resume. The optimizer state is not merged: every stage starts a fresh
@@ -20,11 +20,12 @@ import torch
 
 from cltk.errors import UserError
 from cltk.method import Method, StageContext
+from cltk.methods.kit.weight_average import interpolate_, snapshot, write_back
+from cltk.methods.kit.zero_view import LayoutError, ZeroView, zero_view
 from cltk.tracking import log
-from cltk.weight_average import interpolate_, snapshot, write_back
-from cltk.zero_view import LayoutError, ZeroView, zero_view
 
 if TYPE_CHECKING:
+    from cltk.config import RunConfig
     from cltk.methods.merge import MergeConfig
 
 
@@ -32,6 +33,10 @@ class MergeMethod(Method):
     """The ``merge:`` hooks (see the module doc)."""
 
     name = "merge"
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, section: MergeConfig) -> MergeMethod:
+        return cls(section)
 
     def __init__(self, section: MergeConfig):
         self.merge = section

@@ -13,31 +13,13 @@ Here: the config section and its checks; the hooks are in :mod:`.method`, the re
 
 from __future__ import annotations
 
-from typing import Any
-
-from cltk.config import RunConfig
 from cltk.methods.replay.config import OUTPUT, ReplayConfig, active, check, extra_sources
 from cltk.registry import MethodSpec, register
 
 __all__ = ["OUTPUT", "ReplayConfig", "SPEC"]
 
 
-def build(cfg: RunConfig, section: ReplayConfig) -> Any:
-    from cltk.methods.replay.method import ReplayMethod
 
-    return ReplayMethod(cfg, section)
-
-
-SPEC = register(
-    MethodSpec(
-        name="replay",
-        config=ReplayConfig,
-        build=build,
-        help="replay of earlier stages and of general data",
-        check=check,
-        active=active,
-        order=5,
-        extra_sources=extra_sources,
-        run_files=(OUTPUT,),
-    )
-)
+SPEC = register(MethodSpec("replay", ReplayConfig, "cltk.methods.replay.method:ReplayMethod",
+                           "replay of earlier stages and of general data", check, active=active,
+                           order=5, extra_sources=extra_sources, run_files=(OUTPUT,)))

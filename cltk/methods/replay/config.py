@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from cltk.config import ConfigError, DomainConfig, RunConfig, option
+from cltk.config import ConfigError, DomainConfig, RunConfig, SourceConfig, option
 from cltk.registry import stages_per_domain
 
 OUTPUT = "replay"  # OUT/replay/: the reservoir
 
 
 @dataclass
-class GeneralSource:
-    name: str = option("name of a general source (letters, digits, - and _)", "")
-    source: dict[str, Any] = option(
-        "as a domain's source: {builtin: NAME}, {files: GLOB}, {jsonl: PATH, field: text}, "
-        "{hf_dataset: DIR, field} or {mix: [...]}",
-        factory=dict,
-    )
-    max_chars: int | None = option("read at most this many characters of it", None)
+class GeneralSource(SourceConfig):
     domain: str | None = option(
         "instead of name/source: replay the training windows of this eval_only domain", None
     )

@@ -25,17 +25,6 @@ from cltk.methods.replay import reservoir as res
 from cltk.methods.replay.config import OUTPUT, ReplayConfig
 from cltk.tracking import log
 
-STAGE_FILE = "stage.json"  # what marks a finished stage (cltk.continual)
-
-
-class _Absent:
-    """The rows of a reservoir not at hand: one a later stage will have, or one a finished stage had
-    (removed since). Only the step counts of those stages are asked for (the LR schedule spans the
-    run); reading the rows is a bug."""
-
-    def __getitem__(self, key):
-        raise RuntimeError("the rows of a reservoir not at hand were read")
-
 
 class ReplayMethod(Method):
     name = "replay"
@@ -50,9 +39,11 @@ class ReplayMethod(Method):
         out = []
         share = self.r.share_at(ctx.stage.index)
         if share > 0 and ctx.stage.index > 0:
-            pools = self._memory_pools(ctx) if self.r.memory else self._earlier_pools(ctx)
-            name = "the reservoir of earlier stages" if self.r.memory else "earlier domains"
-            out.append(Mix(name, pools, share))
+            if self.r.memory:  # the reservoir the stage before writes: read when this stage runs
+                out.append(Mix("the reservoir of earlier stages",
+                               lambda: self._memory_pools(ctx), share))
+            else:
+                out.append(Mix("earlier domains", self._earlier_pools(ctx), share))
         general = self.r.general_share_at(ctx.stage.index)
         if general > 0:
             out.append(Mix("general data", self._general_pools(ctx), general))
@@ -82,25 +73,18 @@ class ReplayMethod(Method):
         return self._loaded[1]
 
     def _memory_pools(self, ctx: StageContext) -> list[Pool]:
-        source = len(ctx.sources)  # the first id after the prepared sources
+        """The reservoir after the previous stage, which has finished: this stage runs."""
         prev = ctx.stage.index - 1
         memory = self._memory(prev)
-        if memory is not None:
-            rows = TokenWindows.from_array(memory.tokens)
-            return [Pool(source, np.arange(len(memory)), rows=rows)]
-        finished = (Path(ctx.stage_dir) / STAGE_FILE).is_file()
-        if not finished and ctx.prev_stage_dir is not None and (
-            Path(ctx.prev_stage_dir) / STAGE_FILE
-        ).is_file():
+        if memory is None:
             raise UserError(
                 f"replay.memory: stage {ctx.stages[prev].dirname} is finished but its reservoir "
                 f"{res.memory_dir(self.root, prev)} is missing (was the run started without "
                 "replay.memory, or the directory removed?); start the run in a new output_dir"
             )
-        # a stage planned ahead, or one finished (its reservoir is gone): only its step count is
-        # asked for, and that depends only on the reservoir not being empty, which it is not (the
-        # stage before trains at least one sequence)
-        return [Pool(source, np.arange(1), rows=_Absent())]
+        rows = TokenWindows.from_array(memory.tokens)
+        source = len(ctx.sources)  # the first id after the prepared sources
+        return [Pool(source, np.arange(len(memory)), rows=rows)]
 
     # ----- the reservoir ----------------------------------------------------------------------------
     def on_stage_start(self, ctx: StageContext) -> None:

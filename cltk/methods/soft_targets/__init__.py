@@ -8,10 +8,10 @@ in :mod:`.teacher_cache`, the transformers ``Trainer`` door in :mod:`.hf_trainer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from cltk.config import ConfigError, RunConfig, option
-from cltk.losses import check_soft_target_args
+from cltk.methods.kit.soft_losses import check_soft_target_args
 from cltk.registry import MethodSpec, register
 
 
@@ -43,23 +43,16 @@ def check(cfg: RunConfig, b: BlocksConfig) -> None:
         raise ConfigError("blocks.topk", f"must be > 0, got {b.topk}")
 
 
-def build(cfg: RunConfig, section: BlocksConfig) -> Any:
-    from cltk.methods.soft_targets.method import SoftTargetMethod  # torch and DeepSpeed: on use
 
-    return SoftTargetMethod(cfg)
+def _across_domains(b: BlocksConfig) -> str | None:
+    """A domain's first block learns from the previous domain's model."""
+    return "blocks.across_domains" if b.across_domains else None
 
 
-SPEC = register(
-    MethodSpec(
-        name="blocks",
-        config=BlocksConfig,
-        build=build,
-        help="incremental soft-target blocks",
-        check=check,
-        active=lambda b: b.k > 1,
-        replaces_loss=lambda b: b.k > 1,
-        stages_per_domain=lambda b: b.k,
-        run_files=("teacher_cache",),
-        order=20,
-    )
-)
+SPEC = register(MethodSpec("blocks", BlocksConfig,
+                           "cltk.methods.soft_targets.method:SoftTargetMethod",
+                           "incremental soft-target blocks", check, active=lambda b: b.k > 1,
+                           replaces_loss=lambda b: b.k > 1, stages_per_domain=lambda b: b.k,
+                           fixed_on_resume=True,
+                           previous_domain_teacher=_across_domains,
+                           run_files=("teacher_cache",), order=20))

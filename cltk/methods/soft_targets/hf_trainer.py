@@ -9,7 +9,7 @@ For users whose training code already lives in the HF Trainer::
     trainer.train()
 
 Only the loss changes: the student's logits and the teacher's log-probabilities go through
-:func:`cltk.losses.soft_target_loss` or :func:`cltk.losses.distillation_loss`. Everything else
+:func:`cltk.methods.kit.soft_losses.soft_target_loss` or :func:`cltk.methods.kit.soft_losses.distillation_loss`. Everything else
 (optimizer, schedule, DeepSpeed via ``args.deepspeed``, checkpoints) is the Trainer's own.
 
 Token normalisation: the loss is the sum over the tokens of a micro-batch divided by
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
-from cltk.losses import (
+from cltk.methods.kit.soft_losses import (
     check_distillation_args,
     check_soft_target_args,
     distillation_loss,
@@ -98,9 +98,9 @@ class SoftTargetTrainer(Trainer):
             after the previous stage). It is put in eval mode, its parameters stop requiring
             gradients, and it is moved to ``args.device``. It must share the student's tokenizer.
         soft_target: ``{"p": 0.9, "one_hot_below": None}``: see
-            :func:`cltk.losses.soft_target_loss`.
+            :func:`cltk.methods.kit.soft_losses.soft_target_loss`.
         distill: ``{"alpha": 1.0, "beta": 1.0, "temperature": 1.0}``: see
-            :func:`cltk.losses.distillation_loss`. Give exactly one of ``soft_target`` and
+            :func:`cltk.methods.kit.soft_losses.distillation_loss`. Give exactly one of ``soft_target`` and
             ``distill``.
         **kwargs: passed to ``transformers.Trainer``.
 

@@ -4,9 +4,9 @@
 blocks, one stage each (``cltk.plan``). The first stage trains with plain cross-entropy; every later
 stage ``i`` trains against soft targets from its teacher ``M_(i-1)``, the previous stage's export:
 the teacher's distribution moved so the correct token holds at least ``blocks.p``
-(:func:`cltk.losses.soft_target_loss`). With ``blocks.across_domains: false`` the first block of
+(:func:`cltk.methods.kit.soft_losses.soft_target_loss`). With ``blocks.across_domains: false`` the first block of
 every domain uses plain cross-entropy instead. ``blocks.teacher`` picks the online teacher
-(:class:`cltk.teacher.OnlineTeacher`, run beside the student) or the offline top-k cache
+(:class:`cltk.methods.kit.teacher.OnlineTeacher`, run beside the student) or the offline top-k cache
 (:mod:`cltk.methods.soft_targets.teacher_cache`, one teacher pass before the stage trains).
 
 It combines with replay: replay rows are part of the micro-batch, so the teacher scores them too
@@ -23,12 +23,14 @@ import torch
 
 from cltk import distributed as dist
 from cltk.config import RunConfig
-from cltk.losses import (
+from cltk.method import Method, StageContext
+from cltk.methods.kit.soft_losses import (
     check_soft_target_args,
     soft_target_loss,
     soft_target_loss_topk,
 )
-from cltk.method import Method, StageContext
+from cltk.methods.kit.teacher import OnlineTeacher, audit_teacher, checkpoint_key, mean_label_prob
+from cltk.methods.soft_targets import BlocksConfig
 from cltk.methods.soft_targets.teacher_cache import (
     CacheKeys,
     TeacherCache,
@@ -36,7 +38,6 @@ from cltk.methods.soft_targets.teacher_cache import (
     cache_exists,
     data_key,
 )
-from cltk.teacher import OnlineTeacher, audit_teacher, checkpoint_key, mean_label_prob
 from cltk.tracking import log
 
 __all__ = ["SoftTargetMethod", "cache_dir", "open_or_build_cache", "stage_rows"]
@@ -66,10 +67,10 @@ class SoftTargetMethod(Method):
 
     name = "soft_targets"
 
-    def __init__(self, cfg: RunConfig):
-        if cfg.blocks is None:
+    def __init__(self, cfg: RunConfig, section: BlocksConfig | None = None):
+        self.cfg, self.b = cfg, section if section is not None else cfg.blocks
+        if self.b is None:
             raise ValueError("SoftTargetMethod needs the blocks section (blocks: {k: 4, p: 0.9})")
-        self.cfg, self.b = cfg, cfg.blocks
         check_soft_target_args(self.b.p, self.b.one_hot_below)  # fail before any stage trains
         self.teacher: Any = None  # OnlineTeacher, or None
         self.cache: Any = None  # TeacherCache, or None

@@ -4,7 +4,7 @@ Before a stage trains, one teacher pass over every sequence the stage's schedule
 block plus any replay rows) stores, per token, the teacher's ``k`` largest log-probabilities with
 their token ids and the exact log-probability of the correct token (which may fall outside the top
 k).
-Training then reads the cache through :func:`cltk.losses.soft_target_loss_topk` and runs no teacher.
+Training then reads the cache through :func:`cltk.methods.kit.soft_losses.soft_target_loss_topk` and runs no teacher.
 
 Layout of a cache directory::
 
@@ -18,7 +18,7 @@ Layout of a cache directory::
 
 Rows are found by the content hash of their token ids, so the cache does not depend on the world
 size, the micro-batch layout or the order of steps. A cache is keyed to its teacher (sha256 of the
-weight files, :func:`cltk.teacher.checkpoint_key`) and its data (sha256 of every cached sequence's
+weight files, :func:`cltk.methods.kit.teacher.checkpoint_key`) and its data (sha256 of every cached sequence's
 token ids): opening it with other keys raises :class:`StaleCacheError` naming both. A build
 interrupted before its manifest leaves no usable cache and is rebuilt from scratch.
 """

@@ -9,7 +9,6 @@ hooks in :mod:`.method`; see docs/spg.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from cltk.config import ConfigError, RunConfig, option
 from cltk.registry import MethodSpec, register
@@ -26,7 +25,7 @@ class SpgConfig:
 def check(cfg: RunConfig, spg: SpgConfig) -> None:
     if isinstance(spg.importance_steps, bool) or spg.importance_steps < 1:
         raise ConfigError("spg.importance_steps", f"must be >= 1, got {spg.importance_steps}")
-    from cltk.validate import load_deepspeed_json
+    from cltk.ds_config import load_deepspeed_json
 
     ds = load_deepspeed_json(cfg.resolve(cfg.deepspeed))  # type: ignore[arg-type]
     zero = ds.get("zero_optimization") or {}
@@ -46,20 +45,7 @@ def check(cfg: RunConfig, spg: SpgConfig) -> None:
         )
 
 
-def build(cfg: RunConfig, section: SpgConfig) -> Any:
-    from cltk.methods.spg.method import SpgMethod  # torch and DeepSpeed: on use
 
-    return SpgMethod(cfg, section)
-
-
-SPEC = register(
-    MethodSpec(
-        name="spg",
-        config=SpgConfig,
-        build=build,
-        help="SPG parameter-level soft-masking of the update",
-        check=check,
-        acts_on_base=True,
-        order=61,
-    )
-)
+SPEC = register(MethodSpec("spg", SpgConfig, "cltk.methods.spg.method:SpgMethod",
+                           "SPG parameter-level soft-masking of the update", check,
+                           acts_on_base=True, order=61))

@@ -1,11 +1,11 @@
 """SPG's hooks: collect gradients at the end of each domain, score and accumulate importance, and scale
 every later update of each parameter element by ``1 - importance``.
 
-The state lives in this rank's partition layout (:mod:`cltk.zero_view`), one flat tensor per partition
+The state lives in this rank's partition layout (:mod:`cltk.methods.kit.zero_view`), one flat tensor per partition
 of the fp32 master weights the optimizer steps on:
 
 - ``importance.<i>`` (float32): the importance accumulated over the finished domains, on the
-  partition's device; it blends every step (:class:`cltk.update_blend.UpdateBlend`);
+  partition's device; it blends every step (:class:`cltk.methods.kit.update_blend.UpdateBlend`);
 - ``grad_sum.<i>`` (float32, only in the last ``spg.importance_steps`` steps of a domain): the sum of
   the reduced, clipped gradients of this rank's elements, read just before each optimizer step (no extra
   forward or backward pass);
@@ -25,6 +25,8 @@ import torch
 from cltk import distributed as dist
 from cltk.config import RunConfig
 from cltk.method import Method, StageContext
+from cltk.methods.kit.update_blend import UpdateBlend
+from cltk.methods.kit.zero_view import Partition, ZeroView, zero_view
 from cltk.methods.spg.importance import accumulate
 from cltk.methods.spg.sharded import (
     check_layout,
@@ -33,8 +35,6 @@ from cltk.methods.spg.sharded import (
     replicated,
 )
 from cltk.tracking import log
-from cltk.update_blend import UpdateBlend
-from cltk.zero_view import Partition, ZeroView, zero_view
 
 if TYPE_CHECKING:  # the package imports this module on use: no import back at run time
     from cltk.methods.spg import SpgConfig

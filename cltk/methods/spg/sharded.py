@@ -1,7 +1,7 @@
 """SPG importance on this rank's ZeRO partitions: per-tensor statistics across ranks, and a record of the
 layout the importance was laid out in (saved beside it, checked when a new engine adopts it).
 
-Each rank holds fragments of parameters (:mod:`cltk.zero_view`), so a tensor's mean and std need every
+Each rank holds fragments of parameters (:mod:`cltk.methods.kit.zero_view`), so a tensor's mean and std need every
 rank's share: two all-reduces of small vectors (per parameter: element count and sum, then the sum of
 squared deviations from the mean), in float64. Then each rank scores its own fragments with its tensors'
 global mean and std (:func:`cltk.methods.spg.importance.standardized_tanh`). Nothing full-sized is built.
@@ -17,8 +17,8 @@ import torch
 
 from cltk import distributed as dist
 from cltk.errors import UserError
+from cltk.methods.kit.zero_view import ZeroView
 from cltk.methods.spg.importance import moments, standardized_tanh, sum64
-from cltk.zero_view import ZeroView
 
 
 class SpgLayoutError(UserError):
@@ -101,7 +101,7 @@ def importance_from_grads(
 
 def layout_record(view: ZeroView) -> dict[str, torch.Tensor]:
     """The layout as tensors to save beside the importance: ``numel.<i>`` (partition i's size) and
-    ``frag.<i>.<param>`` = ``[start, numel, offset]`` (see :class:`cltk.zero_view.Fragment`)."""
+    ``frag.<i>.<param>`` = ``[start, numel, offset]`` (see :class:`cltk.methods.kit.zero_view.Fragment`)."""
     rec: dict[str, torch.Tensor] = {}
     for i, part in enumerate(view.partitions):
         rec[f"numel.{i}"] = torch.tensor([part.numel])

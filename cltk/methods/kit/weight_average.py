@@ -1,6 +1,6 @@
 """Averages of the weights on this rank's ZeRO partitions, shared by the ``merge:`` and ``ema:`` methods.
 
-A copy of the weights is kept the way DeepSpeed keeps the fp32 master weights (:mod:`cltk.zero_view`): one
+A copy of the weights is kept the way DeepSpeed keeps the fp32 master weights (:mod:`cltk.methods.kit.zero_view`): one
 flat fp32 tensor per partition of this rank, so under ZeRO 1/2/3 each rank holds ``1 / world`` of it.
 :func:`write_back` puts values into those partitions and refreshes the model's own parameters (bf16 or
 fp32, full under ZeRO 1/2, partitioned under ZeRO 3) from them, the way DeepSpeed does after an optimizer
@@ -15,7 +15,7 @@ import zlib
 
 import torch
 
-from cltk.zero_view import LayoutError, ZeroView
+from cltk.methods.kit.zero_view import LayoutError, ZeroView
 
 
 def layout_signature(view: ZeroView) -> torch.Tensor:
@@ -76,8 +76,8 @@ def check_averaging(cfg, key: str) -> None:
     """
     from cltk.config import ConfigError
     from cltk.distributed import bf16_available
+    from cltk.ds_config import load_deepspeed_json
     from cltk.registry import active
-    from cltk.validate import load_deepspeed_json
 
     frozen = [spec.name for spec, section in active(cfg) if spec.freezes_base(section)]
     if frozen:

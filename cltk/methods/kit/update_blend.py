@@ -9,7 +9,7 @@ element back a share ``s`` of the way, so Adam's update, weight decay and the ef
 scaled by ``1 - s``. ``s = 0`` leaves the step as it was, ``s = 1`` leaves the element where it was
 (``lerp`` is exact at both ends).
 
-The weights ``s`` are laid out like this rank's partitions (:mod:`cltk.zero_view`), so this works under
+The weights ``s`` are laid out like this rank's partitions (:mod:`cltk.methods.kit.zero_view`), so this works under
 ZeRO 0, 1, 2, 3 and DeepSpeed's ``BF16_Optimizer`` alike. The cost is the weights themselves plus one
 fp32 copy per step of each partition's blended span (from its first to its last non-zero weight).
 """
@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from cltk.zero_view import Partition, ZeroView
+from cltk.methods.kit.zero_view import Partition, ZeroView
 
 _CHUNK = 1 << 22  # elements scanned at a time when trimming a weight to its non-zero span
 
@@ -77,7 +77,7 @@ class UpdateBlend:
     """Blends attached to an engine's optimizer steps; :meth:`remove` detaches them.
 
     Args:
-        view: this rank's partitions (:func:`cltk.zero_view.zero_view`).
+        view: this rank's partitions (:func:`cltk.methods.kit.zero_view.zero_view`).
         weights: one flat tensor (or None: not blended) per partition of ``view``, in [0, 1]: the share
             ``s`` of each element's step taken back.
 

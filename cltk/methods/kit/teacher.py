@@ -16,7 +16,6 @@ under ``torch.no_grad``; :meth:`OnlineTeacher.logits` returns its logits aligned
 
 from __future__ import annotations
 
-import copy
 import gc
 import hashlib
 import json
@@ -29,10 +28,11 @@ import torch.nn.functional as F
 
 from cltk import distributed as dist
 from cltk.config import RunConfig
+from cltk.ds_config import deepspeed_config, frozen_deepspeed_config
+from cltk.engine import frozen_engine
 from cltk.forward import next_token_logits
 from cltk.losses import IGNORE_INDEX
 from cltk.tracking import log
-from cltk.validate import deepspeed_config
 
 __all__ = [
     "OnlineTeacher",
@@ -90,16 +90,8 @@ def teacher_ds_config(cfg: RunConfig, student_engine: Any) -> dict[str, Any]:
     Returns:
         A config for ``deepspeed.initialize`` with no optimizer.
     """
-    ds = copy.deepcopy(deepspeed_config(cfg, dist.world_size(), dist.bf16_available()))
-    zero = dict(ds.get("zero_optimization") or {})
-    if student_engine.zero_optimization_stage() == 3:
-        zero.pop("offload_optimizer", None)  # nothing to offload: there is no optimizer
-        zero["stage"] = 3
-    else:
-        zero = {"stage": 0}
-    ds["zero_optimization"] = zero
-    ds.pop("gradient_clipping", None)
-    ds.pop("zero_force_ds_cpu_optimizer", None)
+    ds = frozen_deepspeed_config(deepspeed_config(cfg, dist.world_size(), dist.bf16_available()),
+                                 zero3=student_engine.zero_optimization_stage() == 3)
     ds["bf16"] = {"enabled": bool(student_engine.bfloat16_enabled())}
     ds["fp16"] = {"enabled": bool(student_engine.fp16_enabled())}
     return ds
@@ -150,8 +142,7 @@ class OnlineTeacher:
         self.ds_config = teacher_ds_config(cfg, student_engine)
         self.zero_stage = int(self.ds_config["zero_optimization"]["stage"])
         model = _load_frozen(self.model_dir, self.ds_config)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, config=self.ds_config)
-        self.engine.eval()
+        self.engine = frozen_engine(model, self.ds_config)
 
     @property
     def vocab_size(self) -> int:
@@ -207,7 +198,7 @@ class OnlineTeacher:
 def audit_teacher(ctx: Any, teacher: Any, when: str) -> None:
     """With ``train.log_sequence_ids`` (the audit log), record which weights the stage's teacher held
     at ``when`` ("start" or "end") in ``<stage dir>/teacher.json``: the teacher's directory and the
-    sha256 of its in-memory parameters (see :meth:`cltk.teacher.OnlineTeacher.weights_sha256`)."""
+    sha256 of its in-memory parameters (see :meth:`cltk.methods.kit.teacher.OnlineTeacher.weights_sha256`)."""
     if not ctx.cfg.train.log_sequence_ids:
         return
     digest = teacher.weights_sha256()
