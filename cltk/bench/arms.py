@@ -46,6 +46,16 @@ ARMS: dict[str, tuple[list[str], str]] = {
                        "replay of earlier stages with distillation"),
     "replay+das": (["replay={share: 0.25}", "das={importance_samples: 64}"],
                    "replay of earlier stages with DAS"),
+    "merge": (["merge={alpha: 0.5}"], "each stage's result averaged with its start, half and half"),
+    "ema": (["ema={decay: 0.9}"], "an EMA of the weights (decay 0.9) exported as each stage's model"),
+    "merge+replay+general": (["merge={alpha: 0.5}", "replay={share: 0.2, general: {general}, "
+                              "general_share: 0.1}"], "merge with replay of earlier stages and general data"),
+    "merge-0.8+replay+general": (["merge={alpha: 0.8}", "replay={share: 0.2, general: {general}, "
+                                  "general_share: 0.1}"],
+                                 "merge at alpha 0.8 (a fifth of each stage's update undone) with "
+                                 "replay of earlier stages and general data"),
+    "ema+replay+general": (["ema={decay: 0.9}", "replay={share: 0.2, general: {general}, "
+                            "general_share: 0.1}"], "EMA with replay of earlier stages and general data"),
 }
 
 

@@ -5,6 +5,6 @@ helpers; see docs/writing-a-method.md.
 
 from __future__ import annotations
 
-from cltk.methods import agem, das, distill, ewc, lora, replay, soft_targets, spg
+from cltk.methods import agem, das, distill, ema, ewc, lora, merge, replay, soft_targets, spg
 
-__all__ = ["agem", "das", "distill", "ewc", "lora", "replay", "soft_targets", "spg"]
+__all__ = ["agem", "das", "distill", "ema", "ewc", "lora", "merge", "replay", "soft_targets", "spg"]

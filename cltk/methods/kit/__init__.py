@@ -8,6 +8,8 @@
 - :mod:`~cltk.methods.kit.update_blend`: the update blend around the optimizer step (DAS, SPG);
 - :mod:`~cltk.methods.kit.teacher`: the frozen previous stage as a second engine (soft targets,
   distillation);
+- :mod:`~cltk.methods.kit.weight_average`: copies of this rank's partitions, interpolated and written back
+  into the model (merge, EMA);
 - :mod:`~cltk.methods.kit.soft_losses`: soft-target and distillation losses, pure functions on the
   kernel of :mod:`cltk.losses`.
 
