@@ -192,38 +192,16 @@ def _time_foreach(handle, reps: int) -> list[tuple[float, float]]:
     return out[1:]
 
 
-def cmd_speed(args: argparse.Namespace) -> None:
+def _time_steps(engines: dict, cfg, vocab: int, args) -> dict[str, list[list[tuple[float, float]]]]:
+    """Per arm, per timed round: [(wall seconds, this process's CPU seconds) per step]; the arms in
+    a rotated order each round, round 0 a warm-up."""
     import numpy as np
-    import torch
 
     from cltk import distributed as dist
     from cltk.engine import train_step
     from cltk.method import StageContext
-    from cltk.methods.das import DasConfig
-    from cltk.validate import load_config
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dist.init()
-    cfg = load_config(args.config, overrides=args.set, world_size=dist.world_size())
-    cfg.das = cfg.das or DasConfig()
-    vocab = int((cfg.model.config or {}).get("vocab_size") or cfg.tokenizer.train.vocab_size)
-
-    from cltk.methods.das.masking import attach_update_masks, param_masks
-
-    total = args.steps * args.rounds + 2
-    engines = _engines(cfg, vocab, total)
-    imp_times, imp = _time_importance(engines["none"], cfg, vocab, args)
-    handle = attach_update_masks(engines["update"], param_masks(engines["update"].module, imp))
-    units_only = param_masks(engines["update-units"].module, imp, tokens=False)
-    handle_units = attach_update_masks(engines["update-units"], units_only)
     rng = np.random.default_rng(cfg.seed + dist.rank())
-    t = cfg.train
-
-    def batches():
-        return random_batches(rng, vocab, cfg)
-
-    # per arm, per round: [(wall seconds, this process's CPU seconds) per step]
     times: dict[str, list[list[tuple[float, float]]]] = {k: [] for k in ARMS}
     order = list(ARMS)
     for rnd in range(args.rounds + 1):  # round 0 warms up and is not timed
@@ -232,37 +210,20 @@ def cmd_speed(args: argparse.Namespace) -> None:
             ctx = StageContext(cfg, None, [], {}, None, Path("."), None, engine=engines[arm])
             steps = []
             for _ in range(args.steps if rnd else 1):
-                micro = batches()
+                micro = random_batches(rng, vocab, cfg)
                 dist.barrier()
                 start = _clock()
                 train_step(ctx, [], micro)
                 steps.append(_since(start))
             if rnd:
                 times[arm].append(steps)
-    hooks = (
-        [] if handle.layout == "zero3" else _time_hooks(engines["update"], handle, args.hook_reps)
-    )
-    foreach = _time_foreach(handle, args.hook_reps)
-    work = hooks or foreach
-    slowest = dist.all_gather_object(statistics.median([h[0] for h in work]))
+    return times
 
-    if not dist.is_main():
-        dist.barrier()
-        return
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engines["none"].module.parameters())
-    zero = engines["none"].zero_optimization_stage()
-    print(
-        f"model: {n_params:,} parameters; {dist.world_size()} rank(s), ZeRO {zero}, "
-        f"{torch.get_num_threads()} torch thread(s), batch {cfg.global_batch(dist.world_size())} "
-        f"x {cfg.data.seq_len} tokens; update masks ({handle.layout}) span "
-        f"{handle.masked_numel:,} elements on rank 0 ({handle_units.masked_numel:,} without "
-        "the token rows)"
-    )
-    base = {k: statistics.median([s[k] for r in times["none"] for s in r]) for k in (0, 1)}
-    seqs = cfg.global_batch(dist.world_size())
+
+def _print_importance(imp_times: dict, base: dict, seqs: int, cfg, args) -> None:
     print(
         f"\nimportance on the engine, seconds per 1,000 sequences ({args.importance_seqs} "
-        f"sequences a round, micro-batch {t.micro_batch_size}), and against training 1,000 "
+        f"sequences a round, micro-batch {cfg.train.micro_batch_size}), and against training 1,000 "
         f"sequences (unmasked median step x {1000 / seqs:.1f}):"
     )
     for mode, xs in imp_times.items():
@@ -273,6 +234,9 @@ def cmd_speed(args: argparse.Namespace) -> None:
                 f"  {mode:5s} {clock:4s} {_spread(per, '{:.1f}')}; training {train_1k:.1f}: "
                 f"ratio {statistics.median(per) / train_1k:.2f}"
             )
+
+
+def _print_steps(times: dict, args) -> None:
     print(
         f"\nstep time ({args.rounds} rounds x {args.steps} steps per arm, rotated order); ratio "
         "to none = per round, median masked step / median unmasked step; then over rounds:"
@@ -291,6 +255,9 @@ def cmd_speed(args: argparse.Namespace) -> None:
                 ratios = [m / n for m, n in med]
                 cell = _spread(ratios)
             print(f"| {arm} | {clock} | {statistics.median(steps):.3f} | {cell} |")
+
+
+def _print_mask_work(handle, hooks: list, foreach: list, base: dict, slowest: list, args) -> None:
     print(
         f"\nupdate-mask work alone, {args.hook_reps} calls, vs the unmasked median step "
         f"({len(handle.targets)} target tensor(s)):"
@@ -312,6 +279,52 @@ def cmd_speed(args: argparse.Namespace) -> None:
         f"{handle.masked_numel * 4 / 2**20:.1f} MiB fp32 on rank 0",
         flush=True,
     )
+
+
+def cmd_speed(args: argparse.Namespace) -> None:
+    import torch
+
+    from cltk import distributed as dist
+    from cltk.methods.das import DasConfig
+    from cltk.validate import load_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dist.init()
+    cfg = load_config(args.config, overrides=args.set, world_size=dist.world_size())
+    cfg.das = cfg.das or DasConfig()
+    vocab = int((cfg.model.config or {}).get("vocab_size") or cfg.tokenizer.train.vocab_size)
+
+    from cltk.methods.das.masking import attach_update_masks, param_masks
+
+    total = args.steps * args.rounds + 2
+    engines = _engines(cfg, vocab, total)
+    imp_times, imp = _time_importance(engines["none"], cfg, vocab, args)
+    handle = attach_update_masks(engines["update"], param_masks(engines["update"].module, imp))
+    units_only = param_masks(engines["update-units"].module, imp, tokens=False)
+    handle_units = attach_update_masks(engines["update-units"], units_only)
+    times = _time_steps(engines, cfg, vocab, args)
+    hooks = [] if handle.layout == "zero3" else _time_hooks(engines["update"], handle, args.hook_reps)
+    foreach = _time_foreach(handle, args.hook_reps)
+    work = hooks or foreach
+    slowest = dist.all_gather_object(statistics.median([h[0] for h in work]))
+
+    if not dist.is_main():
+        dist.barrier()
+        return
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engines["none"].module.parameters())
+    zero = engines["none"].zero_optimization_stage()
+    print(
+        f"model: {n_params:,} parameters; {dist.world_size()} rank(s), ZeRO {zero}, "
+        f"{torch.get_num_threads()} torch thread(s), batch {cfg.global_batch(dist.world_size())} "
+        f"x {cfg.data.seq_len} tokens; update masks ({handle.layout}) span "
+        f"{handle.masked_numel:,} elements on rank 0 ({handle_units.masked_numel:,} without "
+        "the token rows)"
+    )
+    base = {k: statistics.median([s[k] for r in times["none"] for s in r]) for k in (0, 1)}
+    _print_importance(imp_times, base, cfg.global_batch(dist.world_size()), cfg, args)
+    _print_steps(times, args)
+    _print_mask_work(handle, hooks, foreach, base, slowest, args)
     dist.barrier()
 
 

@@ -83,7 +83,7 @@ def train(model, seqs: torch.Tensor, steps: int, args, seed: int, masks=None) ->
         handle.remove()
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--chars", type=int, default=400_000)
@@ -98,16 +98,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--importance-seqs", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    import transformers as T
+    return p.parse_args()
 
+
+def _corpora(args) -> tuple[object, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The tokenizer trained on both corpora, and per corpus its (training, held-out) sequences."""
     from cltk.data.corpora import load_documents
     from cltk.data.tokenizer import train_tokenizer
-    from cltk.methods.das.importance import estimate_importance, normalize
-    from cltk.methods.das.masking import param_masks
 
-    start = time.perf_counter()
     docs = {
         name: load_documents({"builtin": name}, max_chars=args.chars, seed=0, domain=name)
         for name in ("stdlib", "shakespeare")
@@ -119,14 +117,61 @@ def main() -> None:
         seqs = pack(tok, d, args.seq_len)
         seqs = seqs[torch.randperm(len(seqs), generator=torch.Generator().manual_seed(0))]
         data[name] = (seqs[args.eval_seqs :], seqs[: args.eval_seqs])  # (train, held out)
-    code, shk = data["stdlib"], data["shakespeare"]
+    return tok, data
+
+
+def _base_model(tok, args):
+    import transformers as T
+
     config = T.LlamaConfig(
         vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=args.seq_len, tie_word_embeddings=True,
     )
     torch.manual_seed(0)
-    base = T.AutoModelForCausalLM.from_config(config)
+    return T.AutoModelForCausalLM.from_config(config)
+
+
+def _run_seed(base, code, shk, base_code: float, seed: int, args, rows: dict) -> None:
+    """One seed: importance on shakespeare, then each arm trained from the base; a table row each."""
+    from cltk.methods.das.importance import estimate_importance, normalize
+    from cltk.methods.das.masking import param_masks
+
+    gen = torch.Generator().manual_seed(seed)
+    pick = shk[0][torch.randperm(len(shk[0]), generator=gen)[: args.importance_seqs]]
+    batches = [{"input_ids": pick[i : i + args.batch]} for i in range(0, len(pick), args.batch)]
+    imp = normalize(estimate_importance(base, batches, mode="proxy", seed=seed))
+    for arm in ARMS:
+        model = copy.deepcopy(base)
+        masks = None if arm == "naive" else param_masks(model, imp, tokens=arm == "das")
+        train(model, shk[0], args.steps, args, seed=seed, masks=masks)
+        c, s = perplexity(model, code[1]), perplexity(model, shk[1])
+        rows[arm].append((c, s))
+        print(f"| {seed} | {arm} | {c:.2f} | {100 * (c / base_code - 1):+.1f}% | {s:.2f} |",
+              flush=True)
+
+
+def _print_over_seeds(rows: dict[str, list[tuple[float, float]]], base_code: float) -> None:
+    print("\nover seeds: mean (min-max)\n")
+    print("| arm | code ppl | code vs base | shakespeare ppl |")
+    print("|---|---:|---:|---:|")
+    for arm, xs in rows.items():
+        cs, ss = [x[0] for x in xs], [x[1] for x in xs]
+        f = [100 * (c / base_code - 1) for c in cs]
+        print(
+            f"| {arm} | {sum(cs) / len(cs):.2f} ({min(cs):.2f}-{max(cs):.2f}) | "
+            f"{sum(f) / len(f):+.1f}% ({min(f):+.1f}-{max(f):+.1f}) | "
+            f"{sum(ss) / len(ss):.2f} ({min(ss):.2f}-{max(ss):.2f}) |"
+        )
+
+
+def main() -> None:
+    args = _parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    tok, data = _corpora(args)
+    code, shk = data["stdlib"], data["shakespeare"]
+    base = _base_model(tok, args)
     train(base, code[0], args.base_steps, args, seed=0)
     base_code, base_shk = perplexity(base, code[1]), perplexity(base, shk[1])
     n_params = sum(p.numel() for p in base.parameters())
@@ -142,29 +187,8 @@ def main() -> None:
     print("\n| seed | arm | code ppl (base %.2f) | code vs base | shakespeare ppl |" % base_code)
     print("|---|---|---:|---:|---:|")
     for seed in args.seeds:
-        gen = torch.Generator().manual_seed(seed)
-        pick = shk[0][torch.randperm(len(shk[0]), generator=gen)[: args.importance_seqs]]
-        batches = [{"input_ids": pick[i : i + args.batch]} for i in range(0, len(pick), args.batch)]
-        imp = normalize(estimate_importance(base, batches, mode="proxy", seed=seed))
-        for arm in ARMS:
-            model = copy.deepcopy(base)
-            masks = None if arm == "naive" else param_masks(model, imp, tokens=arm == "das")
-            train(model, shk[0], args.steps, args, seed=seed, masks=masks)
-            c, s = perplexity(model, code[1]), perplexity(model, shk[1])
-            rows[arm].append((c, s))
-            print(f"| {seed} | {arm} | {c:.2f} | {100 * (c / base_code - 1):+.1f}% | {s:.2f} |",
-                  flush=True)
-    print("\nover seeds: mean (min-max)\n")
-    print("| arm | code ppl | code vs base | shakespeare ppl |")
-    print("|---|---:|---:|---:|")
-    for arm, xs in rows.items():
-        cs, ss = [x[0] for x in xs], [x[1] for x in xs]
-        f = [100 * (c / base_code - 1) for c in cs]
-        print(
-            f"| {arm} | {sum(cs) / len(cs):.2f} ({min(cs):.2f}-{max(cs):.2f}) | "
-            f"{sum(f) / len(f):+.1f}% ({min(f):+.1f}-{max(f):+.1f}) | "
-            f"{sum(ss) / len(ss):.2f} ({min(ss):.2f}-{max(ss):.2f}) |"
-        )
+        _run_seed(base, code, shk, base_code, seed, args, rows)
+    _print_over_seeds(rows, base_code)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 

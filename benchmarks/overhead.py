@@ -90,45 +90,20 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "examples" / "quickstart.yaml"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--steps", type=int, default=6, help="timed optimizer steps per arm per round")
     ap.add_argument("--rounds", type=int, default=4, help="timed rounds (after one warm-up round)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    import deepspeed
-    import numpy as np
+
+def _optimizer(ds_cfg: dict, t) -> tuple[type, dict]:
+    """cltk's AdamW (DeepSpeedCPUAdam in AdamW mode where the optimizer is offloaded) and its settings."""
     import torch
-    from deepspeed.accelerator import get_accelerator
-    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-    from cltk import distributed as dist
-    from cltk.ds_config import deepspeed_config
-    from cltk.engine import build_engine, param_groups, train_step
-    from cltk.method import StageContext
-    from cltk.models import build_model
-    from cltk.validate import load_config
-
-    dist.init()
-    rank, world = dist.rank(), dist.world_size()
-    cfg = load_config(args.config, overrides=args.set, world_size=world)
-    t = cfg.train
-    mb, gas, seq = t.micro_batch_size, t.gradient_accumulation_steps, cfg.data.seq_len
-    vocab = int((cfg.model.config or {}).get("vocab_size") or cfg.tokenizer.train.vocab_size)
-    tok = VocabOnly(vocab)
-    n_steps = args.steps * (args.rounds + 1)
-    # every step's token rows, the same on every rank; global micro-batch g = (step * gas + j) * world
-    # + rank is the order in which the Trainer's sharded sequential loader hands them out
-    ids = np.random.default_rng(cfg.seed).integers(0, vocab, (n_steps * gas * world * mb, seq))
-
-    def micro_batches(k: int) -> list[torch.Tensor]:
-        gs = [(k * gas + j) * world + rank for j in range(gas)]
-        return [torch.as_tensor(ids[g * mb : (g + 1) * mb]) for g in gs]
-
-    ds_cfg = deepspeed_config(cfg, world, dist.bf16_available())  # what build_engine hands DeepSpeed
     offload = ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     if offload in ("cpu", "nvme"):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -137,67 +112,139 @@ def main() -> None:
     else:
         opt_cls, opt_kw = torch.optim.AdamW, {}
     opt_kw.update(lr=t.lr, betas=tuple(t.betas), eps=EPS, weight_decay=t.weight_decay)
+    return opt_cls, opt_kw
 
-    # (a) cltk
-    engine = build_engine(cfg, build_model(cfg, tok), n_steps, lr_fn=_constant)
-    ctx = StageContext(cfg, None, [], {}, None, Path("."), None, engine=engine)
 
-    # (b) the hand-written DeepSpeed loop
+def _deepspeed_loop(cfg, tok, ds_cfg: dict, opt_cls: type, opt_kw: dict):
+    """The hand-written DeepSpeed loop's engine: ``deepspeed.initialize`` with the same config dict."""
+    import deepspeed
+    import torch
+
+    from cltk.engine import param_groups
+    from cltk.models import build_model
+
     model = build_model(cfg, tok)
-    opt = opt_cls(param_groups(model, t.weight_decay), **opt_kw)
+    opt = opt_cls(param_groups(model, cfg.train.weight_decay), **opt_kw)
     loop, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=opt,
         lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, _constant),
         config=copy.deepcopy(ds_cfg),
     )
+    return loop
 
-    def loop_step(micro: list[torch.Tensor]) -> list[torch.Tensor]:
-        losses = []
-        for x in micro:
-            x = x.to(loop.device)
-            loss = loop(input_ids=x, labels=x).loss
-            loop.backward(loss)
-            loop.step()
-            losses.append(loss.detach())
-        return losses
 
-    def global_mean(losses: list[torch.Tensor]) -> float:
-        return float(dist.all_reduce_sum(torch.stack(losses).sum().reshape(1)) / (len(losses) * world))
+def _loop_step(loop, micro: list) -> list:
+    """The least a DeepSpeed user writes per micro-batch: forward, backward, step."""
+    losses = []
+    for x in micro:
+        x = x.to(loop.device)
+        loss = loop(input_ids=x, labels=x).loss
+        loop.backward(loss)
+        loop.step()
+        losses.append(loss.detach())
+    return losses
 
-    times: dict[str, list[float]] = {a: [] for a in ARMS}
-    first_loss: dict[str, float] = {}
-    steppers = {
-        "cltk": lambda micro: train_step(ctx, [], micro),
-        "DeepSpeed loop": loop_step,
-    }
 
-    def block(rnd: int, arm: str) -> None:
-        for i in range(args.steps):
-            k = rnd * args.steps + i
-            micro = micro_batches(k)
+class _Arms:
+    """The run's token rows, the steppers of the cltk and DeepSpeed-loop arms, and what they measure:
+    per arm the timed steps and the first step's loss."""
+
+    def __init__(self, args, ids, rank: int, world: int, gas: int, mb: int, steppers: dict):
+        self.args, self.ids, self.rank, self.world, self.gas, self.mb = args, ids, rank, world, gas, mb
+        self.steppers = steppers
+        self.times: dict[str, list[float]] = {a: [] for a in ARMS}
+        self.first_loss: dict[str, float] = {}
+
+    def micro_batches(self, k: int) -> list:
+        """Step k's micro-batches of this rank; global micro-batch g = (step * gas + j) * world + rank
+        is the order in which the Trainer's sharded sequential loader hands them out."""
+        import torch
+
+        gs = [(k * self.gas + j) * self.world + self.rank for j in range(self.gas)]
+        return [torch.as_tensor(self.ids[g * self.mb : (g + 1) * self.mb]) for g in gs]
+
+    def global_mean(self, losses: list) -> float:
+        import torch
+
+        from cltk import distributed as dist
+
+        return float(dist.all_reduce_sum(torch.stack(losses).sum().reshape(1)) / (len(losses) * self.world))
+
+    def block(self, rnd: int, arm: str) -> None:
+        from deepspeed.accelerator import get_accelerator
+
+        from cltk import distributed as dist
+
+        for i in range(self.args.steps):
+            k = rnd * self.args.steps + i
+            micro = self.micro_batches(k)
             dist.barrier()
             t0 = time.perf_counter()
-            out = steppers[arm](micro)
+            out = self.steppers[arm](micro)
             get_accelerator().synchronize()
             dt = time.perf_counter() - t0
             if rnd:
-                times[arm].append(dt)
+                self.times[arm].append(dt)
             if k == 0:
-                first_loss[arm] = out["loss"] if arm == "cltk" else global_mean(out)
+                self.first_loss[arm] = out["loss"] if arm == "cltk" else self.global_mean(out)
 
-    def order(rnd: int) -> list[str]:
-        return list(ARMS[rnd % 3 :] + ARMS[: rnd % 3])
-
-    def others(rnd: int, before: bool) -> None:
+    def others(self, rnd: int, before: bool) -> None:
         """The round's blocks of the other arms that come before / after the Trainer's."""
-        o = order(rnd)
+        o = list(ARMS[rnd % 3 :] + ARMS[: rnd % 3])
         i = o.index("HF Trainer")
         for arm in o[:i] if before else o[i + 1 :]:
-            block(rnd, arm)
+            self.block(rnd, arm)
 
-    # (c) transformers' Trainer: its loop drives the run; the callback times its steps and runs the
-    # other arms' blocks between its own
+
+def _trainer_args(cfg, ds_cfg: dict, n_steps: int, out_dir: str):
+    """The Trainer's settings: the same DeepSpeed dict, batch, optimizer settings and clipping; a
+    constant LR; sequential reading; logging, saving and evaluation off."""
+    from deepspeed.accelerator import get_accelerator
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    return TrainingArguments(
+        output_dir=out_dir,
+        deepspeed=copy.deepcopy(ds_cfg),
+        use_cpu=get_accelerator().device_name() == "cpu",
+        per_device_train_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_steps=n_steps,
+        learning_rate=t.lr,
+        adam_beta1=t.betas[0],
+        adam_beta2=t.betas[1],
+        adam_epsilon=EPS,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=t.grad_clip,
+        bf16=bool(ds_cfg.get("bf16", {}).get("enabled")),
+        fp16=bool(ds_cfg.get("fp16", {}).get("enabled")),
+        seed=cfg.seed,
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=get_accelerator().device_name() != "cpu",
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+    )
+
+
+def _train_with_trainer(cfg, tok, ds_cfg: dict, n_steps: int, optimizer: tuple, arms: _Arms):
+    """transformers' Trainer: its loop drives the run; the callback times its steps and runs the other
+    arms' blocks between its own. Returns the Trainer's engine."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+    from transformers import PrinterCallback, Trainer, TrainerCallback
+
+    from cltk import distributed as dist
+    from cltk.models import build_model
+
+    ids, steps, rounds, world = arms.ids, arms.args.steps, arms.args.rounds, arms.world
+
     class Rows(torch.utils.data.Dataset):
         def __len__(self) -> int:
             return len(ids)
@@ -214,96 +261,110 @@ def main() -> None:
             self.t0 = time.perf_counter()
 
         def on_train_begin(self, args_, state, control, **kw):
-            others(0, before=True)
+            arms.others(0, before=True)
             self.start()
 
         def on_step_end(self, args_, state, control, **kw):
             get_accelerator().synchronize()
             dt = time.perf_counter() - self.t0
             k = state.global_step - 1
-            rnd = k // args.steps
+            rnd = k // steps
             if rnd:
-                times["HF Trainer"].append(dt)
+                arms.times["HF Trainer"].append(dt)
             if k == 0:
                 # the step's summed micro-batch losses (each over the global token count x world):
                 # the rank's share of the global mean times world; a private attribute, hence getattr
                 tr = getattr(trainer, "_tr_loss", None)
                 tr = torch.full((1,), float("nan")) if tr is None else tr.detach().reshape(1).clone()
-                first_loss["HF Trainer"] = float(dist.all_reduce_sum(tr) / world)
-            if (k + 1) % args.steps == 0:
-                others(rnd, before=False)
-                if rnd < args.rounds:
-                    others(rnd + 1, before=True)
+                arms.first_loss["HF Trainer"] = float(dist.all_reduce_sum(tr) / world)
+            if (k + 1) % steps == 0:
+                arms.others(rnd, before=False)
+                if rnd < rounds:
+                    arms.others(rnd + 1, before=True)
             self.start()
 
     out_dir = tempfile.mkdtemp(prefix="cltk-overhead-")  # the Trainer's output_dir; nothing is saved
     atexit.register(shutil.rmtree, out_dir, True)  # also when an arm fails
-    bf16 = bool(ds_cfg.get("bf16", {}).get("enabled"))
-    fp16 = bool(ds_cfg.get("fp16", {}).get("enabled"))
-    targs = TrainingArguments(
-        output_dir=out_dir,
-        deepspeed=copy.deepcopy(ds_cfg),
-        use_cpu=get_accelerator().device_name() == "cpu",
-        per_device_train_batch_size=mb,
-        gradient_accumulation_steps=gas,
-        max_steps=n_steps,
-        learning_rate=t.lr,
-        adam_beta1=t.betas[0],
-        adam_beta2=t.betas[1],
-        adam_epsilon=EPS,
-        weight_decay=t.weight_decay,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        max_grad_norm=t.grad_clip,
-        bf16=bf16,
-        fp16=fp16,
-        seed=cfg.seed,
-        train_sampling_strategy="sequential",
-        dataloader_num_workers=0,
-        dataloader_pin_memory=get_accelerator().device_name() != "cpu",
-        logging_strategy="no",
-        save_strategy="no",
-        eval_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-    )
     trainer = Trainer(
         model=build_model(cfg, tok),
-        args=targs,
+        args=_trainer_args(cfg, ds_cfg, n_steps, out_dir),
         train_dataset=Rows(),
         callbacks=[Driver()],
         # the AdamW that optim="adamw_torch" builds from the adam_* arguments above, named outright so
         # that an offloaded optimizer is DeepSpeedCPUAdam as in cltk (Trainer's own decay grouping)
-        optimizer_cls_and_kwargs=(opt_cls, dict(opt_kw)),
+        optimizer_cls_and_kwargs=(optimizer[0], dict(optimizer[1])),
     )
     trainer.remove_callback(PrinterCallback)  # the final train_runtime line; no other logs are made
     trainer.train()
-    hf = trainer.model_wrapped
+    return trainer.model_wrapped
+
+
+def _report(args, engines: dict, arms: _Arms, gas: int, mb: int, seq: int) -> None:
+    """Rank 0's table: per arm the median step, its quartiles, tokens/s and cltk's ratio; the first
+    step's losses; how each engine's DeepSpeed config differs from cltk's."""
+    times, world, engine = arms.times, arms.world, engines["cltk"]
+    med = {a: statistics.median(v) for a, v in times.items()}
+    quart = {a: statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3 for a, v in times.items()}
+    tokens = world * gas * mb * seq
+    n_params = sum(p.numel() for p in engine.module.parameters())
+    prec = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
+    print(
+        f"\n{world} rank(s), device {engine.device}, ZeRO {engine.zero_optimization_stage()}, {prec}; "
+        f"{n_params / 1e6:.2f}M parameters; {gas} micro-batch(es) of {mb} x {seq} tokens per rank "
+        f"per step ({tokens} tokens per step); {args.rounds} rounds x {args.steps} steps per arm"
+    )
+    print("| arm | median step (s) | quartiles (s) | tokens/s | cltk / arm (tokens/s) |")
+    print("|---|---:|---:|---:|---:|")
+    for a in ARMS:
+        q = quart[a]
+        print(
+            f"| {a} | {med[a]:.4f} | {q[0]:.4f}-{q[2]:.4f} | {tokens / med[a]:,.0f} "
+            f"| {med[a] / med['cltk']:.3f}x |"
+        )
+    print("first step's loss: " + ", ".join(f"{a} {arms.first_loss[a]:.5f}" for a in ARMS))
+    base = engine._config._param_dict
+    for a in ("DeepSpeed loop", "HF Trainer"):
+        diff = _config_diff(base, engines[a]._config._param_dict)
+        print(f"DeepSpeed config, cltk -> {a}: " + ("; ".join(diff) if diff else "identical"))
+
+
+def main() -> None:
+    args = _parse_args()
+
+    import numpy as np
+
+    from cltk import distributed as dist
+    from cltk.ds_config import deepspeed_config
+    from cltk.engine import build_engine, train_step
+    from cltk.method import StageContext
+    from cltk.models import build_model
+    from cltk.validate import load_config
+
+    dist.init()
+    rank, world = dist.rank(), dist.world_size()
+    cfg = load_config(args.config, overrides=args.set, world_size=world)
+    t = cfg.train
+    mb, gas, seq = t.micro_batch_size, t.gradient_accumulation_steps, cfg.data.seq_len
+    vocab = int((cfg.model.config or {}).get("vocab_size") or cfg.tokenizer.train.vocab_size)
+    tok = VocabOnly(vocab)
+    n_steps = args.steps * (args.rounds + 1)
+    # every step's token rows, the same on every rank (see _Arms.micro_batches)
+    ids = np.random.default_rng(cfg.seed).integers(0, vocab, (n_steps * gas * world * mb, seq))
+    ds_cfg = deepspeed_config(cfg, world, dist.bf16_available())  # what build_engine hands DeepSpeed
+    opt_cls, opt_kw = _optimizer(ds_cfg, t)
+
+    engine = build_engine(cfg, build_model(cfg, tok), n_steps, lr_fn=_constant)  # (a) cltk
+    ctx = StageContext(cfg, None, [], {}, None, Path("."), None, engine=engine)
+    loop = _deepspeed_loop(cfg, tok, ds_cfg, opt_cls, opt_kw)  # (b) the hand-written DeepSpeed loop
+    steppers = {
+        "cltk": lambda micro: train_step(ctx, [], micro),
+        "DeepSpeed loop": lambda micro: _loop_step(loop, micro),
+    }
+    arms = _Arms(args, ids, rank, world, gas, mb, steppers)
+    hf = _train_with_trainer(cfg, tok, ds_cfg, n_steps, (opt_cls, opt_kw), arms)  # (c) the Trainer
 
     if dist.is_main():
-        med = {a: statistics.median(v) for a, v in times.items()}
-        quart = {a: statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3 for a, v in times.items()}
-        tokens = world * gas * mb * seq
-        n_params = sum(p.numel() for p in engine.module.parameters())
-        prec = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
-        print(
-            f"\n{world} rank(s), device {engine.device}, ZeRO {engine.zero_optimization_stage()}, {prec}; "
-            f"{n_params / 1e6:.2f}M parameters; {gas} micro-batch(es) of {mb} x {seq} tokens per rank "
-            f"per step ({tokens} tokens per step); {args.rounds} rounds x {args.steps} steps per arm"
-        )
-        print("| arm | median step (s) | quartiles (s) | tokens/s | cltk / arm (tokens/s) |")
-        print("|---|---:|---:|---:|---:|")
-        for a in ARMS:
-            q = quart[a]
-            print(
-                f"| {a} | {med[a]:.4f} | {q[0]:.4f}-{q[2]:.4f} | {tokens / med[a]:,.0f} "
-                f"| {med[a] / med['cltk']:.3f}x |"
-            )
-        print("first step's loss: " + ", ".join(f"{a} {first_loss[a]:.5f}" for a in ARMS))
-        base = engine._config._param_dict
-        for a, e in (("DeepSpeed loop", loop), ("HF Trainer", hf)):
-            diff = _config_diff(base, e._config._param_dict)
-            print(f"DeepSpeed config, cltk -> {a}: " + ("; ".join(diff) if diff else "identical"))
+        _report(args, {"cltk": engine, "DeepSpeed loop": loop, "HF Trainer": hf}, arms, gas, mb, seq)
     dist.barrier()
     for e in (engine, loop, hf):
         e.destroy()

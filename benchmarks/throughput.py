@@ -76,7 +76,10 @@ def peak_flops(name: str) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def main() -> None:
+ARMS = {"checkpointing off": False, "checkpointing on": True}  # arm -> activation checkpointing
+
+
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=["smollm2", "llama1b", "small", "tiny"], default="tiny")
     ap.add_argument("--seq", type=int, default=2048)
@@ -87,15 +90,91 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="timed rounds (after one warm-up round)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def _time_arms(args, ctx, vocab: int) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Per arm the timed steps (s) and the peak memory of the timed rounds (bytes); arms alternate
+    their order by round, round 0 warms up."""
     import numpy as np
     import torch
 
+    from cltk.activations import checkpointing_suspended
+    from cltk.engine import train_step
+
+    cuda = torch.cuda.is_available()
+    rng = np.random.default_rng(0)
+    times: dict[str, list[float]] = {a: [] for a in ARMS}
+    peaks: dict[str, int] = dict.fromkeys(ARMS, 0)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for rnd in range(args.rounds + 1):
+        for arm in (list(ARMS) if rnd % 2 == 0 else list(ARMS)[::-1]):
+            with PeakMemory() as mem:
+                for _ in range(args.steps):
+                    x = torch.as_tensor(rng.integers(0, vocab, (args.micro, args.seq)))
+                    sync()
+                    t0 = time.perf_counter()
+                    if ARMS[arm]:
+                        train_step(ctx, [], [x])
+                    else:
+                        with checkpointing_suspended(ctx.engine.module):
+                            train_step(ctx, [], [x])
+                    sync()
+                    if rnd:
+                        times[arm].append(time.perf_counter() - t0)
+            if rnd:  # the warm-up round allocates the optimizer state
+                peaks[arm] = max(peaks[arm], mem.peak if cuda else mem.added)
+    return times, peaks
+
+
+def _rows(cfg, args, shape, times, peaks, cuda: bool, device: str) -> list[dict]:
+    """Per arm: median step, tokens/s, MFU where the peak is known, peak memory and the plan's figure."""
+    from cltk.memplan import estimate, setup_of
+
+    tokens = args.micro * args.seq
+    flops_per_token = 6 * shape.params + 12 * shape.layers * shape.hidden * args.seq
+    peak = peak_flops(device) if cuda else None
+    rows = []
+    for arm, ckpt in ARMS.items():
+        med = statistics.median(times[arm])
+        setup = setup_of(cfg, 1, 1, "cuda" if cuda else "cpu")
+        setup.checkpointing = ckpt
+        plan = estimate(cfg, shape, setup)
+        planned = plan.total - sum(b for part, _, b in plan.lines if part == "runtime")
+        if not cuda:  # RSS above the start: the model states were there already
+            planned = sum(b for part, _, b in plan.lines if part in ("activations", "buffers"))
+        rows.append({"arm": arm, "step_s": med, "tokens_per_s": tokens / med,
+                     "mfu": (flops_per_token * tokens / med / peak) if peak else None,
+                     "peak_memory_gib": peaks[arm] / 2**30, "plan_gib": planned / 2**30})
+    return rows
+
+
+def _print_result(args, result: dict) -> None:
+    from cltk.memplan import GIB, gib
+
+    rows = result["rows"]
+    print(f"{args.model}: {result['parameters']:,} parameters, {result['precision']}, "
+          f"{result['device']}, {result['optimizer']}, {args.micro} x {args.seq} tokens, "
+          f"ZeRO {args.zero}, {result['attention']} attention")
+    print("| arm | step | tokens/s per GPU | MFU | peak memory | plan |\n|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        print(f"| {r['arm']} | {r['step_s'] * 1e3:.0f} ms | {r['tokens_per_s']:,.0f} | {mfu} | "
+              f"{gib(r['peak_memory_gib'] * GIB)} | {gib(r['plan_gib'] * GIB)} |")
+    off, on = rows
+    print(f"checkpointing on / off: step time {on['step_s'] / off['step_s']:.2f}x, peak memory "
+          f"{on['peak_memory_gib'] / max(off['peak_memory_gib'], 1e-9):.2f}x")
+
+
+def main() -> None:
+    args = _parse_args()
+
+    import torch
+
     from cltk import distributed as dist
-    from cltk.activations import checkpointing_suspended, enable_activation_checkpointing
-    from cltk.engine import build_engine, describe_optimizer, train_step
-    from cltk.memplan import GIB, estimate, gib, model_shape, setup_of
+    from cltk.activations import enable_activation_checkpointing
+    from cltk.engine import build_engine, describe_optimizer
+    from cltk.memplan import model_shape
     from cltk.method import StageContext
     from cltk.models import build_model, load_gguf_tokenizer
     from cltk.validate import load_config
@@ -110,48 +189,11 @@ def main() -> None:
     n_steps = args.steps * (args.rounds + 1) * 2
     engine = build_engine(cfg, model, n_steps, lr_fn=lambda s: 1.0)
     ctx = StageContext(cfg, None, [], {}, None, Path("."), None, engine=engine)
-    vocab = len(tok)
-    rng = np.random.default_rng(0)
     shape = model_shape(cfg)
-    params = shape.params
-    flops_per_token = 6 * params + 12 * shape.layers * shape.hidden * args.seq
     device = torch.cuda.get_device_name() if cuda else "cpu"
-    arms = {"checkpointing off": False, "checkpointing on": True}
-    times: dict[str, list[float]] = {a: [] for a in arms}
-    peaks: dict[str, int] = dict.fromkeys(arms, 0)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    for rnd in range(args.rounds + 1):
-        for arm in (list(arms) if rnd % 2 == 0 else list(arms)[::-1]):
-            with PeakMemory() as mem:
-                for _ in range(args.steps):
-                    x = torch.as_tensor(rng.integers(0, vocab, (args.micro, args.seq)))
-                    sync()
-                    t0 = time.perf_counter()
-                    if arms[arm]:
-                        train_step(ctx, [], [x])
-                    else:
-                        with checkpointing_suspended(engine.module):
-                            train_step(ctx, [], [x])
-                    sync()
-                    if rnd:
-                        times[arm].append(time.perf_counter() - t0)
-            if rnd:  # the warm-up round allocates the optimizer state
-                peaks[arm] = max(peaks[arm], mem.peak if cuda else mem.added)
-    tokens = args.micro * args.seq
-    peak = peak_flops(device) if cuda else None
-    rows = []
-    for arm, ckpt in arms.items():
-        med = statistics.median(times[arm])
-        setup = setup_of(cfg, 1, 1, "cuda" if cuda else "cpu")
-        setup.checkpointing = ckpt
-        plan = estimate(cfg, shape, setup)
-        planned = plan.total - sum(b for part, _, b in plan.lines if part == "runtime")
-        if not cuda:  # RSS above the start: the model states were there already
-            planned = sum(b for part, _, b in plan.lines if part in ("activations", "buffers"))
-        rows.append({"arm": arm, "step_s": med, "tokens_per_s": tokens / med,
-                     "mfu": (flops_per_token * tokens / med / peak) if peak else None,
-                     "peak_memory_gib": peaks[arm] / 2**30, "plan_gib": planned / 2**30})
-    result = {"model": args.model, "parameters": params, "device": device,
+    times, peaks = _time_arms(args, ctx, len(tok))
+    rows = _rows(cfg, args, shape, times, peaks, cuda, device)
+    result = {"model": args.model, "parameters": shape.params, "device": device,
               "precision": "bf16" if engine.bfloat16_enabled() else "fp32",
               "optimizer": describe_optimizer(engine), "zero": args.zero,
               "attention": model.config._attn_implementation,
@@ -159,17 +201,7 @@ def main() -> None:
               "memory_measured": "max_memory_allocated" if cuda else "RSS added during the steps",
               "plan_counts": "whole plan less the runtime allowance" if cuda else
               "activations + buffers (what the steps add on a CPU)"}
-    print(f"{args.model}: {params:,} parameters, {result['precision']}, {device}, "
-          f"{result['optimizer']}, {args.micro} x {args.seq} tokens, ZeRO {args.zero}, "
-          f"{result['attention']} attention")
-    print("| arm | step | tokens/s per GPU | MFU | peak memory | plan |\n|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"| {r['arm']} | {r['step_s'] * 1e3:.0f} ms | {r['tokens_per_s']:,.0f} | {mfu} | "
-              f"{gib(r['peak_memory_gib'] * GIB)} | {gib(r['plan_gib'] * GIB)} |")
-    off, on = rows
-    print(f"checkpointing on / off: step time {on['step_s'] / off['step_s']:.2f}x, peak memory "
-          f"{on['peak_memory_gib'] / max(off['peak_memory_gib'], 1e-9):.2f}x")
+    _print_result(args, result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     sys.stdout.flush()

@@ -122,13 +122,25 @@ def fake_stage(model, steps: int, name: str):
     return SimpleNamespace(engine=engine, step=0, schedule=range(steps), stage=stage)
 
 
-def test_hooks_equal_adamw_on_loss_plus_penalty():
-    """Stage 1 makes F (mean g^2 of its last 2 of 3 steps) and theta*; stage 2's steps with the
-    hooks equal plain AdamW on CE + lam/2 sum F (theta - theta*)^2 through autograd: gradients,
-    weights and the reported penalty."""
-    lam = 300.0
-    model, ref = tiny(), tiny()
-    method = EwcMethod(EwcConfig(lam=lam, gamma=1.0, fisher_steps=2))
+def perturb(*models, seed: int = 5) -> None:
+    """The same seeded noise (sd 0.05) added to each model's parameters: a start elsewhere."""
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        for ps in zip(*(m.parameters() for m in models)):
+            noise = 0.05 * torch.randn(ps[0].shape, generator=gen)
+            for p in ps:
+                p.add_(noise)
+
+
+def ewc_penalty(fisher: dict, anchor: dict, model, lam: float) -> torch.Tensor:
+    """lam/2 sum F (theta - theta*)^2, through autograd."""
+    return lam / 2 * sum(
+        (fisher[n] * (p - anchor[n]) ** 2).sum() for n, p in model.named_parameters()
+    )
+
+
+def _stage_one_matches(method, model, ref) -> tuple[object, dict, dict]:
+    """Stage 1, the hooks beside plain AdamW: F and theta* equal the reference's (returned)."""
     ctx = fake_stage(model, 3, "s1")
     method.on_engine_ready(ctx)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
@@ -151,16 +163,11 @@ def test_hooks_equal_adamw_on_loss_plus_penalty():
     for n in fisher:
         torch.testing.assert_close(got_f[n], fisher[n], rtol=1e-6, atol=1e-12)
         torch.testing.assert_close(got_a[n], anchor[n], rtol=0, atol=0)
+    return ctx, fisher, anchor
 
-    # stage 2 starts elsewhere (as from a bf16 export): the penalty pulls back
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(5)
-        for p, q in zip(model.parameters(), ref.parameters()):
-            noise = 0.05 * torch.randn(p.shape, generator=gen)
-            p.add_(noise)
-            q.add_(noise)
-    saved_state, buffer = method.state_dict(), io.BytesIO()
-    torch.save(method.state_tensors(), buffer)  # as into methods_rank0.pt
+
+def _stage_two_matches(method, model, ref, fisher: dict, anchor: dict, lam: float) -> None:
+    """Stage 2's steps with the hooks equal plain AdamW on CE + penalty: gradients, weights, penalty."""
     ctx = fake_stage(model, 4, "s2")
     method.on_engine_ready(ctx)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
@@ -170,9 +177,7 @@ def test_hooks_equal_adamw_on_loss_plus_penalty():
         model(input_ids=ids, labels=ids).loss.backward()
         ce_grad = {n: p.grad.clone() for n, p in model.named_parameters()}
         ctx.engine.optimizer.step()  # the hook adds lam F (theta - theta*) to .grad first
-        penalty = sum(
-            (fisher[n] * (p - anchor[n]) ** 2).sum() for n, p in ref.named_parameters()
-        ) * (lam / 2)
+        penalty = ewc_penalty(fisher, anchor, ref, lam)
         (ref(input_ids=ids, labels=ids).loss + penalty).backward()
         assert float(reported) == pytest.approx(float(penalty.detach()), rel=1e-5)
         moved = sum(float((p.grad - ce_grad[n]).norm()) for n, p in model.named_parameters())
@@ -185,7 +190,9 @@ def test_hooks_equal_adamw_on_loss_plus_penalty():
         ctx.engine.optimizer.zero_grad()
         ref_opt.zero_grad()
 
-    # the saved state restores into a new method on a new engine; a different layout is refused
+
+def _saved_state_restores(method, model, saved_state: dict, buffer: io.BytesIO, lam: float) -> None:
+    """The saved state restores into a new method on a new engine; a different layout is refused."""
     buffer.seek(0)
     saved_tensors = torch.load(buffer, weights_only=True)
     again = EwcMethod(EwcConfig(lam=lam, gamma=1.0, fisher_steps=2, report_penalty=False))
@@ -203,6 +210,21 @@ def test_hooks_equal_adamw_on_loss_plus_penalty():
     lost.load_state_dict(saved_state)
     with pytest.raises(EwcStateError, match="holds none"):
         lost.load_state_tensors({})
+
+
+def test_hooks_equal_adamw_on_loss_plus_penalty():
+    """Stage 1 makes F (mean g^2 of its last 2 of 3 steps) and theta*; stage 2's steps with the
+    hooks equal plain AdamW on CE + lam/2 sum F (theta - theta*)^2 through autograd: gradients,
+    weights and the reported penalty."""
+    lam = 300.0
+    model, ref = tiny(), tiny()
+    method = EwcMethod(EwcConfig(lam=lam, gamma=1.0, fisher_steps=2))
+    _, fisher, anchor = _stage_one_matches(method, model, ref)
+    perturb(model, ref)  # stage 2 starts elsewhere (as from a bf16 export): the penalty pulls back
+    saved_state, buffer = method.state_dict(), io.BytesIO()
+    torch.save(method.state_tensors(), buffer)  # as into methods_rank0.pt
+    _stage_two_matches(method, model, ref, fisher, anchor, lam)
+    _saved_state_restores(method, model, saved_state, buffer, lam)
 
 
 def test_resume_inside_the_fisher_window_equals_an_uninterrupted_stage():
@@ -283,13 +305,8 @@ def global_ce(model, step: int, world: int, stage_b: bool) -> torch.Tensor:
     return sum(model(input_ids=b, labels=b).loss for b in ids) / world
 
 
-def ewc_under_zero(stage: int, old_method) -> tuple[dict, object]:
-    from cltk import distributed as dist
-    from cltk.methods.kit.zero_view import zero_view
-
-    rank, world = dist.rank(), dist.world_size()
-    out: dict = {"stage": stage, "world": world}
-    # ----- stage A: Fisher and anchor -----------------------------------------------------------
+def _zero_stage_a(stage: int, rank: int, world: int, out: dict, clipped: list[bool]):
+    """Stage A: F and anchor under ZeRO against plain torch (errors into ``out``); the reference's."""
     ref = tiny_llama(**ODD_SIZES)
     ref_opt = optimizer(ref)
     engine = engine_for(tiny_llama(**ODD_SIZES), stage)
@@ -297,7 +314,6 @@ def ewc_under_zero(stage: int, old_method) -> tuple[dict, object]:
     ctx = stage_context(engine, STEPS_A, "A")
     method.on_engine_ready(ctx)
     fisher = {n: torch.zeros_like(p) for n, p in ref.named_parameters()}
-    clipped: list[bool] = []  # DeepSpeed clips before the EWC hook sees g; so does the reference
     for step in range(STEPS_A):
         ctx.step = step
         ids = batch(step, rank, False)
@@ -321,20 +337,23 @@ def ewc_under_zero(stage: int, old_method) -> tuple[dict, object]:
     out["state_bytes_rank"] = sum(4 * t.numel() for t in method.fisher + method.anchor)
     out["trainable"] = sum(p.numel() for p in ref.parameters())
     engine.destroy()
+    return method, ref, fisher, anchor
 
-    # ----- stage B: the penalty, on a new engine from perturbed weights ------------------------
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(5)
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+def _foreign_refused(old_method, engine) -> bool:
+    """State made by another ZeRO layout must be refused, not misread."""
+    try:
+        old_method.on_engine_ready(stage_context(engine, STEPS_B, "B"))
+    except EwcStateError:
+        return True
+    return False
+
+
+def _zero_stage_b(engine, method, ref, fisher, anchor, rank, world, clipped) -> dict:
+    """Stage B: the penalty's steps under ZeRO against plain torch on CE + penalty; the errors."""
+    from cltk.methods.kit.zero_view import zero_view
+
     ref_opt = optimizer(ref)
-    engine = engine_for(copy.deepcopy(ref), stage)
-    if old_method is not None:  # state made by another ZeRO layout must be refused, not misread
-        try:
-            old_method.on_engine_ready(stage_context(engine, STEPS_B, "B"))
-            out["foreign_refused"] = False
-        except EwcStateError:
-            out["foreign_refused"] = True
     ctx = stage_context(engine, STEPS_B, "B")
     method.on_engine_ready(ctx)
     seen: list[torch.Tensor] = []
@@ -349,9 +368,7 @@ def ewc_under_zero(stage: int, old_method) -> tuple[dict, object]:
         engine.backward(engine(input_ids=ids, labels=ids).loss)
         engine.step()
         got = gather_partitions(grads, [t for _, t in sorted(seen, key=lambda x: x[0])], ref)
-        penalty = LAM / 2 * sum(
-            (fisher[n] * (p - anchor[n]) ** 2).sum() for n, p in ref.named_parameters()
-        )
+        penalty = ewc_penalty(fisher, anchor, ref, LAM)
         global_ce(ref, step, world, True).backward()
         clipped.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)) > CLIP)
         ce_grad = {n: p.grad.clone() for n, p in ref.named_parameters()}
@@ -365,14 +382,24 @@ def ewc_under_zero(stage: int, old_method) -> tuple[dict, object]:
     final = {n: p.detach() for n, p in ref.named_parameters()}
     parts = [p.tensor.detach() for p in method.view.partitions]
     weight_err = rel_err(gather_partitions(method.view, parts, ref), final)
-    out.update(
-        clipped_steps=sum(clipped),
-        grad_rel_err=grad_err,
-        penalty_rel_err=pen_err,
-        weight_rel_err=weight_err,
-        penalty_grad_share=pen_share,
-    )
     method.on_stage_end(ctx)
+    return dict(grad_rel_err=grad_err, penalty_rel_err=pen_err, weight_rel_err=weight_err,
+                penalty_grad_share=pen_share)
+
+
+def ewc_under_zero(stage: int, old_method) -> tuple[dict, object]:
+    from cltk import distributed as dist
+
+    rank, world = dist.rank(), dist.world_size()
+    out: dict = {"stage": stage, "world": world}
+    clipped: list[bool] = []  # DeepSpeed clips before the EWC hook sees g; so does the reference
+    method, ref, fisher, anchor = _zero_stage_a(stage, rank, world, out, clipped)
+    perturb(ref)  # stage B: the penalty, on a new engine from perturbed weights
+    engine = engine_for(copy.deepcopy(ref), stage)
+    if old_method is not None:
+        out["foreign_refused"] = _foreign_refused(old_method, engine)
+    errors = _zero_stage_b(engine, method, ref, fisher, anchor, rank, world, clipped)
+    out.update(clipped_steps=sum(clipped), **errors)
     engine.destroy()
     return out, method
 
