@@ -177,17 +177,13 @@ def _ranked_lm() -> type:
 
         def _anyone(self, busy: bool) -> bool:
             """Whether any rank is still running real forwards (collective, as a forward is)."""
-            flag = torch.tensor([int(busy)], device=self._device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            return bool(flag.item())
+            flag = dist.all_reduce_sum(torch.tensor([int(busy)], device=self._device))
+            return bool(flag.item() > 0)
 
         def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
             if self._world_size <= 1:
                 return tensor
-            t = tensor.reshape(1) if tensor.ndim == 0 else tensor
-            parts = [torch.empty_like(t) for _ in range(self._world_size)]
-            torch.distributed.all_gather(parts, t)
-            return torch.cat(parts)
+            return dist.all_gather_cat(tensor.reshape(1) if tensor.ndim == 0 else tensor)
 
         def barrier(self) -> None:
             dist.barrier()
