@@ -95,7 +95,19 @@ def init(timeout_minutes: float | None = None) -> None:
     deepspeed.init_distributed(
         dist_backend=backend(), timeout=datetime.timedelta(minutes=minutes), verbose=False
     )
+    _forget_deepspeed_groups()
     release_shm_names()
+
+
+def _forget_deepspeed_groups() -> None:
+    """A new process group makes DeepSpeed's cached clones of an earlier one stale: a second run in one
+    Python process (``cltk.train`` twice, a notebook) would otherwise hand ``deepspeed.initialize`` a
+    destroyed group ("Group ... is not registered"). DeepSpeed keeps them as module globals (0.19.8)."""
+    from deepspeed.utils import groups
+
+    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
+        if hasattr(groups, name):
+            setattr(groups, name, None)
 
 
 def release_shm_names() -> None:
