@@ -43,3 +43,25 @@ def pytest_sessionfinish(session, exitstatus):
         reporter.ensure_newline()
         reporter.write_line(message, red=True)
     session.exitstatus = 1
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A process group of one for in-process runs that get past the config (the environment restored
+    and the group destroyed afterwards)."""
+    from cltk.distributed import free_port
+
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield
+    import torch.distributed as td
+
+    if td.is_initialized():
+        td.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -28,25 +28,6 @@ from tests.tiny_run import TINY_MODEL, write_tiny_run
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def process_group():
-    """A process group of one for the cases that get past the config (restored afterwards)."""
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield
-    import torch.distributed as td
-
-    if td.is_initialized():
-        td.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 def snapshot(out: Path) -> dict[str, tuple[int, int]] | None:
     if not out.exists():
         return None

@@ -71,22 +71,9 @@ def check(cfg: RunConfig, ewc: EwcConfig) -> None:
 def _check_precision(cfg: RunConfig) -> None:
     """EWC works on the fp32 master weights DeepSpeed's optimizer steps on (:mod:`cltk.methods.kit.zero_view`);
     without ZeRO, bf16 / fp16 training hides them in a wrapper cltk cannot read: refused at load."""
-    from cltk.distributed import bf16_available
-    from cltk.ds_config import load_deepspeed_json
+    from cltk.methods.kit.zero_view import check_fp32_reachable
 
-    path = cfg.resolve(cfg.deepspeed)
-    ds = load_deepspeed_json(path)  # type: ignore[arg-type]
-    if (ds.get("zero_optimization") or {}).get("stage", 0) != 0:
-        return
-    for prec in ("bf16", "fp16"):
-        enabled = (ds.get(prec) or {}).get("enabled", False)
-        if enabled is True or (prec == "bf16" and enabled == "auto" and bf16_available()):
-            raise ConfigError(
-                "ewc",
-                f"{path}: ZeRO stage 0 with {prec} keeps the fp32 weights where EWC cannot "
-                "reach them; use ZeRO stage 1, 2 or 3 (e.g. ds_configs/zero1.json), or fp32",
-            )
-
+    check_fp32_reachable(cfg, "ewc", "EWC")
 
 
 def memory(cfg: RunConfig, section: EwcConfig, inputs: Any) -> dict[str, int]:

@@ -75,8 +75,7 @@ def check_averaging(cfg, key: str) -> None:
     does not have: it trains a new adapter per domain on a frozen base.
     """
     from cltk.config import ConfigError
-    from cltk.distributed import bf16_available
-    from cltk.ds_config import load_deepspeed_json
+    from cltk.methods.kit.zero_view import check_fp32_reachable
     from cltk.registry import active
 
     frozen = [spec.name for spec, section in active(cfg) if spec.freezes_base(section)]
@@ -87,15 +86,4 @@ def check_averaging(cfg, key: str) -> None:
             f"weights of before and after a stage to average (averaging adapters is another "
             f"method); use one of {key} or {frozen[0]}",
         )
-    path = cfg.resolve(cfg.deepspeed)
-    ds = load_deepspeed_json(path)  # type: ignore[arg-type]
-    if (ds.get("zero_optimization") or {}).get("stage", 0) != 0:
-        return
-    for prec in ("bf16", "fp16"):
-        enabled = (ds.get(prec) or {}).get("enabled", False)
-        if enabled is True or (prec == "bf16" and enabled == "auto" and bf16_available()):
-            raise ConfigError(
-                key,
-                f"{path}: ZeRO stage 0 with {prec} keeps the fp32 weights where {key} cannot reach "
-                "them; use ZeRO stage 1, 2 or 3 (e.g. ds_configs/zero1.json), or fp32",
-            )
+    check_fp32_reachable(cfg, key, key)

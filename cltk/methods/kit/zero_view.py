@@ -240,3 +240,25 @@ def zero_view(engine) -> ZeroView:
     if getattr(ds_opt, "backup_optimizer", None) is not None:
         inner.append(ds_opt.backup_optimizer)
     return ZeroView(layout, parts, inner)
+
+
+def check_fp32_reachable(cfg, key: str, who: str) -> None:
+    """Refuse, at load, a run whose fp32 master weights no partition view can reach: ZeRO stage 0 with
+    bf16 / fp16 hides them in DeepSpeed's wrapper. ``key`` names the config section in the error,
+    ``who`` the method in its text (EWC, merge, ema)."""
+    from cltk.distributed import bf16_available
+    from cltk.ds_config import load_deepspeed_json
+    from cltk.errors import ConfigError
+
+    path = cfg.resolve(cfg.deepspeed)
+    ds = load_deepspeed_json(path)
+    if (ds.get("zero_optimization") or {}).get("stage", 0) != 0:
+        return
+    for prec in ("bf16", "fp16"):
+        enabled = (ds.get(prec) or {}).get("enabled", False)
+        if enabled is True or (prec == "bf16" and enabled == "auto" and bf16_available()):
+            raise ConfigError(
+                key,
+                f"{path}: ZeRO stage 0 with {prec} keeps the fp32 weights where {who} cannot reach "
+                "them; use ZeRO stage 1, 2 or 3 (e.g. ds_configs/zero1.json), or fp32",
+            )
