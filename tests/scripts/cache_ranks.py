@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as tdist
-import torch.nn.functional as F
 
-from cltk import distributed as dist
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from cltk import distributed as dist  # noqa: E402
 from cltk.methods.soft_targets.teacher_cache import (
     CacheKeys,
     TeacherCache,
@@ -28,22 +29,7 @@ from cltk.methods.soft_targets.teacher_cache import (
     resume_point,
     write_shard,
 )
-
-V, T = 50, 9
-
-
-class Scorer:
-    def __init__(self, fail_at: int | None = None):
-        g = torch.Generator().manual_seed(0)
-        self.table = F.log_softmax(3 * torch.randn(V, V, generator=g), -1)
-        self.calls, self.fail_at = 0, fail_at
-
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        if self.fail_at is not None and self.calls >= self.fail_at:
-            raise RuntimeError("teacher died")
-        return self.table[ids[:, :-1]]
-
+from tests.test_teacher_cache import Scorer, T, V  # noqa: E402  (the one fake teacher)
 
 out = Path([a for a in sys.argv[1:] if not a.startswith("--local_rank")][0])
 tdist.init_process_group("gloo")
