@@ -209,10 +209,9 @@ def averaging_under_zero_1_2_3() -> list[dict]:
 @pytest.mark.multirank
 @pytest.mark.on_two_ranks("averaging_under_zero_1_2_3")
 def test_two_ranks_under_zero_1_2_3(on_two_ranks):
-    assert [r["stage"] for r in on_two_ranks] == [1, 2, 3]
+    assert [(r["world"], r["stage"]) for r in on_two_ranks] == [(2, 1), (2, 2), (2, 3)]
     for r in on_two_ranks:
         print(r)
-        assert r["world"] == 2
         assert r["layout"] == ("zero3" if r["stage"] == 3 else "zero1/2"), r
         assert r["trained_rel_err"] < 5e-5 and r["moved"] > 1e-2, r  # trained like plain AdamW
         # merged: the hand interpolation of the two exports, to fp32 rounding, everywhere it lives
