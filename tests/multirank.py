@@ -73,6 +73,25 @@ def run_ranks(
     return result
 
 
+def train_ranks(
+    cfg: str | os.PathLike, *args: str, env: dict[str, str] | None = None, check: bool = True,
+    timeout: float = 900,
+) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus 2 --module cltk train --config CFG [args]`` (see :func:`run_ranks`)."""
+    return run_ranks(["cltk", "train", "--config", str(cfg), *args], module=True, env=env,
+                     check=check, timeout=timeout)
+
+
+def train_killed(cfg: str | os.PathLike, at: str) -> tuple[subprocess.CompletedProcess, str]:
+    """:func:`train_ranks` SIGKILLed at ``at`` (``CLTK_KILL_AT``: ``STAGE:STEP[:RANK]``), the ranks'
+    collectives timing out after 2 s; asserts the launch failed, and returns it with the name of the
+    latest checkpoint the run had written."""
+    killed = train_ranks(cfg, env={"CLTK_KILL_AT": at, "DEEPSPEED_TIMEOUT": "2"}, check=False)
+    assert killed.returncode != 0, f"the run was not killed at {at}"
+    latest = Path(cfg).parent / "out" / "checkpoints" / "latest"
+    return killed, latest.read_text().strip()
+
+
 def run_one(
     cfg: str | os.PathLike, *args: str, env: dict[str, str] | None = None, timeout: float = 900
 ) -> subprocess.CompletedProcess:

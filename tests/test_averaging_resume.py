@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.multirank import run_ranks
+from tests.multirank import train_killed, train_ranks
 from tests.tiny_run import write_tiny_run
 
 pytestmark = pytest.mark.multirank
@@ -26,12 +26,6 @@ SECTIONS = dict(
 )
 
 
-def _train(cfg: Path, *extra: str, env=None, check=True):
-    return run_ranks(
-        ["cltk", "train", "--config", str(cfg), *extra], module=True, env=env, check=check, timeout=900
-    )
-
-
 def _export(out: Path, stage: str) -> dict[str, torch.Tensor]:
     return load_file(str(out / "stages" / stage / "model.safetensors"))
 
@@ -39,24 +33,22 @@ def _export(out: Path, stage: str) -> dict[str, torch.Tensor]:
 def test_merge_and_ema_resume_exactly_after_a_kill(tmp_path):
     cache = tmp_path / "cache"
     ref = write_tiny_run(tmp_path / "ref", cache_dir=cache, **SECTIONS)
-    run = _train(ref)
+    run = train_ranks(ref)
     log = run.stdout + run.stderr
     assert "ema: stage 00-code: exported the average of 3 update(s)" in log
     assert "merge: stage 00-code: exported (1 - 1) * its start + 1 * its result" in log
     assert "merge: stage 01-bible: exported (1 - 0.5) * its start + 0.5 * its result" in log
     cut = write_tiny_run(tmp_path / "cut", cache_dir=cache, **SECTIONS)
-    killed = _train(cut, env={"CLTK_KILL_AT": "1:5", "DEEPSPEED_TIMEOUT": "2"}, check=False)
-    assert killed.returncode != 0
-    out_ref, out_cut = ref.parent / "out", cut.parent / "out"
-    latest = (out_cut / "checkpoints" / "latest").read_text().strip()
+    _, latest = train_killed(cut, "1:5")
     assert latest == "s01-step000004"
+    out_ref, out_cut = ref.parent / "out", cut.parent / "out"
     halves = []
     for r in (0, 1):  # the checkpoint holds each rank's half of the average
         mid = torch.load(out_cut / "checkpoints" / latest / f"methods_rank{r}.pt", weights_only=True)
         assert {"average.0", "layout"} <= set(mid["ema"]) and not mid.get("merge")
         halves.append(mid["ema"]["average.0"])
     assert not torch.equal(halves[0], halves[1])
-    _train(cut, "--resume")
+    train_ranks(cut, "--resume")
     a = json.loads((out_ref / "forgetting.json").read_text())["perplexity"]
     b = json.loads((out_cut / "forgetting.json").read_text())["perplexity"]
     for ra, rb in zip(a, b):

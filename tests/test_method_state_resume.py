@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.multirank import run_ranks
+from tests.multirank import train_killed, train_ranks
 from tests.tiny_run import write_tiny_run
 
 pytestmark = pytest.mark.multirank
@@ -31,12 +31,6 @@ SECTIONS = dict(
 )
 
 
-def _train(cfg: Path, *extra: str, env=None, check=True):
-    return run_ranks(
-        ["cltk", "train", "--config", str(cfg), *extra], module=True, env=env, check=check, timeout=900
-    )
-
-
 def _tensors(out: Path, stage: str, rank: int) -> dict:
     return torch.load(out / "stages" / stage / f"methods_rank{rank}.pt", weights_only=True)
 
@@ -44,21 +38,19 @@ def _tensors(out: Path, stage: str, rank: int) -> dict:
 def test_ewc_and_spg_state_resumes_after_a_kill_inside_their_windows(tmp_path):
     cache = tmp_path / "cache"
     ref = write_tiny_run(tmp_path / "ref", cache_dir=cache, **SECTIONS)
-    run = _train(ref)
+    run = train_ranks(ref)
     check_ewc(ref.parent / "out", run.stdout + run.stderr)
     check_spg(ref.parent / "out")
     cut = write_tiny_run(tmp_path / "cut", cache_dir=cache, **SECTIONS)
-    killed = _train(cut, env={"CLTK_KILL_AT": "1:5", "DEEPSPEED_TIMEOUT": "2"}, check=False)
-    assert killed.returncode != 0
-    out_ref, out_cut = ref.parent / "out", cut.parent / "out"
-    latest = (out_cut / "checkpoints" / "latest").read_text().strip()
+    _, latest = train_killed(cut, "1:5")
     assert latest == "s01-step000004"
+    out_ref, out_cut = ref.parent / "out", cut.parent / "out"
     # the checkpoint holds each rank's state, in the middle of both windows
     for r in (0, 1):
         mid = torch.load(out_cut / "checkpoints" / latest / f"methods_rank{r}.pt", weights_only=True)
         assert {"ewc", "spg"} <= set(mid)
         assert any(k.startswith("square_sum") for k in mid["ewc"])
-    _train(cut, "--resume")
+    train_ranks(cut, "--resume")
     a = json.loads((out_ref / "forgetting.json").read_text())["perplexity"]
     b = json.loads((out_cut / "forgetting.json").read_text())["perplexity"]
     for ra, rb in zip(a, b):

@@ -4,8 +4,9 @@ A tiny model is trained over two real domains with the shipped ``kjv_cloze`` tas
 its second stage and resumed. The accuracy cltk recorded for each stage must equal what
 ``lm_eval.simple_evaluate`` gives on that stage's export (same task, limit and batch size); the resume must
 read row 0 rather than score it again; ``cltk eval --tasks`` over the finished run must give the same
-figures; 2 ranks must give the figures of one, each request scored on one rank only, and under ZeRO 3
-with each rank holding its partition only. Bad inputs stop before any work with one line and exit 2.
+figures; 2 ranks (in the shared 2-rank launch, on a tiny Llama of their own) must give lm-eval's
+figures, each request scored on one rank only, and under ZeRO 3 with each rank holding its partition
+only. Bad inputs stop before any work with one line and exit 2.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from cltk.task_report import task_report
-from tests.multirank import run_ranks
+from tests.kit import tiny_llama
 from tests.tiny_run import ROOT, write_tiny_run
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -106,17 +109,105 @@ def test_cltk_eval_with_tasks_gives_the_run_figures(run, tmp_path):
     assert (tmp_path / "stages" / "01-bible" / "lm_eval.json").is_file()
 
 
+# ----- two ranks: each request scored on one rank, the figures of one rank ------------------------
+# Rank 0 saves a tiny Llama with a tokenizer trained like the tiny run's (the KJV, vocabulary 400);
+# both ranks then score it through cltk.tasks.evaluate_tasks twice, in the same processes:
+# - ``plain``: a full copy of the model per rank (as ``cltk eval`` and ZeRO 0/1/2 stages score), limit
+#   20: an even split, so lm-eval adds no padding request and every request must be scored once;
+# - ``zero3``: the model partitioned by a ZeRO-3 engine without optimizer (as row 0 and a ZeRO-3 stage
+#   are scored), limit 21: an uneven split, so the ranks run different numbers of forwards and cltk's
+#   lockstep must even them out (else the ranks hang on the parameter gathers). Before each forward
+#   each rank records the share of the model it holds and the share it has gathered in full.
+# The test scores the saved model with lm-eval itself, in its own process, and removes it.
+def _settings(limit: int):
+    from cltk import tasks
+
+    return tasks.TaskSettings(("kjv_cloze",), (str(TASKS),), limit, None, 4)
+
+
+def _save_tiny_model(out: Path) -> None:
+    from cltk.data.corpora import load_documents
+    from cltk.data.tokenizer import train_tokenizer
+
+    texts = load_documents({"builtin": "kjv"}, max_chars=40000, seed=0, domain="bible")
+    tiny_llama(0, vocab_size=len(train_tokenizer(texts, 400, out))).save_pretrained(out)
+
+
+def _score_zero3(model_dir: str, tokenizer, lms: list) -> dict:
+    """The ``zero3`` run: its scores and requests, and the largest shares of the model this rank
+    held (its partition) and had gathered in full before a forward."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+
+    from cltk import tasks
+
+    held: list[tuple[float, float]] = []
+    model = AutoModelForCausalLM.from_pretrained(model_dir).requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config={
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
+
+    def measure(module, *_):
+        params = list(module.parameters())
+        total = sum(p.ds_numel for p in params)
+        held.append((sum(p.ds_tensor.numel() for p in params) / total,
+                     sum(p.numel() for p in params) / total))
+
+    engine.module.register_forward_pre_hook(measure)
+    try:
+        zero3 = engine.zero_optimization_stage() == 3
+        scores = tasks.evaluate_tasks(engine.module, tokenizer, _settings(21), zero3=zero3)
+        return {"scores": scores, "requests": lms[-1].requests, "forwards": lms[-1].forwards,
+                "partition": max(h[0] for h in held), "gathered": max(h[1] for h in held),
+                "zero_stage": engine.zero_optimization_stage()}
+    finally:
+        engine.destroy()
+
+
+def tasks_on_two_ranks() -> dict:
+    """Rank 0's: ``dir``, the model scored (the caller removes it), and ``ranks``, every rank's
+    account per run: the scores, the requests it scored (task, doc, choice), its forward count."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cltk import distributed as dist
+    from cltk import tasks
+
+    made = tempfile.mkdtemp(prefix="task_ranks") if dist.is_main() else None
+    make_lm, lms = tasks.make_lm, []
+    try:
+        if made is not None:
+            _save_tiny_model(Path(made))
+        model_dir = dist.broadcast_object(made)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tasks.make_lm = lambda *a, **k: lms.append(make_lm(*a, **k)) or lms[-1]  # to read the LM
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        scores = tasks.evaluate_tasks(model, tokenizer, _settings(20))
+        out = {"plain": {"scores": scores, "requests": lms[-1].requests,
+                         "forwards": lms[-1].forwards},
+               "zero3": _score_zero3(model_dir, tokenizer, lms)}
+        return {"dir": made, "ranks": dist.all_gather_object(out)}
+    except BaseException:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+    finally:
+        tasks.make_lm = make_lm
+
+
 @pytest.mark.multirank
-def test_two_ranks_score_each_request_once_and_as_one_rank(run, tmp_path):
-    cfg, _, _ = run
-    export = cfg.parent / "out" / "stages" / "01-bible"
-    run_ranks([ROOT / "tests" / "scripts" / "task_ranks.py", "--model", export, "--include", TASKS,
-               "--out", tmp_path], env={"PYTHONPATH": str(ROOT)})
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+@pytest.mark.on_two_ranks("tasks_on_two_ranks")
+def test_two_ranks_score_each_request_once_and_as_one_rank(on_two_ranks):
+    ranks = on_two_ranks["ranks"]
+    try:
+        refs = {name: lm_eval_on(Path(on_two_ranks["dir"]), limit)
+                for name, limit in (("plain", 20), ("zero3", 21))}
+    finally:
+        shutil.rmtree(on_two_ranks["dir"])
+    print({n: [(len(r[n]["requests"]), r[n]["forwards"], r[n].get("partition"), r[n].get("gathered"))
+               for r in ranks] for n in ("plain", "zero3")})  # requests, forwards, shares held
     for name, limit in (("plain", 20), ("zero3", 21)):
-        ref = lm_eval_on(export, limit)
         for r in ranks:  # every rank returns rank 0's figures, which are lm-eval's
-            assert r[name]["scores"]["kjv_cloze"]["value"] == ref["acc,none"]
+            assert r[name]["scores"]["kjv_cloze"]["value"] == refs[name]["acc,none"]
             assert r[name]["scores"]["kjv_cloze"]["samples"] == limit
     seen = [tuple(x) for r in ranks for x in r["plain"]["requests"]]
     assert len(seen) == len(set(seen)) == LIMIT * 4  # 4 choices a document, each scored once

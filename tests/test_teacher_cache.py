@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from cltk.methods.soft_targets.teacher_cache import (
     CacheKeys,
     StaleCacheError,
     TeacherCache,
+    build_cache,
     data_key,
     finalize,
     resume_point,
@@ -246,13 +249,50 @@ def test_token_ids_past_32767_survive_the_uint16_storage(tmp_path):
     assert torch.equal(top_ix[..., 0], big_v - 1 - torch.as_tensor(ids[:, :-1], dtype=torch.long))
 
 
-@pytest.mark.multirank
-def test_two_ranks_resume_a_cache_build_from_where_both_can(tmp_path):
-    from tests.multirank import run_ranks
+# ----- two ranks build one sampled-layout cache; the build dies part-way and resumes --------------
+# Each rank's teacher dies at another batch (rank 0 after recording 4 batches, rank 1 after 2); the
+# rebuild must start both ranks at batch 2 (a ZeRO-3 teacher needs equal forwards on every rank) and
+# end with the cache a fresh single-process build writes.
+def cache_build_resumed_on_two_ranks() -> list[dict]:
+    """Every rank's account of the build (gathered to every rank); rank 0's ``same``: the resumed
+    cache equals an uninterrupted build's."""
+    from cltk import distributed as dist
 
-    run_ranks([str(Path(__file__).parent / "scripts" / "cache_ranks.py"), str(tmp_path)],
-              timeout=300)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    rank = dist.rank()
+    made = tempfile.mkdtemp(prefix="cache_ranks") if rank == 0 else None
+    tmp = Path(dist.broadcast_object(made))  # one directory, on both ranks
+    try:
+        ids = _ids(12)  # 6 batches of 1 a rank
+        keys, where = _sampled(ids), tmp / "cache"
+        try:  # progress recorded after every batch: rank 0 dies with 4 on disk, rank 1 with 2
+            build_cache(where, keys, ids, Scorer(fail_at=5 if rank == 0 else 3), batch_size=1,
+                        progress_every=1)
+            died = None
+        except RuntimeError as e:
+            died = str(e)
+        own = resume_point(where, keys, ids, rank, 2, 1)
+        scorer = Scorer()
+        manifest = build_cache(where, keys, ids, scorer, batch_size=1)
+        x = torch.as_tensor(ids, dtype=torch.long)
+        got = TeacherCache(where, keys).lookup(x)
+        same = None
+        if rank == 0:  # against what an uninterrupted build writes
+            _build(tmp / "fresh", ids, keys, batch=1)
+            ref = TeacherCache(tmp / "fresh", keys).lookup(x)
+            same = all(torch.equal(a, b) for a, b in zip(got, ref))
+        # the gather is the last use of the directory on both ranks
+        return dist.all_gather_object({"died": died, "own": own, "calls": scorer.calls,
+                                       "rows": manifest["rows"], "layout": manifest["layout"],
+                                       "same": same})
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+
+
+@pytest.mark.multirank
+@pytest.mark.on_two_ranks("cache_build_resumed_on_two_ranks")
+def test_two_ranks_resume_a_cache_build_from_where_both_can(on_two_ranks):
+    r0, r1 = on_two_ranks
     assert r0["died"] == r1["died"] == "teacher died"  # each rank's own error, neither hung
     assert (r0["own"], r1["own"]) == (4, 2)  # what each had recorded
     assert r0["calls"] == r1["calls"] == 4  # both resumed at batch 2 of 6: equal forwards

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.multirank import run_one, run_ranks
+from tests.multirank import run_one, train_killed, train_ranks
 from tests.tiny_run import write_tiny_run
 
 pytestmark = pytest.mark.multirank
@@ -29,18 +29,8 @@ def cache(tmp_path_factory):
 def reference(tmp_path_factory, cache) -> Path:
     """An uninterrupted 2-rank ZeRO-2 run; returns its config path."""
     cfg = write_tiny_run(tmp_path_factory.mktemp("ref"), cache_dir=cache, train=SETTINGS)
-    train(cfg)
+    train_ranks(cfg)
     return cfg
-
-
-def train(cfg: Path, *extra: str, env=None, check=True):
-    return run_ranks(
-        ["cltk", "train", "--config", str(cfg), *extra],
-        module=True,
-        env=env,
-        check=check,
-        timeout=900,
-    )
 
 
 def report(cfg: Path) -> dict:
@@ -121,7 +111,7 @@ def check_perplexity_independently(cfg_path: Path) -> None:
 @pytest.mark.parametrize("zero", [1, 3])
 def test_two_rank_run_trains_exports_and_reports(tmp_path, cache, zero):
     cfg = write_tiny_run(tmp_path, zero_stage=zero, cache_dir=cache, train=SETTINGS)
-    train(cfg)
+    train_ranks(cfg)
     check_run(cfg)
 
 
@@ -134,7 +124,7 @@ def test_replay_mixes_earlier_domains_into_later_stages(tmp_path, cache):
         train={"log_sequence_ids": True, **lr},
         replay={"share": 0.25},
     )
-    train(cfg)
+    train_ranks(cfg)
     import csv
 
     from cltk.schedules import stage_lr_lambda
@@ -160,13 +150,12 @@ def test_resume_after_a_kill_mid_stage_matches_an_uninterrupted_run(tmp_path, ca
     cut = write_tiny_run(tmp_path, cache_dir=cache, train=SETTINGS)
     t0 = time.monotonic()
     # SIGKILL of rank 1 alone after step 3 of stage 1: the job must fail, not hang
-    killed = train(cut, env={"CLTK_KILL_AT": "1:3:1", "DEEPSPEED_TIMEOUT": "2"}, check=False)
-    assert killed.returncode != 0
+    _, latest = train_killed(cut, "1:3:1")
     assert time.monotonic() - t0 < 240
     out = tmp_path / "out"
-    assert (out / "checkpoints" / "latest").read_text().strip() == "s01-step000002"
+    assert latest == "s01-step000002"
     assert not (out / "forgetting.json").exists()
-    train(cut, "--resume")
+    train_ranks(cut, "--resume")
     for ra, rb in zip(report(reference)["perplexity"], report(cut)["perplexity"]):
         assert ra == pytest.approx(rb, rel=1e-6, abs=1e-6)
     # the audit log of the resumed run holds every (stage, step) exactly once, like the reference
@@ -176,7 +165,7 @@ def test_resume_after_a_kill_mid_stage_matches_an_uninterrupted_run(tmp_path, ca
 
 def test_resume_at_another_world_size_through_a_universal_checkpoint(tmp_path, cache, reference):
     cut = write_tiny_run(tmp_path, cache_dir=cache, train=SETTINGS)
-    assert train(cut, env={"CLTK_KILL_AT": "0:3"}, check=False).returncode != 0
+    assert train_ranks(cut, env={"CLTK_KILL_AT": "0:3"}, check=False).returncode != 0
     # 2 ranks x accumulation 2 -> 1 rank x accumulation 4: the same global batch and data order
     one = run_one(cut, "--resume", "--set", "train.gradient_accumulation_steps=4", timeout=600)
     assert one.returncode == 0, one.stderr[-4000:]

@@ -8,7 +8,8 @@
 - :mod:`tests.kit.zero`: the ZeRO-equivalence helpers (DeepSpeed config, full weights, partitions
   gathered into whole tensors, relative errors).
 
-Whole ``cltk train`` runs on ranks go through the ``deepspeed`` launcher: :mod:`tests.multirank`.
+Whole ``cltk train`` runs on ranks go through the ``deepspeed`` launcher: :mod:`tests.multirank`
+(``train_ranks``, ``train_killed`` for a run killed mid-stage).
 """
 
 from tests.kit.distributed import run_distributed
