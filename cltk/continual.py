@@ -29,7 +29,7 @@ from cltk.activations import enable_activation_checkpointing
 from cltk.config import RunConfig
 from cltk.data.prepare import check_sources, prepare
 from cltk.data.sampler import Mix, Pool, StageSchedule, count_steps, mixture_pool
-from cltk.engine import build_engine, describe_optimizer, train_step
+from cltk.engine import build_engine, describe_optimizer, release_engine, train_step
 from cltk.forward import engine_forward
 from cltk.grow import check_config, check_plan, complete_row
 from cltk.lock import release as release_lock
@@ -348,9 +348,10 @@ class ContinualRun:
             }
             checkpoint.write_atomic(ctx.stage_dir / STAGE_FILE, json.dumps(record, indent=1))
         dist.barrier()
-        engine.destroy()
-        del engine, ctx, model
-        gc.collect()
+        del ctx, model
+        release_engine(engine)
+        del engine
+        gc.collect()  # the engine's own cycles, now that nothing global holds them
         return [ppl[n] for n in self.domain_names]
 
     def _log_stage(self, stage: Stage, schedule: StageSchedule, engine: Any) -> None:

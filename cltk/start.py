@@ -25,7 +25,7 @@ from cltk import checkpoint
 from cltk import distributed as dist
 from cltk.config import RunConfig
 from cltk.ds_config import deepspeed_config, frozen_deepspeed_config
-from cltk.engine import frozen_engine
+from cltk.engine import frozen_engine, release_engine
 from cltk.forward import engine_forward
 from cltk.perplexity import evaluate_domains
 from cltk.tracking import log
@@ -53,11 +53,9 @@ def evaluate_frozen(
             after(engine)
         return ppl
     finally:
-        engine.destroy()
+        release_engine(engine)  # before the stage's own engine allocates
         del engine
         gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # before the stage's own engine allocates
 
 
 def model_identity(cfg: RunConfig) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from cltk import distributed as dist
 from cltk.config import RunConfig
 from cltk.ds_config import deepspeed_config, frozen_deepspeed_config
-from cltk.engine import frozen_engine
+from cltk.engine import frozen_engine, release_engine
 from cltk.forward import next_token_logits
 from cltk.losses import IGNORE_INDEX
 from cltk.tracking import log
@@ -189,9 +189,9 @@ class OnlineTeacher:
 
     def close(self) -> None:
         """Free the teacher (its partitions, hooks and the engine)."""
-        if getattr(self, "engine", None) is not None:
-            self.engine.destroy()
-            self.engine = None
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is not None:
+            release_engine(engine)
         gc.collect()
 
 
