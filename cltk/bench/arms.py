@@ -97,8 +97,8 @@ TIERS: dict[str, Tier] = {
     ),
     "real": Tier(
         "real", "real.yaml", None, f"[{PYDOC % 300000}]", "[{domain: code}, {domain: manpages}]",
-        ("naive", "joint", "replay+general", "replay+scored", "blocks", "das", "lora",
-         "replay+distill"),
+        ("naive", "joint", "replay+general", "replay+scored", "merge", "ema", "merge+replay+general",
+         "ema+replay+general", "blocks", "das", "lora", "replay+distill"),
         "SmolLM2-135M (GGUF) continued on Shakespeare and software licences, with Python code and "
         "man pages (what it already knows) evaluation-only",
         "**General data and what it knew.** The general replay arms replay Python's documentation (the "
