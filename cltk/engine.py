@@ -104,18 +104,21 @@ def frozen_engine(model: torch.nn.Module, ds_cfg: dict[str, Any]):
 
 
 def release_engine(engine) -> None:
-    """Destroy an engine and drop what DeepSpeed keeps of it, then collect the garbage.
+    """Destroy an engine, empty every tensor it owns, drop what DeepSpeed keeps of it, collect.
 
+    The engine's model must not be used again (every caller built it for this engine alone).
     ``engine.destroy()`` alone does not free a ZeRO-3 engine in DeepSpeed 0.19.8: each ZeRO-3 engine
     pushes its model on ``deepspeed.runtime.zero.parameter_offload.FWD_MODULE_STACK`` (a module
-    global) and never pops it, which keeps the model and, through its hooks, the engine and its
-    optimizer alive for the life of the process. The destroyed model's entries are taken off that
-    stack here (a live engine's, a teacher's, stay). That is needed but not enough: in cltk's ranks a
-    released ZeRO-3 engine is still held from outside Python's garbage collector (not found yet;
-    tests/test_release_engine.py marks it, docs/launching.md "Big models" says what it costs).
+    global) and never pops it, and its optimizer is still held from outside Python's garbage
+    collector after that is cleared (not found yet; tests/test_release_engine.py marks it). So the
+    memory is freed whatever holds the objects: the model's parameters (their ZeRO partitions too)
+    and buffers, the ZeRO optimizer's flat partitions and gradient buffers and the inner optimizer's
+    state are each swapped for an empty tensor before the objects are let go.
     """
     module = engine.module
+    optimizer = getattr(engine, "optimizer", None)
     engine.destroy()
+    _empty_tensors(module, optimizer)
     try:
         from deepspeed.runtime.zero import parameter_offload
     except ImportError:  # pragma: no cover - a DeepSpeed without ZeRO 3
@@ -124,10 +127,45 @@ def release_engine(engine) -> None:
     if isinstance(stack, list) and stack:
         mine = {id(m) for m in module.modules()}
         stack[:] = [m for m in stack if id(m) not in mine]
-    del engine, module
+    del engine, module, optimizer
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _empty_tensors(module: torch.nn.Module, optimizer: Any) -> None:
+    """Swap every tensor a released engine owns for an empty one: the model's parameters, their
+    ZeRO-3 partitions (``ds_tensor``) and buffers; the ZeRO optimizer's own tensors (flat
+    partitions, gradient buffers: its attributes and the lists and dicts in them, two levels down);
+    the inner torch optimizer's parameters and state."""
+
+    def empty(value: Any, depth: int) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.numel():
+                value.data = torch.empty(0, dtype=value.dtype, device=value.device)
+        elif depth and isinstance(value, (list, tuple)):
+            for v in value:
+                empty(v, depth - 1)
+        elif depth and isinstance(value, dict):
+            for v in value.values():
+                empty(v, depth - 1)
+
+    with torch.no_grad():
+        for p in module.parameters():
+            empty(getattr(p, "ds_tensor", None), 0)
+            empty(p, 0)
+        for b in module.buffers():
+            empty(b, 0)
+        if optimizer is None:
+            return
+        inner = getattr(optimizer, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer):
+            for state in inner.state.values():
+                empty(state, 1)
+            for group in inner.param_groups:
+                empty(group["params"], 1)
+        for value in vars(optimizer).values():
+            empty(value, 2)
 
 
 def compute_dtype(engine) -> torch.dtype:
