@@ -149,7 +149,8 @@ def summary_plot(rows: list[dict], path: Path, title: str) -> None:
             if x is None or y is None:
                 bound = y[0] if y is not None and r["arm"] == "joint" else bound
                 continue
-            ax.errorbar(x[0], y[0], xerr=x[1], yerr=y[1], fmt="o", ms=4, capsize=2)
+            ax.errorbar(x[0], y[0], xerr=x[1], yerr=y[1], fmt="o", ms=4, capsize=2,
+                        color=f"C{i % 10}")  # an arm's colour is the same in both panels
             ax.annotate(r["arm"], (x[0], y[0]), textcoords="offset points", fontsize=8,
                         xytext=(4, 3 if i % 2 else -10))  # alternate sides: fewer overlaps
         if bound is not None:  # joint training has no sequential forgetting: a line at its level
